@@ -1,0 +1,376 @@
+"""Recording live batch statistics of norm layers through forward pre-hooks.
+
+:class:`Probe` owns everything that touches the model: it attaches one pre-hook per measured
+layer, switches the model between the two paths (DESIGN.md), and on exit, normal or not,
+removes every hook and restores every module's ``training`` flag, every attribute it changed and
+every norm buffer bit for bit.
+
+The hook is the hot path: it runs once per layer per batch.  It shifts the input by a per-layer
+constant (the first batch's channel means, so that ill-conditioned channels keep their digits),
+reduces it to per-sample channel sums and sums of squares in the input's dtype, and appends one
+small float64 row to a pending list.  It never synchronises with the host.  Every 64 rows the
+pending rows are folded, vectorised, into fixed-size float64 accumulators, so memory does not
+grow with the number of batches (apart from one float per batch: the per-batch score).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .layers import BATCH_DEPENDENT, NormFamily, NormLayer, _family
+from .metrics import layer_score, mismatch_sq, noise_sq_from_sums
+from .stats import Moments
+
+__all__ = ["LayerMeasurement", "Path", "Probe"]
+
+Path = str  # "train" or "eval"
+PATHS: tuple[Path, ...] = ("train", "eval")
+_FLUSH_ROWS = 64
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LayerMeasurement:
+    """What one path recorded for one layer, reduced to CPU float64 tensors.
+
+    ``units`` are batches, except for InstanceNorm with running statistics, whose train mode
+    normalizes each sample on its own: there the unit is the sample.
+    """
+
+    units: int
+    samples: int
+    pooled: Moments
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    weights: torch.Tensor  # normalized gamma^2 over valid channels (sum 1), zeros if none
+    channel_m2: torch.Tensor  # per-channel m^2 averaged over units, against running stats
+    unit_scores: torch.Tensor  # per-unit layer mismatch D_b (NaN for non-finite units)
+    noise_m2: torch.Tensor  # per-channel m^2 of units against pooled stats, averaged
+    noniid: torch.Tensor | None  # per channel: between-unit spread over i.i.d. prediction
+    nonfinite_units: int
+    per_sample: bool  # every unit held exactly one sample
+    spatial: bool  # the input had dims beyond (N, C)
+
+
+class _Recorder:
+    """Streaming accumulators of one layer on one path."""
+
+    def __init__(self, module: nn.Module, layer: NormLayer) -> None:
+        self.layer = layer
+        self.per_unit_sample = layer.family is NormFamily.INSTANCE_TRACKED
+        rm = module._buffers["running_mean"]
+        rv = module._buffers["running_var"]
+        device = rm.device
+        self.device = device
+        self.running_mean = rm.detach().to(torch.float64).clone()
+        self.running_var = rv.detach().to(torch.float64).clone()
+        self.eps = float(layer.eps)
+        valid = torch.isfinite(self.running_var + self.eps) & (self.running_var + self.eps > 0)
+        valid &= torch.isfinite(self.running_mean)
+        weight = module._parameters.get("weight")
+        if weight is None:
+            weight = module._buffers.get("weight")
+        w = (
+            torch.ones_like(self.running_var)
+            if weight is None
+            else weight.detach().double().square()
+        )
+        w = torch.where(valid & torch.isfinite(w), w, torch.zeros_like(w))
+        if float(w.sum()) == 0.0:  # no affine, or every gamma is zero: weigh channels equally
+            w = valid.to(torch.float64)
+        total = float(w.sum())
+        self.weights = w / total if total > 0 else w
+        # Invalid running stats would turn every score into NaN: score those channels as if
+        # they were perfect, and report them as degenerate instead.
+        self.safe_mean = torch.where(valid, self.running_mean, torch.zeros_like(self.running_mean))
+        self.safe_var = torch.where(valid, self.running_var, torch.ones_like(self.running_var))
+        self.shift: torch.Tensor | None = None
+        self.shift64: torch.Tensor | None = None
+        self.pending: list[torch.Tensor] = []
+        self.meta: list[tuple[int, int, int]] = []  # (rows, elements per row, samples per row)
+        c = self.running_mean.numel()
+        z = torch.zeros(c, dtype=torch.float64, device=device)
+        # Sums over units (rows); names follow DESIGN.md.
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
+        self.samples = torch.zeros((), dtype=torch.float64, device=device)
+        self.units = torch.zeros((), dtype=torch.float64, device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.float64, device=device)
+        self.p1, self.p2 = z.clone(), z.clone()  # sum (x-K), sum (x-K)^2
+        self.sum_m2 = z.clone()  # sum_b m^2(b, c) against running stats
+        self.r1, self.r2, self.rv = z.clone(), z.clone(), z.clone()  # for the noise term
+        self.u1, self.u2 = z.clone(), z.clone()  # sum_b (mu_b - K), sum_b (mu_b - K)^2
+        self.z1, self.z2, self.between = z.clone(), z.clone(), z.clone()  # per-sample means
+        self.unit_scores: list[torch.Tensor] = []
+        self.spatial = False
+
+    # -- hot path --------------------------------------------------------------------------
+    def observe(self, x: torch.Tensor) -> None:
+        x = x.detach()
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
+        if self.shift is None:
+            dims = [d for d in range(x.dim()) if d != 1]
+            self.shift = torch.nan_to_num(x.mean(dim=dims), nan=0.0, posinf=0.0, neginf=0.0)
+            self.shift64 = self.shift.to(torch.float64)
+        n = x.shape[0]
+        if x.dim() == 2:
+            s1 = x - self.shift
+            s2 = s1 * s1
+            per_row = 1
+        else:
+            self.spatial = True
+            xs = (x - self.shift.view(1, -1, *([1] * (x.dim() - 2)))).flatten(2)
+            s1 = xs.sum(-1)
+            s2 = torch.linalg.vecdot(xs, xs)
+            per_row = xs.shape[-1]
+        rows = torch.stack((s1, s2, s1 * s1), 1)
+        if self.per_unit_sample:
+            self.pending.append(rows.to(torch.float64))
+            self.meta.append((n, per_row, 1))
+        else:
+            self.pending.append(rows.sum(0, dtype=torch.float64).unsqueeze(0))
+            self.meta.append((1, n * per_row, n))
+        if len(self.pending) >= _FLUSH_ROWS:
+            self.flush()
+
+    # -- folding rows into the accumulators ------------------------------------------------
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        rows = torch.cat(self.pending) if len(self.pending) > 1 else self.pending[0]
+        elems, samples = [], []
+        for k, per_row, s in self.meta:
+            elems += [per_row] * k
+            samples += [s] * k
+        self.pending, self.meta = [], []
+        n = torch.tensor(elems, dtype=torch.float64, device=rows.device)[:, None]
+        ns = torch.tensor(samples, dtype=torch.float64, device=rows.device)[:, None]
+        per_sample_elems = n / ns
+        t1, t2, q = rows.unbind(1)
+        finite = torch.isfinite(rows).all(dim=(1, 2))
+        self.nonfinite += (~finite).sum()
+        keep = finite.to(torch.float64)[:, None]
+        t1 = torch.where(finite[:, None], t1, 0.0)
+        t2 = torch.where(finite[:, None], t2, 0.0)
+        q = torch.where(finite[:, None], q, 0.0)
+        e = t1 / n  # mu_b - K
+        var_b = (t2 / n - e.square()).clamp_min(0)
+        m2 = mismatch_sq(self.shift64 + e, var_b, self.safe_mean, self.safe_var, self.eps) * keep
+        scores = layer_score(m2, self.weights)
+        self.unit_scores.append(torch.where(finite, scores, float("nan")))
+        self.sum_m2 += m2.sum(0)
+        self.count += (n * keep).sum()
+        self.samples += (ns * keep).sum()
+        self.units += keep.sum()
+        self.p1 += t1.sum(0)
+        self.p2 += t2.sum(0)
+        inv = torch.rsqrt(var_b + self.eps)
+        self.r1 += (var_b * inv.square() * keep).sum(0)
+        self.r2 += (var_b * inv * keep).sum(0)
+        self.rv += (var_b * keep).sum(0)
+        self.u1 += e.sum(0)
+        self.u2 += e.square().sum(0)
+        d1 = t1 / per_sample_elems  # sum over the row's samples of (sample mean - K)
+        self.z1 += d1.sum(0)
+        self.z2 += (q / per_sample_elems.square()).sum(0)
+        self.between += (d1.square() / ns).sum(0)
+
+    def finish(self) -> LayerMeasurement | None:
+        """Reduce to CPU tensors; ``None`` if the layer never ran on this path."""
+        self.flush()
+        if self.shift64 is None:
+            return None
+        cpu = torch.device("cpu")
+        count = float(self.count)
+        units = float(self.units)
+        k = self.shift64.to(cpu)
+        p1, p2 = self.p1.to(cpu), self.p2.to(cpu)
+        if count > 0:
+            dev = p1 / count
+            pooled = Moments(count, k + dev, (p2 - p1.square() / count).clamp_min(0))
+        else:
+            nan = torch.full_like(k, math.nan)
+            pooled, dev = Moments(0.0, nan, nan), nan
+        mean_dev_sq = (
+            self.u2.to(cpu) - 2 * dev * self.u1.to(cpu) + units * dev.square()
+        ).clamp_min(0)
+        noise = noise_sq_from_sums(
+            batches=max(units, 1.0),
+            sum_r1=self.r1.to(cpu),
+            sum_r2=self.r2.to(cpu),
+            sum_var=self.rv.to(cpu),
+            mean_dev_sq=mean_dev_sq,
+            pooled_var=pooled.var,
+            eps=self.eps,
+        )
+        samples = float(self.samples)
+        noniid = None
+        if not self.per_unit_sample and units >= 2 and samples > units:
+            z1 = self.z1.to(cpu)
+            total = self.z2.to(cpu) - z1.square() / samples
+            between = self.between.to(cpu) - z1.square() / samples
+            with torch.no_grad():
+                ratio = (between / (units - 1)) / (total / (samples - 1))
+            noniid = torch.where(total > 0, ratio, math.nan)
+        scores = (
+            torch.cat(self.unit_scores).to(cpu)
+            if self.unit_scores
+            else torch.empty(0, dtype=torch.float64)
+        )
+        per_sample = samples == units if not self.per_unit_sample else True
+        return LayerMeasurement(
+            units=int(units),
+            samples=int(samples),
+            pooled=pooled,
+            running_mean=self.running_mean.to(cpu),
+            running_var=self.running_var.to(cpu),
+            weights=self.weights.to(cpu),
+            channel_m2=self.sum_m2.to(cpu) / max(units, 1.0),
+            unit_scores=scores,
+            noise_m2=noise,
+            noniid=noniid,
+            nonfinite_units=int(self.nonfinite),
+            per_sample=per_sample,
+            spatial=self.spatial,
+        )
+
+
+class Probe:
+    """Context manager that records the inputs of batch-dependent norm layers.
+
+    Example::
+
+        with Probe(model, layers) as probe:
+            for x in batches:
+                with probe.path("train"):
+                    model(x)
+        measurements = probe.results("train")
+
+    On exit every hook is removed and the model is restored exactly: ``training`` flags of every
+    module, ``track_running_stats`` and the norm buffers (values and objects).
+    """
+
+    def __init__(
+        self, model: nn.Module, layers: Sequence[NormLayer], paths: Sequence[Path] = PATHS
+    ):
+        self.model = model
+        self.layers = [layer for layer in layers if layer.batch_dependent and layer.materialized]
+        self.paths = tuple(paths)
+        self._modules = dict(model.named_modules())
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._recorders: dict[Path, dict[str, _Recorder]] = {}
+        self._active: dict[str, _Recorder] | None = None
+        self.order: list[str] = []
+        self._seen: set[str] = set()
+        self.last_layer: str | None = None
+
+    # -- state saving ----------------------------------------------------------------------
+    def _save(self) -> None:
+        self._flags = [(m, m.training) for m in self.model.modules()]
+        self._norm_state = []
+        measured = {layer.name for layer in self.layers}
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.modules.batchnorm._NormBase) or name in measured:
+                buffers = dict(module._buffers)
+                values = {k: v.detach().clone() for k, v in buffers.items() if v is not None}
+                self._norm_state.append(
+                    (module, getattr(module, "track_running_stats", None), buffers, values)
+                )
+
+    def _restore(self) -> None:
+        for module, flag in self._flags:
+            module.training = flag
+        for module, track, buffers, values in self._norm_state:
+            if track is not None:
+                module.track_running_stats = track
+            for key, tensor in buffers.items():
+                module._buffers[key] = tensor
+                if tensor is not None and key in values:
+                    with torch.no_grad():
+                        tensor.copy_(values[key])
+
+    # -- context manager -------------------------------------------------------------------
+    def __enter__(self) -> Probe:
+        self._save()
+        try:
+            for path in self.paths:
+                self._recorders[path] = {
+                    layer.name: _Recorder(self._modules[layer.name], layer) for layer in self.layers
+                }
+            for layer in self.layers:
+                module = self._modules[layer.name]
+                self._handles.append(module.register_forward_pre_hook(self._hook_for(layer.name)))
+        except BaseException:
+            self._close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._active = None
+        self._restore()
+
+    def _hook_for(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            active = self._active
+            if active is None or not args or not isinstance(args[0], torch.Tensor):
+                return
+            self.last_layer = name
+            if name not in self._seen:
+                self._seen.add(name)
+                self.order.append(name)
+            active[name].observe(args[0])
+
+        return hook
+
+    # -- the two paths ---------------------------------------------------------------------
+    @contextmanager
+    def path(self, path: Path) -> Iterator[None]:
+        """Run the body on ``path``: "train" (norm layers use batch statistics, nothing else
+        changes mode, running statistics untouched) or "eval" (``model.eval()``)."""
+        if path not in self._recorders:
+            raise ValueError(f"path {path!r} not recorded by this probe (paths: {self.paths})")
+        self.model.eval()
+        swapped = []
+        if path == "train":
+            for module, _track, buffers, _values in self._norm_state:
+                family = _family_of(module)
+                if family not in BATCH_DEPENDENT or family is NormFamily.FROZEN:
+                    continue
+                module.training = True
+                module.track_running_stats = False
+                if family is NormFamily.INSTANCE_TRACKED:
+                    # InstanceNorm updates running stats whenever it is handed them.
+                    module._buffers["running_mean"] = None
+                    module._buffers["running_var"] = None
+                    swapped.append((module, buffers))
+        self._active = self._recorders[path]
+        try:
+            yield
+        finally:
+            self._active = None
+            self.model.eval()
+            for module, track, _buffers, _values in self._norm_state:
+                if track is not None:
+                    module.track_running_stats = track
+            for module, buffers in swapped:
+                module._buffers["running_mean"] = buffers["running_mean"]
+                module._buffers["running_var"] = buffers["running_var"]
+
+    def results(self, path: Path) -> dict[str, LayerMeasurement | None]:
+        """Per layer name, what ``path`` recorded (``None``: the layer never ran)."""
+        return {name: rec.finish() for name, rec in self._recorders[path].items()}
+
+
+def _family_of(module: nn.Module) -> NormFamily | None:
+    return _family(module)

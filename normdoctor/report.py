@@ -1,0 +1,383 @@
+"""Scan results as frozen data, with an exact JSON round trip.
+
+The JSON written by :meth:`ScanReport.to_json` is a contract for CI scripts (README, "JSON
+schema"): fields may be added, none renamed without bumping :data:`SCHEMA_VERSION`.  Non-finite
+floats become ``null`` (JSON has no NaN), here and in the dataclasses alike, so that
+``ScanReport.from_json(r.to_json()) == r`` holds exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .metrics import Recommendation
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Composition",
+    "EndToEnd",
+    "LayerReport",
+    "LayerStatus",
+    "PathReport",
+    "ScanReport",
+    "finite_or_none",
+    "floats",
+]
+
+SCHEMA_VERSION = 1
+
+
+class LayerStatus(enum.StrEnum):
+    OK = "ok"
+    HARMLESS = "drifts-harmless"  # drifts, but the model's outputs do not change on this data
+    FLAGGED = "flagged"
+    NOT_EXECUTED = "not-executed"  # batch-dependent, but no batch reached it
+    NOT_MEASURED = "not-measured"  # batch-independent (GroupNorm, LayerNorm, ...): cannot drift
+
+
+def finite_or_none(x: float | None) -> float | None:
+    """``float(x)`` or ``None`` when missing or not finite (JSON has no NaN)."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def floats(values: Iterable[float]) -> tuple[float | None, ...]:
+    return tuple(finite_or_none(v) for v in values)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PathReport:
+    """One layer measured on one path ("train" or "eval").
+
+    ``drift`` is the headline: sqrt of the mean over batches of the squared layer mismatch
+    D_b = RMS(y_batchstats - y_running) / RMS(gamma).  ``shift`` scores the exact pooled
+    statistics against the running ones (what recalibration removes), ``noise`` each batch's
+    statistics against the pooled ones (what no running estimate can remove).
+    """
+
+    batches: int
+    samples: int
+    nonfinite_batches: int = 0
+    drift: float | None
+    drift_worst: float | None
+    worst_batch: int | None
+    shift: float | None
+    noise: float | None
+    noniid: float | None
+    pooled_mean: tuple[float | None, ...]
+    pooled_var: tuple[float | None, ...]  # biased, as BatchNorm normalizes
+    channel_drift: tuple[float | None, ...]
+    mean_shift: tuple[float | None, ...]  # (mu_P - mu_R) / s_R
+    var_log_ratio: tuple[float | None, ...]  # log(s_P / s_R)
+    batch_drift: tuple[float | None, ...]  # D_b for every batch, in scan order
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> PathReport:
+        return PathReport(
+            **{f.name: _tuples(d[f.name]) for f in dataclasses.fields(PathReport) if f.name in d}
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LayerReport:
+    """One normalization layer: what it is, what was measured, and what to do about it."""
+
+    name: str
+    kind: str
+    family: str
+    num_features: int
+    eps: float
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+    batch_dependent: bool
+    executed: bool
+    order: int | None  # position in execution order (None: never ran or not measured)
+    running_mean: tuple[float | None, ...] = ()
+    running_var: tuple[float | None, ...] = ()
+    dead_channels: tuple[int, ...] = ()  # |gamma| ~ 0
+    degenerate_channels: tuple[int, ...] = ()  # running_var <= 0, NaN or Inf
+    status: LayerStatus
+    flagged: bool
+    recommendation: Recommendation
+    reason: str
+    train: PathReport | None = None
+    eval: PathReport | None = None
+
+    @property
+    def headline(self) -> PathReport | None:
+        """The path the headline numbers come from: train if measured, else eval."""
+        return self.train if self.train is not None else self.eval
+
+    def _get(self, attr: str) -> Any:
+        h = self.headline
+        return None if h is None else getattr(h, attr)
+
+    @property
+    def drift(self) -> float | None:
+        return self._get("drift")
+
+    @property
+    def drift_worst(self) -> float | None:
+        return self._get("drift_worst")
+
+    @property
+    def shift(self) -> float | None:
+        return self._get("shift")
+
+    @property
+    def noise(self) -> float | None:
+        return self._get("noise")
+
+    @property
+    def noniid(self) -> float | None:
+        return self._get("noniid")
+
+    @property
+    def batches(self) -> int:
+        return self._get("batches") or 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("train", "eval"):
+                continue
+            d[f.name] = _plain(value)
+        # Headline fields at top level, for `jq '.layers[] | .drift'`; paths in full below.
+        h = self.headline
+        for key in (
+            "batches",
+            "drift",
+            "drift_worst",
+            "shift",
+            "noise",
+            "noniid",
+            "pooled_mean",
+            "pooled_var",
+        ):
+            d[key] = _plain(getattr(h, key)) if h is not None else (0 if key == "batches" else None)
+        d["paths"] = {
+            p: _plain(dataclasses.asdict(r))
+            for p in ("train", "eval")
+            if (r := getattr(self, p)) is not None
+        }
+        return d
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> LayerReport:
+        kwargs = {
+            f.name: _tuples(d[f.name])
+            for f in dataclasses.fields(LayerReport)
+            if f.name in d and f.name not in ("train", "eval")
+        }
+        kwargs["status"] = LayerStatus(kwargs["status"])
+        kwargs["recommendation"] = Recommendation(kwargs["recommendation"])
+        for p, r in d.get("paths", {}).items():
+            kwargs[p] = PathReport.from_dict(r)
+        return LayerReport(**kwargs)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EndToEnd:
+    """The model's outputs on the train path against the eval path, on the same batches."""
+
+    batches: int
+    samples: int
+    rel_divergence: float | None  # sqrt(sum (y_train - y_eval)^2 / sum y_train^2)
+    agreement: float | None  # fraction of equal argmax predictions (classifier outputs only)
+    acc_train: float | None  # accuracy with batch statistics (labels given)
+    acc_eval: float | None  # accuracy in eval mode (labels given)
+    nonfinite_outputs: int = 0
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> EndToEnd:
+        return EndToEnd(**{f.name: d[f.name] for f in dataclasses.fields(EndToEnd) if f.name in d})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Composition:
+    """How the scanned batches were formed: it decides what a scan can see (DESIGN.md)."""
+
+    source: str  # "tensor", "dataset" (normdoctor formed the batches) or "batches" (given)
+    batch_size: int | None
+    order: str  # "shuffle", "keep" or "as-given"
+    seed: int | None
+    group_by: str | None  # None, "label" or "key"
+    num_batches: int
+    num_samples: int
+    min_batch: int
+    max_batch: int
+
+    @property
+    def description(self) -> str:
+        if self.source == "batches":
+            what = "batches as given by the data"
+        else:
+            what = f"batches of {self.batch_size}"
+            if self.group_by:
+                what += f", each from one {'label' if self.group_by == 'label' else 'group'}"
+            what += f", {'shuffled (seed ' + str(self.seed) + ')' if self.order == 'shuffle' else 'in data order'}"
+        sizes = (
+            f"{self.min_batch}"
+            if self.min_batch == self.max_batch
+            else f"{self.min_batch}-{self.max_batch}"
+        )
+        return f"{what}: {self.num_batches} batches of {sizes} samples, {self.num_samples} samples"
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Composition:
+        return Composition(
+            **{f.name: d[f.name] for f in dataclasses.fields(Composition) if f.name in d}
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScanReport:
+    """Everything one scan measured: layers in execution order, the composition, the verdict."""
+
+    schema_version: int = SCHEMA_VERSION
+    normdoctor_version: str
+    model: str
+    composition: Composition
+    paths: tuple[str, ...]
+    threshold: float
+    agreement_threshold: float
+    divergence_threshold: float
+    layers: tuple[LayerReport, ...]
+    end_to_end: EndToEnd | None = None
+    harmful: bool | None = None  # the eval path changes outputs (None: not measured)
+    notes: tuple[str, ...] = field(default=())
+
+    # -- derived -----------------------------------------------------------------------------
+    @property
+    def flagged_layers(self) -> tuple[LayerReport, ...]:
+        return tuple(layer for layer in self.layers if layer.flagged)
+
+    @property
+    def flagged(self) -> bool:
+        return bool(self.flagged_layers)
+
+    @property
+    def drifting_layers(self) -> tuple[LayerReport, ...]:
+        return tuple(
+            l for l in self.layers if l.status in (LayerStatus.FLAGGED, LayerStatus.HARMLESS)
+        )
+
+    @property
+    def verdict(self) -> str:
+        """One line: healthy / drifts harmlessly / N layers drift, with the fixes."""
+        measured = [l for l in self.layers if l.batch_dependent]
+        if not self.layers:
+            return "no normalization layers: nothing can drift"
+        if not measured:
+            return "healthy: no batch-dependent normalization layers (nothing can drift)"
+        if self.flagged:
+            fixes = sorted({str(l.recommendation) for l in self.flagged_layers})
+            return f"{len(self.flagged_layers)} of {len(measured)} layers drift; recommended fix: {', '.join(fixes)}"
+        if self.drifting_layers:
+            return f"{len(self.drifting_layers)} of {len(measured)} layers drift, harmless on this data"
+        return (
+            f"healthy: {len(measured)} batch-dependent layers within threshold {self.threshold:g}"
+        )
+
+    def layer(self, name: str) -> LayerReport:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    # -- serialisation -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "layers":
+                d["layers"] = [layer.to_dict() for layer in value]
+            elif dataclasses.is_dataclass(value):
+                d[f.name] = _plain(dataclasses.asdict(value))
+            else:
+                d[f.name] = _plain(value)
+        d["composition"]["description"] = self.composition.description
+        d["flagged"] = self.flagged
+        d["verdict"] = self.verdict
+        return d
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> ScanReport:
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ValueError(
+                f"unsupported ScanReport schema_version {version!r} (expected {SCHEMA_VERSION})"
+            )
+        kwargs = {f.name: d[f.name] for f in dataclasses.fields(ScanReport) if f.name in d}
+        kwargs["composition"] = Composition.from_dict(d["composition"])
+        kwargs["layers"] = tuple(LayerReport.from_dict(x) for x in d["layers"])
+        kwargs["paths"] = tuple(d["paths"])
+        kwargs["notes"] = tuple(d.get("notes", ()))
+        if d.get("end_to_end") is not None:
+            kwargs["end_to_end"] = EndToEnd.from_dict(d["end_to_end"])
+        return ScanReport(**kwargs)
+
+    @staticmethod
+    def from_json(text: str) -> ScanReport:
+        return ScanReport.from_dict(json.loads(text))
+
+    def summary(self) -> str:
+        """A few plain-text lines: composition, verdict, end-to-end, flagged layers."""
+        lines = [f"normdoctor scan of {self.model}", f"batches: {self.composition.description}"]
+        e = self.end_to_end
+        if e is not None:
+            parts = []
+            if e.rel_divergence is not None:
+                parts.append(f"output divergence {e.rel_divergence:.3g}")
+            if e.agreement is not None:
+                parts.append(f"prediction agreement {e.agreement:.1%}")
+            if e.acc_train is not None and e.acc_eval is not None:
+                parts.append(
+                    f"accuracy {e.acc_train:.1%} with batch stats vs {e.acc_eval:.1%} in eval mode"
+                )
+            if parts:
+                lines.append("end to end: " + ", ".join(parts))
+        lines.append(f"verdict: {self.verdict}")
+        for layer in self.flagged_layers:
+            lines.append(
+                f"  {layer.name}: drift {_fmt(layer.drift)} -> {layer.recommendation} ({layer.reason})"
+            )
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready: enums to str, tuples to lists, non-finite floats to None."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, float):
+        return finite_or_none(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _tuples(value: Any) -> Any:
+    """Lists back to tuples (the dataclasses hold tuples)."""
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value

@@ -1,0 +1,513 @@
+"""``scan()``: run batches through both paths, record, score, judge."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from . import __version__
+from .batching import Batch, GroupBy, plan_batches
+from .errors import DataError, ScanError
+from .layers import NormLayer, find_norm_layers
+from .metrics import (
+    DEFAULT_NONIID_THRESHOLD,
+    DEFAULT_THRESHOLD,
+    Recommendation,
+    layer_score,
+    mismatch_sq,
+    recommend,
+)
+from .probe import PATHS, LayerMeasurement, Probe
+from .report import (
+    Composition,
+    EndToEnd,
+    LayerReport,
+    LayerStatus,
+    PathReport,
+    ScanReport,
+    finite_or_none,
+    floats,
+)
+
+__all__ = [
+    "DEFAULT_AGREEMENT_THRESHOLD",
+    "DEFAULT_DIVERGENCE_THRESHOLD",
+    "scan",
+    "sweep_batch_sizes",
+]
+
+#: Below this fraction of equal predictions between the two paths, eval mode harms a classifier.
+DEFAULT_AGREEMENT_THRESHOLD = 0.95
+#: Above this relative RMS output difference, eval mode harms a model that is not a classifier.
+DEFAULT_DIVERGENCE_THRESHOLD = 0.2
+
+Forward = Callable[[nn.Module, Any], Any]
+Progress = Callable[[int, int | None], None]
+
+
+def _default_forward(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype | None]:
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.device, t.dtype
+    for t in model.buffers():
+        return t.device, None
+    return torch.device("cpu"), None
+
+
+def _output_tensor(out: Any) -> torch.Tensor | None:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        for item in out:
+            t = _output_tensor(item)
+            if t is not None:
+                return t
+    for name in ("logits", "last_hidden_state"):
+        if hasattr(out, name):
+            return getattr(out, name)
+    return None
+
+
+class _EndToEnd:
+    """Device-side sums comparing the outputs of both paths."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.batches = 0
+        self.samples = 0
+        self.classifier = True
+        self.labelled = True
+
+    def _add(self, key: str, value: torch.Tensor) -> None:
+        value = value.detach().to(torch.float64)
+        self.sums[key] = self.sums[key] + value if key in self.sums else value
+
+    def update(self, out_t: Any, out_e: Any, labels: torch.Tensor | None, size: int) -> None:
+        t, e = _output_tensor(out_t), _output_tensor(out_e)
+        if t is None or e is None or t.shape != e.shape:
+            self.classifier = self.labelled = False
+            return
+        self.batches += 1
+        self.samples += size
+        t64, e64 = t.detach().double(), e.detach().double()
+        finite = torch.isfinite(t64) & torch.isfinite(e64)
+        self._add("nonfinite", (~finite).sum())
+        t64 = torch.where(finite, t64, 0.0)
+        e64 = torch.where(finite, e64, 0.0)
+        self._add("diff", (t64 - e64).square().sum())
+        self._add("norm", t64.square().sum())
+        if t.dim() == 2 and t.shape[1] > 1 and t.shape[0] == size:
+            pt, pe = t.argmax(1), e.argmax(1)
+            self._add("agree", (pt == pe).sum())
+            if (
+                labels is not None
+                and labels.dim() == 1
+                and labels.shape[0] == size
+                and not labels.is_floating_point()
+            ):
+                labels = labels.to(pt.device)
+                self._add("correct_t", (pt == labels).sum())
+                self._add("correct_e", (pe == labels).sum())
+            else:
+                self.labelled = False
+        else:
+            self.classifier = self.labelled = False
+
+    def result(self) -> EndToEnd | None:
+        if self.batches == 0:
+            return None
+        s = {k: float(v) for k, v in self.sums.items()}
+        rel = (
+            math.sqrt(s["diff"] / s["norm"])
+            if s["norm"] > 0
+            else (0.0 if s["diff"] == 0 else math.inf)
+        )
+        n = self.samples
+        return EndToEnd(
+            batches=self.batches,
+            samples=n,
+            rel_divergence=finite_or_none(rel),
+            agreement=s["agree"] / n if self.classifier and "agree" in s else None,
+            acc_train=s["correct_t"] / n if self.labelled and "correct_t" in s else None,
+            acc_eval=s["correct_e"] / n if self.labelled and "correct_e" in s else None,
+            nonfinite_outputs=int(s.get("nonfinite", 0)),
+        )
+
+
+def _path_report(m: LayerMeasurement, eps: float) -> PathReport:
+    w = m.weights
+    drift = finite_or_none(layer_score(m.channel_m2, w))
+    scores = m.unit_scores
+    finite = torch.isfinite(scores)
+    if bool(finite.any()):
+        worst_idx = int(torch.where(finite, scores, -math.inf).argmax())
+        worst = float(scores[worst_idx])
+    else:
+        worst_idx, worst = None, None
+    rm, rv = m.running_mean, m.running_var
+    pm, pv = m.pooled.mean, m.pooled.var
+    s_r = torch.sqrt(rv + eps)
+    shift = finite_or_none(layer_score(mismatch_sq(pm, pv, rm, rv, eps), w))
+    noise = finite_or_none(layer_score(m.noise_m2, w))
+    noniid = None
+    if m.noniid is not None:
+        ok = torch.isfinite(m.noniid) & (w > 0)
+        if bool(ok.any()):
+            noniid = finite_or_none(m.noniid[ok].median())
+    return PathReport(
+        batches=m.units,
+        samples=m.samples,
+        nonfinite_batches=m.nonfinite_units,
+        drift=drift,
+        drift_worst=finite_or_none(worst),
+        worst_batch=worst_idx,
+        shift=shift,
+        noise=noise,
+        noniid=noniid,
+        pooled_mean=floats(pm.tolist()),
+        pooled_var=floats(pv.tolist()),
+        channel_drift=floats(m.channel_m2.sqrt().tolist()),
+        mean_shift=floats(((pm - rm) / s_r).tolist()),
+        var_log_ratio=floats((0.5 * torch.log((pv + eps) / (rv + eps))).tolist()),
+        batch_drift=floats(scores.tolist()),
+    )
+
+
+def _static_channels(module: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(dead channels with gamma ~ 0, degenerate channels with unusable running stats)."""
+    dead: tuple[int, ...] = ()
+    weight = module._parameters.get("weight")
+    if weight is None:
+        weight = module._buffers.get("weight")
+    if isinstance(weight, torch.Tensor) and weight.numel():
+        g = weight.detach().double().abs()
+        gmax = float(g.max())
+        dead = tuple(torch.nonzero(g <= 1e-6 * gmax if gmax > 0 else g >= 0).flatten().tolist())
+    degenerate: tuple[int, ...] = ()
+    rm, rv = module._buffers.get("running_mean"), module._buffers.get("running_var")
+    if isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor):
+        bad = ~torch.isfinite(rm.double()) | ~torch.isfinite(rv.double()) | (rv.double() <= 0)
+        degenerate = tuple(torch.nonzero(bad).flatten().tolist())
+    return dead, degenerate
+
+
+def _layer_report(
+    layer: NormLayer,
+    module: nn.Module,
+    measured: dict[str, LayerMeasurement | None],
+    order: int | None,
+    threshold: float,
+    noniid_threshold: float,
+    harmful: bool | None,
+    agreement_note: str,
+) -> LayerReport:
+    base: dict[str, Any] = dict(
+        name=layer.name,
+        kind=layer.kind,
+        family=str(layer.family),
+        num_features=layer.num_features,
+        eps=layer.eps,
+        momentum=layer.momentum,
+        affine=layer.affine,
+        track_running_stats=layer.track_running_stats,
+        batch_dependent=layer.batch_dependent,
+        order=order,
+    )
+    if layer.track_running_stats:
+        rm, rv = module._buffers["running_mean"], module._buffers["running_var"]
+        base["running_mean"] = floats(rm.double().tolist())
+        base["running_var"] = floats(rv.double().tolist())
+    dead, degenerate = _static_channels(module)
+    base["dead_channels"], base["degenerate_channels"] = dead, degenerate
+    if not layer.batch_dependent:
+        return LayerReport(
+            **base,
+            executed=order is not None,
+            status=LayerStatus.NOT_MEASURED,
+            flagged=False,
+            recommendation=Recommendation.OK,
+            reason="batch-independent: same statistics in train and eval mode",
+        )
+    paths = {p: _path_report(m, layer.eps) for p, m in measured.items() if m is not None}
+    if not paths:
+        why = (
+            "lazy layer never materialized"
+            if not layer.materialized
+            else "no batch reached this layer"
+        )
+        return LayerReport(
+            **base,
+            executed=False,
+            status=LayerStatus.NOT_EXECUTED,
+            flagged=False,
+            recommendation=Recommendation.OK,
+            reason=why,
+        )
+    head_path = "train" if "train" in paths else "eval"
+    head, m = paths[head_path], measured[head_path]
+    assert m is not None
+    drift = head.drift if head.drift is not None else math.nan
+    rec, reason = recommend(
+        drift=drift,
+        shift=head.shift if head.shift is not None else math.nan,
+        noise=head.noise if head.noise is not None else math.nan,
+        noniid=head.noniid,
+        per_sample=m.per_sample,
+        spatial=m.spatial,
+        degenerate=len(degenerate),
+        threshold=threshold,
+        noniid_threshold=noniid_threshold,
+    )
+    drifting = rec is not Recommendation.OK
+    if not drifting:
+        status, flagged = LayerStatus.OK, False
+    elif harmful is False and not degenerate:
+        status, flagged = LayerStatus.HARMLESS, False
+        reason = (
+            f"drift {drift:.3g} but harmless on this data ({agreement_note}); if it mattered: {rec}"
+        )
+        rec = Recommendation.OK
+    else:
+        status, flagged = LayerStatus.FLAGGED, True
+    return LayerReport(
+        **base,
+        executed=True,
+        status=status,
+        flagged=flagged,
+        recommendation=rec,
+        reason=reason,
+        train=paths.get("train"),
+        eval=paths.get("eval"),
+    )
+
+
+def _validate(paths: Sequence[str], threshold: float) -> tuple[str, ...]:
+    if isinstance(paths, str):
+        paths = tuple(p.strip() for p in paths.split(","))
+    paths = tuple(dict.fromkeys(paths))
+    if not paths or any(p not in PATHS for p in paths):
+        raise ValueError(f"paths must be a non-empty subset of {PATHS}, got {paths!r}")
+    if not (threshold > 0):
+        raise ValueError(f"threshold must be positive, got {threshold!r}")
+    return paths
+
+
+def scan(
+    model: nn.Module,
+    data: Any,
+    *,
+    batch_size: int | None = 32,
+    shuffle: bool = True,
+    seed: int = 0,
+    group_by: GroupBy = None,
+    max_batches: int | None = None,
+    paths: Sequence[str] = PATHS,
+    device: torch.device | str | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    noniid_threshold: float = DEFAULT_NONIID_THRESHOLD,
+    agreement_threshold: float = DEFAULT_AGREEMENT_THRESHOLD,
+    divergence_threshold: float = DEFAULT_DIVERGENCE_THRESHOLD,
+    forward: Forward | None = None,
+    progress: Progress | None = None,
+    model_name: str | None = None,
+) -> ScanReport:
+    """Measure how far each norm layer's eval-mode behaviour drifts from its train-mode behaviour.
+
+    Args:
+        model: the model; left exactly as it was (parameters, buffers, ``training`` flags, hooks).
+        data: a tensor or array (split into batches of ``batch_size``), an ``(inputs, labels)``
+            tuple of tensors, a dict with ``inputs``/``labels``, a map-style ``Dataset``, or an
+            iterable of batches (tensors, ``(inputs, labels)`` tuples or dicts; a ``DataLoader``).
+        batch_size, shuffle, seed, group_by: how batches are formed from sample-level data.  The
+            train/eval gap only shows with batches built the way training's were (DESIGN.md):
+            ``batch_size=1`` for per-sample training, ``shuffle=False`` to keep the data's order,
+            ``group_by="label"`` (or per-sample keys, or a function of the index) for one-group
+            batches.
+        max_batches: stop after this many batches.
+        paths: ``("train", "eval")`` by default; per-layer scores come from the train path, the
+            end-to-end divergence needs both.
+        device: run on this device (the model is moved there and back); default: the model's.
+        threshold: per-layer drift above which a layer drifts.
+        agreement_threshold, divergence_threshold: end-to-end levels below/above which drift is
+            judged harmful (classifiers: prediction agreement; other models: relative RMS).
+        forward: ``forward(model, inputs) -> output`` for models with several inputs.
+        progress: called as ``progress(batches_done, total_or_None)`` after each batch.
+        model_name: how the report names the model.
+
+    Returns:
+        A :class:`ScanReport` with layers in execution order.
+
+    Raises:
+        DataError: the data cannot be read or batched.
+        ScanError: the model's forward raised; the model is restored before this propagates.
+    """
+    paths = _validate(paths, threshold)
+    plan = plan_batches(
+        data,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        group_by=group_by,
+        max_batches=max_batches,
+    )
+    layers = find_norm_layers(model)
+    modules = dict(model.named_modules())
+    name = model_name or type(model).__name__
+    notes: list[str] = []
+    fwd = forward or _default_forward
+    home_device, dtype = _model_device_dtype(model)
+    target = torch.device(device) if device is not None else home_device
+    if not layers:
+        notes.append("no normalization layers found in the model: nothing can drift")
+        warnings.warn(f"{name}: no normalization layers found; nothing to scan", stacklevel=2)
+    unmaterialized = [layer.name for layer in layers if not layer.materialized]
+    if unmaterialized:
+        notes.append(
+            f"lazy layers never materialized (run one forward first): {', '.join(unmaterialized)}"
+        )
+    measured_layers = [layer for layer in layers if layer.batch_dependent and layer.materialized]
+    sizes: list[int] = []
+    e2e = _EndToEnd()
+    moved = target != home_device
+    if moved:
+        model.to(target)
+    try:
+        with Probe(model, layers, paths) as probe, torch.no_grad():
+            if measured_layers or progress is not None:
+                for i, batch in enumerate(plan.batches):
+                    batch = _to_device(batch, target, dtype)
+                    sizes.append(batch.size)
+                    outs = {}
+                    for path in paths:
+                        try:
+                            with probe.path(path):
+                                outs[path] = fwd(model, batch.inputs)
+                        except Exception as exc:  # the model's own error, with where it happened
+                            where = (
+                                f" after norm layer {probe.last_layer!r}"
+                                if probe.last_layer
+                                else ""
+                            )
+                            raise ScanError(
+                                f"forward failed on batch {i} ({path} path){where}: "
+                                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                            ) from exc
+                    if len(outs) == 2:
+                        e2e.update(outs["train"], outs["eval"], batch.labels, batch.size)
+                    if progress is not None:
+                        progress(i + 1, plan.total)
+            results = {p: probe.results(p) for p in paths}
+            order = probe.order
+    finally:
+        if moved:
+            model.to(home_device)
+    if measured_layers and not sizes:
+        raise DataError("the data yielded no batches")
+    end_to_end = e2e.result()
+    harmful, agreement_note = _judge(end_to_end, agreement_threshold, divergence_threshold)
+    position = {n: i for i, n in enumerate(order)}
+    reports = [
+        _layer_report(
+            layer,
+            modules[layer.name],
+            {p: results[p].get(layer.name) for p in paths},
+            position.get(layer.name),
+            threshold,
+            noniid_threshold,
+            harmful,
+            agreement_note,
+        )
+        for layer in layers
+    ]
+    reports.sort(key=lambda r: (r.order is None, r.order if r.order is not None else 0))
+    for r in reports:
+        if r.train is not None and r.train.nonfinite_batches:
+            notes.append(
+                f"{r.name}: {r.train.nonfinite_batches} batch(es) with NaN/Inf inputs were skipped"
+            )
+        if r.degenerate_channels:
+            notes.append(
+                f"{r.name}: {len(r.degenerate_channels)} channel(s) with running_var <= 0, NaN or Inf"
+            )
+    if end_to_end is not None and end_to_end.nonfinite_outputs:
+        notes.append(
+            f"{end_to_end.nonfinite_outputs} NaN/Inf output values were left out of the comparison"
+        )
+    if harmful and not any(r.flagged for r in reports):
+        notes.append(
+            "outputs diverge although no single layer exceeds the threshold: the drift compounds"
+        )
+    composition = Composition(
+        source=plan.source,
+        batch_size=plan.batch_size,
+        order=plan.order,
+        seed=plan.seed,
+        group_by=plan.group_by,
+        num_batches=len(sizes),
+        num_samples=sum(sizes),
+        min_batch=min(sizes, default=0),
+        max_batch=max(sizes, default=0),
+    )
+    return ScanReport(
+        normdoctor_version=__version__,
+        model=name,
+        composition=composition,
+        paths=paths,
+        threshold=threshold,
+        agreement_threshold=agreement_threshold,
+        divergence_threshold=divergence_threshold,
+        layers=tuple(reports),
+        end_to_end=end_to_end,
+        harmful=harmful,
+        notes=tuple(notes),
+    )
+
+
+def _judge(
+    e: EndToEnd | None, agreement_threshold: float, divergence_threshold: float
+) -> tuple[bool | None, str]:
+    """Does eval mode change the model's outputs enough to matter?"""
+    if e is None:
+        return None, "end-to-end not measured"
+    if e.agreement is not None:
+        return e.agreement < agreement_threshold, f"prediction agreement {e.agreement:.1%}"
+    if e.rel_divergence is None:
+        return True, "outputs not finite"
+    return e.rel_divergence > divergence_threshold, f"output divergence {e.rel_divergence:.3g}"
+
+
+def _to_device(batch: Batch, device: torch.device, dtype: torch.dtype | None) -> Batch:
+    def move(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        if t.is_floating_point() and dtype is not None and t.dtype != dtype:
+            return t.to(device=device, dtype=dtype)
+        return t.to(device)
+
+    labels = batch.labels.to(device) if batch.labels is not None else None
+    return Batch(tree_map(move, batch.inputs), labels, batch.size)
+
+
+def sweep_batch_sizes(
+    model: nn.Module, data: Any, batch_sizes: Sequence[int], **kwargs: Any
+) -> tuple[ScanReport, ...]:
+    """One :func:`scan` per batch size: how drift grows as batches shrink."""
+    if not batch_sizes:
+        raise ValueError("batch_sizes is empty")
+    return tuple(scan(model, data, batch_size=int(b), **kwargs) for b in batch_sizes)

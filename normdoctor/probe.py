@@ -27,7 +27,7 @@ from .layers import BATCH_DEPENDENT, NormFamily, NormLayer, _family
 from .metrics import layer_score, mismatch_sq, noise_sq_from_sums
 from .stats import Moments
 
-__all__ = ["LayerMeasurement", "Path", "Probe"]
+__all__ = ["LayerMeasurement", "NormState", "Path", "Probe", "Recorder", "module_state"]
 
 Path = str  # "train" or "eval"
 PATHS: tuple[Path, ...] = ("train", "eval")
@@ -57,24 +57,43 @@ class LayerMeasurement:
     spatial: bool  # the input had dims beyond (N, C)
 
 
-class _Recorder:
+@dataclass(frozen=True, slots=True)
+class NormState:
+    """The tensors of a norm layer that the metrics need (any may be missing)."""
+
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    weight: torch.Tensor | None
+
+
+def module_state(module: nn.Module) -> NormState:
+    weight = module._parameters.get("weight")
+    if weight is None:
+        weight = module._buffers.get("weight")
+    return NormState(
+        module._buffers.get("running_mean"), module._buffers.get("running_var"), weight
+    )
+
+
+class Recorder:
     """Streaming accumulators of one layer on one path."""
 
-    def __init__(self, module: nn.Module, layer: NormLayer) -> None:
+    def __init__(
+        self,
+        layer: NormLayer,
+        running_mean: torch.Tensor,
+        running_var: torch.Tensor,
+        weight: torch.Tensor | None,
+    ) -> None:
         self.layer = layer
         self.per_unit_sample = layer.family is NormFamily.INSTANCE_TRACKED
-        rm = module._buffers["running_mean"]
-        rv = module._buffers["running_var"]
-        device = rm.device
+        device = running_mean.device
         self.device = device
-        self.running_mean = rm.detach().to(torch.float64).clone()
-        self.running_var = rv.detach().to(torch.float64).clone()
+        self.running_mean = running_mean.detach().to(torch.float64).clone()
+        self.running_var = running_var.detach().to(torch.float64).clone()
         self.eps = float(layer.eps)
         valid = torch.isfinite(self.running_var + self.eps) & (self.running_var + self.eps > 0)
         valid &= torch.isfinite(self.running_mean)
-        weight = module._parameters.get("weight")
-        if weight is None:
-            weight = module._buffers.get("weight")
         w = (
             torch.ones_like(self.running_var)
             if weight is None
@@ -107,6 +126,12 @@ class _Recorder:
         self.z1, self.z2, self.between = z.clone(), z.clone(), z.clone()  # per-sample means
         self.unit_scores: list[torch.Tensor] = []
         self.spatial = False
+
+    @staticmethod
+    def for_module(module: nn.Module, layer: NormLayer) -> Recorder:
+        state = module_state(module)
+        assert state.running_mean is not None and state.running_var is not None
+        return Recorder(layer, state.running_mean, state.running_var, state.weight)
 
     # -- hot path --------------------------------------------------------------------------
     def observe(self, x: torch.Tensor) -> None:
@@ -260,11 +285,12 @@ class Probe:
     ):
         self.model = model
         self.layers = [layer for layer in layers if layer.batch_dependent and layer.materialized]
+        self._order_only = [layer for layer in layers if not layer.batch_dependent]
         self.paths = tuple(paths)
         self._modules = dict(model.named_modules())
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._recorders: dict[Path, dict[str, _Recorder]] = {}
-        self._active: dict[str, _Recorder] | None = None
+        self._recorders: dict[Path, dict[str, Recorder]] = {}
+        self._active: dict[str, Recorder] | None = None
         self.order: list[str] = []
         self._seen: set[str] = set()
         self.last_layer: str | None = None
@@ -300,11 +326,15 @@ class Probe:
         try:
             for path in self.paths:
                 self._recorders[path] = {
-                    layer.name: _Recorder(self._modules[layer.name], layer) for layer in self.layers
+                    layer.name: Recorder.for_module(self._modules[layer.name], layer)
+                    for layer in self.layers
                 }
             for layer in self.layers:
                 module = self._modules[layer.name]
                 self._handles.append(module.register_forward_pre_hook(self._hook_for(layer.name)))
+            for layer in self._order_only:  # batch-independent: only where it runs in the order
+                module = self._modules[layer.name]
+                self._handles.append(module.register_forward_pre_hook(self._order_hook(layer.name)))
         except BaseException:
             self._close()
             raise
@@ -330,6 +360,14 @@ class Probe:
                 self._seen.add(name)
                 self.order.append(name)
             active[name].observe(args[0])
+
+        return hook
+
+    def _order_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if self._active is not None and name not in self._seen:
+                self._seen.add(name)
+                self.order.append(name)
 
         return hook
 

@@ -23,7 +23,7 @@ from .metrics import (
     mismatch_sq,
     recommend,
 )
-from .probe import PATHS, LayerMeasurement, Probe
+from .probe import PATHS, LayerMeasurement, NormState, Probe, module_state
 from .report import (
     Composition,
     EndToEnd,
@@ -38,6 +38,8 @@ from .report import (
 __all__ = [
     "DEFAULT_AGREEMENT_THRESHOLD",
     "DEFAULT_DIVERGENCE_THRESHOLD",
+    "EndToEndMeter",
+    "assemble_report",
     "scan",
     "sweep_batch_sizes",
 ]
@@ -84,7 +86,7 @@ def _output_tensor(out: Any) -> torch.Tensor | None:
     return None
 
 
-class _EndToEnd:
+class EndToEndMeter:
     """Device-side sums comparing the outputs of both paths."""
 
     def __init__(self) -> None:
@@ -189,18 +191,16 @@ def _path_report(m: LayerMeasurement, eps: float) -> PathReport:
     )
 
 
-def _static_channels(module: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _static_channels(state: NormState) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(dead channels with gamma ~ 0, degenerate channels with unusable running stats)."""
     dead: tuple[int, ...] = ()
-    weight = module._parameters.get("weight")
-    if weight is None:
-        weight = module._buffers.get("weight")
+    weight = state.weight
     if isinstance(weight, torch.Tensor) and weight.numel():
         g = weight.detach().double().abs()
         gmax = float(g.max())
         dead = tuple(torch.nonzero(g <= 1e-6 * gmax if gmax > 0 else g >= 0).flatten().tolist())
     degenerate: tuple[int, ...] = ()
-    rm, rv = module._buffers.get("running_mean"), module._buffers.get("running_var")
+    rm, rv = state.running_mean, state.running_var
     if isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor):
         bad = ~torch.isfinite(rm.double()) | ~torch.isfinite(rv.double()) | (rv.double() <= 0)
         degenerate = tuple(torch.nonzero(bad).flatten().tolist())
@@ -209,7 +209,7 @@ def _static_channels(module: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...
 
 def _layer_report(
     layer: NormLayer,
-    module: nn.Module,
+    state: NormState,
     measured: dict[str, LayerMeasurement | None],
     order: int | None,
     threshold: float,
@@ -229,11 +229,10 @@ def _layer_report(
         batch_dependent=layer.batch_dependent,
         order=order,
     )
-    if layer.track_running_stats:
-        rm, rv = module._buffers["running_mean"], module._buffers["running_var"]
-        base["running_mean"] = floats(rm.double().tolist())
-        base["running_var"] = floats(rv.double().tolist())
-    dead, degenerate = _static_channels(module)
+    if state.running_mean is not None and state.running_var is not None:
+        base["running_mean"] = floats(state.running_mean.double().tolist())
+        base["running_var"] = floats(state.running_var.double().tolist())
+    dead, degenerate = _static_channels(state)
     base["dead_channels"], base["degenerate_channels"] = dead, degenerate
     if not layer.batch_dependent:
         return LayerReport(
@@ -383,7 +382,7 @@ def scan(
         )
     measured_layers = [layer for layer in layers if layer.batch_dependent and layer.materialized]
     sizes: list[int] = []
-    e2e = _EndToEnd()
+    e2e = EndToEndMeter()
     moved = target != home_device
     if moved:
         model.to(target)
@@ -419,14 +418,66 @@ def scan(
             model.to(home_device)
     if measured_layers and not sizes:
         raise DataError("the data yielded no batches")
-    end_to_end = e2e.result()
+    composition = Composition(
+        source=plan.source,
+        batch_size=plan.batch_size,
+        order=plan.order,
+        seed=plan.seed,
+        group_by=plan.group_by,
+        num_batches=len(sizes),
+        num_samples=sum(sizes),
+        min_batch=min(sizes, default=0),
+        max_batch=max(sizes, default=0),
+    )
+    return assemble_report(
+        model_name=name,
+        layers=layers,
+        states={layer.name: module_state(modules[layer.name]) for layer in layers},
+        results=results,
+        order=order,
+        end_to_end=e2e.result(),
+        composition=composition,
+        paths=paths,
+        threshold=threshold,
+        noniid_threshold=noniid_threshold,
+        agreement_threshold=agreement_threshold,
+        divergence_threshold=divergence_threshold,
+        notes=notes,
+    )
+
+
+def assemble_report(
+    *,
+    model_name: str,
+    layers: Sequence[NormLayer],
+    states: dict[str, NormState],
+    results: dict[str, dict[str, LayerMeasurement | None]],
+    order: Sequence[str],
+    end_to_end: EndToEnd | None,
+    composition: Composition,
+    paths: Sequence[str],
+    threshold: float = DEFAULT_THRESHOLD,
+    noniid_threshold: float = DEFAULT_NONIID_THRESHOLD,
+    agreement_threshold: float = DEFAULT_AGREEMENT_THRESHOLD,
+    divergence_threshold: float = DEFAULT_DIVERGENCE_THRESHOLD,
+    notes: Sequence[str] = (),
+) -> ScanReport:
+    """Measurements to a judged :class:`ScanReport`; shared by every backend (torch, ONNX).
+
+    Args:
+        layers: every norm layer found (batch-independent ones included).
+        states: per layer name, its running statistics and gamma.
+        results: per path, per layer name, what a :class:`~normdoctor.probe.Recorder` measured.
+        order: layer names in execution order.
+    """
+    notes = list(notes)
     harmful, agreement_note = _judge(end_to_end, agreement_threshold, divergence_threshold)
     position = {n: i for i, n in enumerate(order)}
     reports = [
         _layer_report(
             layer,
-            modules[layer.name],
-            {p: results[p].get(layer.name) for p in paths},
+            states[layer.name],
+            {p: results.get(p, {}).get(layer.name) for p in paths},
             position.get(layer.name),
             threshold,
             noniid_threshold,
@@ -453,22 +504,11 @@ def scan(
         notes.append(
             "outputs diverge although no single layer exceeds the threshold: the drift compounds"
         )
-    composition = Composition(
-        source=plan.source,
-        batch_size=plan.batch_size,
-        order=plan.order,
-        seed=plan.seed,
-        group_by=plan.group_by,
-        num_batches=len(sizes),
-        num_samples=sum(sizes),
-        min_batch=min(sizes, default=0),
-        max_batch=max(sizes, default=0),
-    )
     return ScanReport(
         normdoctor_version=__version__,
-        model=name,
+        model=model_name,
         composition=composition,
-        paths=paths,
+        paths=tuple(paths),
         threshold=threshold,
         agreement_threshold=agreement_threshold,
         divergence_threshold=divergence_threshold,

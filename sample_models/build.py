@@ -312,6 +312,7 @@ def write_model_files(name: str, model: nn.Module) -> list[dict]:
     for fmt in EXTRA_FORMATS.get(name, []):
         if fmt == "safetensors":
             save_file(sd, str(HERE / f"{name}.safetensors"))
+            (HERE / f"{name}.safetensors").chmod(0o644)  # safetensors writes 0600
             files.append(file_entry(HERE / f"{name}.safetensors", "safetensors"))
         elif fmt == "onnx":
             export_onnx(model, HERE / f"{name}.onnx", keep_bn=True)
@@ -328,7 +329,9 @@ def write_model_files(name: str, model: nn.Module) -> list[dict]:
         elif fmt == "torch-export":
             export_program(model, HERE / f"{name}.pt2")
             files.append(
-                file_entry(HERE / f"{name}.pt2", "torch-export", mode="eval", dynamic_dims=["batch"])
+                file_entry(
+                    HERE / f"{name}.pt2", "torch-export", mode="eval", dynamic_dims=["batch"]
+                )
             )
     return files
 
@@ -419,6 +422,15 @@ def readme(manifest: dict) -> str:
         + "---|" * (len(TRUTH_COLUMNS) + 4)
     )
     n_test = manifest["data"]["test"]["n"]
+    ms = manifest["models"]
+
+    def pair(name: str, key: str) -> str:
+        t = ms[name]["truth"]
+        return f"`{name}` {100 * t['acc_eval']['acc']:.1f} vs {100 * t[key]['acc']:.1f}"
+
+    patho = [n for n in ("tiny-batch", "non-iid", "mlp-non-iid") if n in ms]
+    gaps = ", ".join(pair(n, "acc_batchstats_trainlike") for n in patho)
+    rand = ", ".join(pair(n, "acc_batchstats_random64") for n in patho)
     return f"""# Sample models whose truth is known
 
 Small models trained on `sklearn.datasets.load_digits` (8x8 digits), for which we know,
@@ -429,7 +441,7 @@ is recorded in `MANIFEST.json`.
 
 ## Rebuild
 
-From the repository root (deterministic, CPU only, {manifest['build']['time_budget']}):
+From the repository root (deterministic, CPU only, {manifest["build"]["time_budget"]}):
 
     python sample_models/build.py      # or: python -m sample_models.build
 
@@ -438,8 +450,8 @@ Check the shipped files and re-measure every truth: `python -m pytest tests/test
 ## Data
 
 `data/test.npz` ({n_test} samples, random order) and `data/calib.npz`
-({manifest['data']['calib']['n']} samples from the training distribution) hold `inputs`
-(float32, N x 1 x 8 x 8, normalized exactly as the models expect: `(pixels/16 - {manifest['data']['normalization']['mean']:.6f}) / {manifest['data']['normalization']['std']:.6f}`)
+({manifest["data"]["calib"]["n"]} samples from the training distribution) hold `inputs`
+(float32, N x 1 x 8 x 8, normalized exactly as the models expect: `(pixels/16 - {manifest["data"]["normalization"]["mean"]:.6f}) / {manifest["data"]["normalization"]["std"]:.6f}`)
 and `labels` (int64). `DigitsMLP` flattens internally, so the same files serve all models.
 
 ## Models and their truth
@@ -463,12 +475,27 @@ Accuracy in % on the test split (correct of {n_test} in parentheses), measured i
 
 What they show:
 
-* `tiny-batch` and `non-iid` / `mlp-non-iid` lose far more than {MIN_GAP_POINTS:.0f} points in
-  eval mode against train-like batch statistics, yet look broken *and* "consistent" under
-  random batches of 64: the composition of the scan's batches decides what you see.
-* InstanceNorm rescues `tiny-batch` and destroys `healthy`; recalibration rescues `stale`
-  and does not help (or hurts) `non-iid`: a fix must be verified on data.
+* `tiny-batch`, `non-iid` and `mlp-non-iid` lose at least {MIN_GAP_POINTS:.0f} points in eval
+  mode against train-like batch statistics ({gaps}). Scanned with random batches of 64
+  the two paths nearly agree ({rand}): the composition of the scan's batches decides
+  what you see.
+* InstanceNorm rescues `tiny-batch` and destroys `healthy`; exact recalibration rescues
+  `stale` and does not help (or hurts) `non-iid`: a fix must be verified on data.
 * `stale` has exactly the running statistics of `healthy` (BN momentum 0 while fine-tuning).
+
+## Files
+
+* `NAME.pt`: `torch.save` of the state_dict, loads with `torch.load(..., weights_only=True)`
+  into `arch(**arch_kwargs)` from `MANIFEST.json`.
+* `healthy.safetensors`, `tiny-batch.safetensors`: the same state_dicts as safetensors.
+* `tiny-batch.pt2`: `torch.export` program of the eval-mode model, dynamic batch dimension
+  (`torch.export.load`).
+* `healthy.onnx`, `tiny-batch.onnx`: opset {ONNX_OPSET}, dynamic batch, `BatchNormalization` nodes
+  kept with their running mean / variance initializers (exported with the exporter's
+  optimizer off). `healthy-folded.onnx`: the exporter's default optimization, BatchNorm
+  folded into Conv (no `BatchNormalization` node). All self-contained.
+* `MANIFEST.json`: per model its files (sha256, bytes), architecture, training recipe,
+  train-like batch composition (`train_batch_size`, `train_order`) and truth.
 """
 
 
@@ -598,7 +625,9 @@ def main() -> int:
     }
     (HERE / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
     (HERE / "README.md").write_text(readme(manifest))
-    total = sum(p.stat().st_size for p in HERE.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    total = sum(
+        p.stat().st_size for p in HERE.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    )
     print(f"build time {seconds:.1f} s, sample_models/ {total / 1e6:.2f} MB")
     for f in failures:
         print("TRUTH CHECK FAILED:", f)

@@ -178,7 +178,7 @@ def recalibrate_exact(model: nn.Module, calib_x: np.ndarray) -> nn.Module:
                 continue
             seen.add(id(bn))
             captured: list[torch.Tensor] = []
-            h = bn.register_forward_pre_hook(lambda mod, inp: captured.append(inp[0]))
+            h = bn.register_forward_pre_hook(lambda mod, inp, c=captured: c.append(inp[0]))
             m(xt)
             h.remove()
             a = captured[0]

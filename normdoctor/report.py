@@ -145,6 +145,14 @@ class LayerReport:
     def batches(self) -> int:
         return self._get("batches") or 0
 
+    @property
+    def pooled_mean(self) -> tuple[float | None, ...]:
+        return self._get("pooled_mean") or ()
+
+    @property
+    def pooled_var(self) -> tuple[float | None, ...]:
+        return self._get("pooled_var") or ()
+
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {}
         for f in dataclasses.fields(self):

@@ -1,0 +1,112 @@
+"""Pooled statistics against float64 NumPy over the concatenated layer inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import normdoctor as nd
+from normdoctor.stats import Moments, channel_moments
+
+# A float32 model: inputs are float32 numbers, reduced in float32 per sample and accumulated in
+# float64; cascade summation keeps the relative error near a few float32 ulps (6e-8), so 1e-6
+# leaves an order of magnitude of room.  A float64 model must match to 1e-10: only the merge
+# order differs from NumPy, so anything worse would mean the merge itself loses digits.
+TOL = {torch.float32: 1e-6, torch.float64: 1e-10}
+
+
+class Capture(nn.Module):
+    """Identity that keeps what it sees: the reference inputs of the next layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[np.ndarray] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().double().numpy().copy())
+        return x
+
+
+def _reference(chunks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    x = np.concatenate(chunks, axis=0)
+    axes = tuple(d for d in range(x.ndim) if d != 1)
+    return x.mean(axis=axes), x.var(axis=axes)  # biased, as BatchNorm normalizes
+
+
+def _rel_err(got: tuple, ref: np.ndarray, scale: np.ndarray) -> float:
+    return float(np.max(np.abs(np.asarray(got) - ref) / scale))
+
+
+CASES = [
+    pytest.param(nn.BatchNorm1d, (5,), id="bn1d-2d-input"),
+    pytest.param(nn.BatchNorm1d, (5, 7), id="bn1d-3d-input"),
+    pytest.param(nn.BatchNorm2d, (4, 6, 5), id="bn2d"),
+    pytest.param(nn.BatchNorm3d, (3, 4, 3, 5), id="bn3d"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize(("bn_cls", "shape"), CASES)
+def test_pooled_stats_match_numpy_with_uneven_last_batch(bn_cls, shape, dtype):
+    gen = torch.Generator().manual_seed(0)
+    c = shape[0]
+    capture = Capture()
+    model = nn.Sequential(capture, bn_cls(c)).to(dtype)
+    # channel means and scales far from 0/1 so that the shift matters
+    x = torch.randn(103, *shape, generator=gen, dtype=dtype)
+    scale = torch.linspace(0.1, 20, c, dtype=dtype).view(1, c, *[1] * (len(shape) - 1))
+    offset = torch.linspace(-30, 50, c, dtype=dtype).view(1, c, *[1] * (len(shape) - 1))
+    x = x * scale + offset
+    report = nd.scan(model, x, batch_size=16, shuffle=False, paths=("train",))
+    layer = report.layer("1")
+    assert layer.batches == 7 and layer.train.samples == 103  # 6 x 16 + 7
+    mean, var = _reference(capture.seen)
+    std = np.sqrt(var)
+    # mean error relative to the channel's spread (a mean near 0 has no relative scale)
+    assert _rel_err(layer.pooled_mean, mean, np.maximum(np.abs(mean), std)) < TOL[dtype]
+    assert _rel_err(layer.pooled_var, var, var) < TOL[dtype]
+
+
+def test_ill_conditioned_channel_keeps_its_variance():
+    # mean = 10,000 x std: E[x^2] - E[x]^2 in float32 loses every digit here.
+    gen = torch.Generator().manual_seed(1)
+    capture = Capture()
+    model = nn.Sequential(capture, nn.BatchNorm2d(2))
+    x = torch.randn(96, 2, 5, 5, generator=gen)
+    x[:, 0] = 1e4 + x[:, 0]  # std 1, mean 1e4
+    x[:, 1] = 3e5 + 30 * x[:, 1]
+    report = nd.scan(model, x, batch_size=10, shuffle=False, paths=("train",))
+    mean, var = _reference(capture.seen)
+    layer = report.layer("1")
+    assert _rel_err(layer.pooled_var, var, var) < 1e-5
+    assert _rel_err(layer.pooled_mean, mean, np.abs(mean)) < 1e-6
+
+
+def test_rebatching_gives_the_same_statistics():
+    # fvcore's precise-BN test idea: the same data in other batch splits gives the same moments.
+    gen = torch.Generator().manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).double()
+    x = torch.randn(50, 3, 8, 8, generator=gen, dtype=torch.float64)
+    ref = None
+    for batch_size in (1, 7, 50):
+        layer = nd.scan(model, x, batch_size=batch_size, shuffle=False, paths=("train",)).layer("1")
+        got = np.array(layer.pooled_mean + layer.pooled_var)
+        if ref is None:
+            ref = got
+        np.testing.assert_allclose(got, ref, rtol=1e-12)
+
+
+def test_chan_merge_is_exact():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 3, 4, generator=gen, dtype=torch.float64) * 5 + 100
+    parts = [channel_moments(p) for p in x.split([1, 13, 26])]
+    whole = channel_moments(x)
+    merged = parts[0].merge(parts[1]).merge(parts[2])
+    at_once = Moments.merge_all(parts)
+    for m in (merged, at_once):
+        assert m.count == whole.count
+        torch.testing.assert_close(m.mean, whole.mean, rtol=1e-14, atol=0)
+        torch.testing.assert_close(m.m2, whole.m2, rtol=1e-12, atol=0)
+    assert Moments.empty(3).merge(whole) is whole

@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 #: Per-layer drift score above which a layer counts as drifting (calibration: README).
-DEFAULT_THRESHOLD = 0.25
+DEFAULT_THRESHOLD = 0.1
 #: Between-batch over i.i.d.-predicted variance of batch means above which batches look correlated.
 DEFAULT_NONIID_THRESHOLD = 4.0
 

@@ -151,7 +151,7 @@ class Recorder:
             self.spatial = True
             xs = (x - self.shift.view(1, -1, *([1] * (x.dim() - 2)))).flatten(2)
             s1 = xs.sum(-1)
-            s2 = torch.linalg.vecdot(xs, xs)
+            s2 = torch.linalg.vector_norm(xs, dim=-1).square_()  # one pass, no temporary
             per_row = xs.shape[-1]
         rows = torch.stack((s1, s2, s1 * s1), 1)
         if self.per_unit_sample:

@@ -1,0 +1,98 @@
+"""Scan overhead against a plain forward, and memory against the amount of data.
+
+    python benchmarks/bench_scan.py [--batch-size 32] [--size 64] [--batches 8] [--rounds 5]
+
+Time: per round, interleaved, a plain ``torch.no_grad()`` forward over the same batches in the
+same mode (train-mode BatchNorm for the train path, eval for the eval path) and ``scan`` on that
+path alone; medians over rounds.  Memory: peak RSS of a fresh process scanning 1x and 8x as many
+batches (generated on the fly, so the data itself takes no memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _resnet import resnet18  # noqa: E402
+
+import normdoctor as nd  # noqa: E402
+
+
+def plain(model: torch.nn.Module, batches: list[torch.Tensor], path: str) -> float:
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    model.eval()
+    saved = [(m.training, m.track_running_stats) for m in bns]
+    if path == "train":  # what the train path runs: batch statistics, nothing updated
+        for m in bns:
+            m.training, m.track_running_stats = True, False
+    start = time.perf_counter()
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    elapsed = time.perf_counter() - start
+    for m, (training, track) in zip(bns, saved, strict=True):
+        m.training, m.track_running_stats = training, track
+    return elapsed
+
+
+def scanned(model: torch.nn.Module, batches: list[torch.Tensor], path: str) -> float:
+    start = time.perf_counter()
+    nd.scan(model, batches, paths=(path,))
+    return time.perf_counter() - start
+
+
+def peak_rss_mib(batches: int, batch_size: int, size: int) -> float:
+    code = f"""
+import resource, sys, torch
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+from _resnet import resnet18
+import normdoctor as nd
+torch.set_num_threads(2)
+model = resnet18()
+gen = torch.Generator().manual_seed(0)
+data = (torch.randn({batch_size}, 3, {size}, {size}, generator=gen) for _ in range({batches}))
+nd.scan(model, data)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--size", type=int, default=64, help="input height and width")
+    ap.add_argument("--batches", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--no-memory", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    model = resnet18()
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(args.batch_size, 3, args.size, args.size, generator=gen) for _ in range(args.batches)]
+    print(f"ResNet-18-shaped CNN, 20 BatchNorm2d, CPU, {torch.get_num_threads()} threads, "
+          f"{args.batches} batches of {args.batch_size}x3x{args.size}x{args.size}, {args.rounds} rounds")
+    for path in ("train", "eval"):
+        plain(model, batches[:2], path), scanned(model, batches[:2], path)  # warm-up
+        t_plain, t_scan = [], []
+        for _ in range(args.rounds):
+            t_plain.append(plain(model, batches, path))
+            t_scan.append(scanned(model, batches, path))
+        p, s = statistics.median(t_plain), statistics.median(t_scan)
+        print(f"{path:5} path: plain forward {p * 1e3:8.1f} ms   scan {s * 1e3:8.1f} ms   ratio {s / p:.3f}x")
+    if not args.no_memory:
+        m1 = peak_rss_mib(args.batches, args.batch_size, args.size)
+        m8 = peak_rss_mib(8 * args.batches, args.batch_size, args.size)
+        print(f"peak RSS: {args.batches} batches {m1:.0f} MiB, {8 * args.batches} batches {m8:.0f} MiB, "
+              f"growth {100 * (m8 - m1) / m1:+.1f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,421 @@
+"""The ``normdoctor`` command: the only place that parses arguments, prints and exits.
+
+Exit codes, as linters taught CI users (ruff, ESLint):
+
+* 0: no layer flagged (``--exit-zero``: also when layers are flagged);
+* 1: drift found (``scan``, ``patch``), or an error-level static finding (``layers``);
+* 2: usage, input or internal error: one line on stderr, no traceback (``--debug`` shows it).
+
+Findings go to stdout (or ``--json``); progress and notes go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+
+from . import __version__
+from .errors import NormDoctorError
+
+EXIT_OK, EXIT_DRIFT, EXIT_ERROR = 0, 1, 2
+
+app = typer.Typer(
+    name="normdoctor",
+    help="Find and fix the train/inference mismatch of normalization layers.\n\n"
+    "Exit codes: 0 no layer flagged, 1 drift found, 2 usage, input or internal error.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_state: dict[str, Any] = {"debug": False}
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+    auto = "auto"
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"normdoctor {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+# -- shared options ------------------------------------------------------------------------------
+
+ModelArg = Annotated[Path, typer.Argument(help="Model file: state_dict (.pt/.pth/.bin/.ckpt), "
+                                          ".safetensors, torch.export .pt2, TorchScript, .onnx.")]
+ArchOpt = Annotated[str | None, typer.Option(
+    "--arch", help="Architecture for weights-only files: 'package.module:factory' or "
+    "'path/to/file.py:ClassName'.")]
+ArchKwOpt = Annotated[str | None, typer.Option(
+    "--arch-kwargs", help='Keyword arguments for --arch as JSON, e.g. \'{"width": 32}\'.')]
+TrustOpt = Annotated[bool, typer.Option(
+    "--trust-pickle", help="Allow loading whole pickled modules (runs code stored in the file).")]
+JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write the results as JSON to this file "
+                                              "('-' for stdout).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no notes on stderr.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Reasons for every layer.")]
+ExitZeroOpt = Annotated[bool, typer.Option("--exit-zero", help="Exit 0 even when drift is found.")]
+
+
+def _arch_kwargs(text: str | None) -> dict[str, Any] | None:
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc.msg}", param_hint="--arch-kwargs") from None
+    if not isinstance(value, dict):
+        raise click.BadParameter("expected a JSON object", param_hint="--arch-kwargs")
+    return value
+
+
+def _stdout() -> Console:
+    return Console(highlight=False, soft_wrap=False)
+
+
+def _stderr(quiet: bool = False) -> Console:
+    return Console(stderr=True, highlight=False, quiet=quiet)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_json(target: Path | None, payload: dict[str, Any], inputs: Sequence[Path]) -> None:
+    if target is None:
+        return
+    text = json.dumps(payload, indent=1, allow_nan=False) + "\n"
+    if str(target) == "-":
+        sys.stdout.write(text)
+        return
+    if any(target.resolve() == p.resolve() for p in inputs if p.exists()):
+        raise NormDoctorError(f"refusing to overwrite the input file {target}")
+    write_atomic(target, text)
+
+
+def _load(model: Path, arch: str | None, arch_kwargs: str | None, trust_pickle: bool) -> Any:
+    from .io import load_model
+
+    return load_model(model, arch, arch_kwargs=_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle)
+
+
+def _device(device: Device) -> str | None:
+    if device is Device.auto:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else None
+    if device is Device.cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise NormDoctorError("--device cuda: no CUDA device is available")
+        return "cuda"
+    return "cpu"
+
+
+class _Progress:
+    """A rich progress bar over batches on stderr, shown only on a terminal."""
+
+    def __init__(self, console: Console, label: str, enabled: bool) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.enabled = enabled and console.is_terminal
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=console, transient=True,
+                                 disable=not self.enabled)
+        self.label = label
+        self.task = None
+
+    def __enter__(self) -> _Progress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task(self.label, total=total)
+        self.progress.update(self.task, completed=done)
+
+
+def _scan_options(batch_size: int, shuffle: bool, seed: int, group_by_label: bool,
+                  max_batches: int | None, paths: str, threshold: float | None,
+                  device: Device) -> dict[str, Any]:
+    from .metrics import DEFAULT_THRESHOLD
+
+    return dict(
+        batch_size=batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        group_by="label" if group_by_label else None,
+        max_batches=max_batches,
+        paths=tuple(p.strip() for p in paths.split(",") if p.strip()),
+        threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
+        device=_device(device),
+    )
+
+
+def run_scan(model: Any, data: Any, progress: Callable[[int, int | None], None] | None = None,
+             **options: Any) -> Any:
+    """``normdoctor.scan`` for torch modules, the model's own ``scan`` for other backends (ONNX)."""
+    import torch
+
+    from .scan import scan
+
+    if isinstance(model, torch.nn.Module):
+        return scan(model, data, progress=progress, **options)
+    options.pop("device", None)
+    return model.scan(data, progress=progress, **options)
+
+
+def _parse_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}",
+                                 param_hint="--batch-sizes") from None
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter("batch sizes must be positive", param_hint="--batch-sizes")
+    return sizes
+
+
+# -- layers ---------------------------------------------------------------------------------------
+
+
+@app.command(epilog="Example: normdoctor layers sample_models/healthy.pt --arch sample_models.archs:DigitsCNN")
+def layers(
+    model: ModelArg,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwOpt = None,
+    trust_pickle: TrustOpt = False,
+    json_out: JsonOpt = None,
+    exit_zero: ExitZeroOpt = False,
+) -> int:
+    """List every normalization layer with its running statistics and the static findings.
+
+    Needs no data. Without --arch a state_dict is checked by its buffer names alone.
+    """
+    import torch
+
+    from .checks import Severity, static_checks, static_checks_for
+    from .io import load_checkpoint
+    from .layers import find_norm_layers
+
+    module = None
+    if arch is not None:
+        module = _load(model, arch, arch_kwargs, trust_pickle)
+        findings = static_checks(module) if isinstance(module, torch.nn.Module) else module.static_checks()
+    else:
+        checkpoint = load_checkpoint(model, trust_pickle=trust_pickle)
+        module = checkpoint.module
+        if module is None and str(checkpoint.format) == "onnx":
+            module = _load(model, None, None, False)
+        findings = static_checks_for(checkpoint) if not hasattr(module, "static_checks") else module.static_checks()
+    if module is not None:
+        found = find_norm_layers(module) if isinstance(module, torch.nn.Module) else module.find_norm_layers()
+        state = module.state_dict() if hasattr(module, "state_dict") else {}
+    else:
+        found, state = _layers_from_state_dict(checkpoint.state_dict or {}, checkpoint.layer_info)
+    running = {}
+    for layer in found:
+        prefix = f"{layer.name}." if layer.name else ""
+        rm, rv = state.get(prefix + "running_mean"), state.get(prefix + "running_var")
+        if isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor) and rm.numel():
+            running[layer.name] = (f"{rm.min():.3g}..{rm.max():.3g}", f"{rv.min():.3g}..{rv.max():.3g}")
+    from .render.console import layers_table
+
+    out = _stdout()
+    out.print(f"[bold]{model}[/]: {len(found)} normalization layers, "
+              f"{sum(layer.batch_dependent for layer in found)} batch-dependent")
+    out.print(layers_table(found, findings, running))
+    _write_json(json_out, {
+        "schema_version": 1,
+        "model": str(model),
+        "layers": [_layer_dict(layer) for layer in found],
+        "findings": [f.to_dict() for f in findings],
+    }, [model])
+    errors = any(f.severity == Severity.ERROR for f in findings)
+    return EXIT_DRIFT if errors and not exit_zero else EXIT_OK
+
+
+def _layer_dict(layer: Any) -> dict[str, Any]:
+    return {
+        "name": layer.name,
+        "kind": layer.kind,
+        "family": str(layer.family),
+        "num_features": layer.num_features,
+        "eps": layer.eps,
+        "momentum": layer.momentum,
+        "affine": layer.affine,
+        "track_running_stats": layer.track_running_stats,
+        "batch_dependent": layer.batch_dependent,
+    }
+
+
+def _layers_from_state_dict(state: dict[str, Any], info: dict[str, dict[str, Any]]) -> tuple[list, dict]:
+    """NormLayer records from buffer names alone (a state_dict without its architecture)."""
+    from .layers import NormFamily, NormLayer
+
+    found = []
+    for key, value in state.items():
+        if not key.endswith("running_mean"):
+            continue
+        name = key[: -len("running_mean")].rstrip(".")
+        extra = info.get(name, {})
+        kind = extra.get("kind", "BatchNorm (from state_dict)")
+        family = NormFamily.INSTANCE_TRACKED if "Instance" in kind else NormFamily.BATCH
+        prefix = f"{name}." if name else ""
+        found.append(NormLayer(
+            name=name, kind=kind, family=family, num_features=int(value.numel()),
+            eps=float(extra.get("eps", 1e-5)), momentum=extra.get("momentum", 0.1),
+            affine=prefix + "weight" in state, track_running_stats=True,
+        ))
+    return found, state
+
+
+# -- scan -----------------------------------------------------------------------------------------
+
+
+@app.command(epilog="Examples:\n\n"
+             "  normdoctor scan sample_models/tiny-batch.pt --arch sample_models.archs:DigitsCNN "
+             "--data sample_models/data/test.npz --batch-size 1\n\n"
+             "  normdoctor scan model.onnx --data val.npz --batch-sizes 1,2,8,32 --json scan.json")
+def scan(
+    model: ModelArg,
+    data: Annotated[str, typer.Option("--data", "-d", help="Data: .pt/.npy/.npz file, image folder, "
+                                      "module:function, or random[:N,C,H,W].")],
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwOpt = None,
+    trust_pickle: TrustOpt = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1,
+                                            help="Batch size: use the one training used.")] = 32,
+    batch_sizes: Annotated[str | None, typer.Option(
+        "--batch-sizes", help="Scan once per batch size, e.g. 1,2,8,32: how drift grows as batches shrink.")] = None,
+    shuffle: Annotated[bool, typer.Option("--shuffle/--no-shuffle",
+                                          help="Shuffle samples (with --seed) or keep the data's order.")] = True,
+    group_by_label: Annotated[bool, typer.Option("--group-by-label",
+                                                 help="Each batch drawn from one label (non-i.i.d. training).")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for shuffling and random data.")] = 0,
+    paths: Annotated[str, typer.Option("--paths", help="Paths to run: train,eval.")] = "train,eval",
+    max_batches: Annotated[int | None, typer.Option("--max-batches", min=1)] = None,
+    threshold: Annotated[float | None, typer.Option("--threshold", min=0.0,
+                                                    help="Per-layer drift threshold (default 0.1).")] = None,
+    device: Annotated[Device, typer.Option("--device")] = Device.cpu,
+    input_shape: Annotated[str | None, typer.Option("--input-shape", help="Shape for random data, e.g. 64,3,32,32.")] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size", help="Resize images of a folder.")] = None,
+    json_out: JsonOpt = None,
+    exit_zero: ExitZeroOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> int:
+    """Scan a model on data: per-layer drift between train-mode and eval-mode behaviour.
+
+    The gap only shows when batches are built the way training's were: the same batch size
+    (--batch-size 1 for per-sample training) and composition (--no-shuffle, --group-by-label).
+    """
+    from .io import load_data
+
+    err = _stderr(quiet)
+    sizes = _parse_sizes(batch_sizes) if batch_sizes else [batch_size]
+    net = _load(model, arch, arch_kwargs, trust_pickle)
+    shape = tuple(int(s) for s in input_shape.split(",")) if input_shape else None
+    dataset = load_data(data, input_shape=shape, image_size=image_size, seed=seed)
+    reports = []
+    for size in sizes:
+        options = _scan_options(size, shuffle, seed, group_by_label, max_batches, paths, threshold, device)
+        with _Progress(err, f"scan bs={size}", not quiet) as progress:
+            reports.append(run_scan(net, dataset, progress=progress, model_name=model.name, **options))
+    out = _stdout()
+    if len(reports) == 1:
+        from .render.console import print_scan
+
+        print_scan(reports[0], out, verbose=verbose)
+        payload = reports[0].to_dict()
+    else:
+        from .render.console import print_sweep
+
+        print_sweep(reports, out)
+        payload = {"schema_version": reports[0].schema_version, "kind": "sweep",
+                   "batch_sizes": sizes, "reports": [r.to_dict() for r in reports]}
+    _write_json(json_out, payload, [model])
+    flagged = any(r.flagged for r in reports)
+    return EXIT_DRIFT if flagged and not exit_zero else EXIT_OK
+
+
+# -- entry point ----------------------------------------------------------------------------------
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console-script entry point; returns (and exits with) the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = typer.main.get_command(app)
+    debug = "--debug" in args
+    try:
+        code = command.main(args=args, prog_name="normdoctor", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.exceptions.Abort:
+        print("normdoctor: aborted", file=sys.stderr)
+        code = EXIT_ERROR
+    except click.ClickException as exc:
+        exc.show(file=sys.stderr)
+        code = EXIT_ERROR
+    except (NormDoctorError, FileExistsError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        if debug:
+            raise
+        print(f"normdoctor: error: {_one_line(exc)}", file=sys.stderr)
+        code = EXIT_ERROR
+    except KeyboardInterrupt:
+        print("normdoctor: interrupted", file=sys.stderr)
+        code = EXIT_ERROR
+    except Exception as exc:  # a bug: still one line, the traceback with --debug
+        if debug:
+            raise
+        print(f"normdoctor: internal error: {type(exc).__name__}: {_one_line(exc)} "
+              "(run with --debug for the traceback)", file=sys.stderr)
+        code = EXIT_ERROR
+    if code is None:
+        code = EXIT_OK
+    if argv is None:
+        sys.exit(code)
+    return int(code)

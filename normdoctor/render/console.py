@@ -1,0 +1,196 @@
+"""Terminal rendering with rich: layer tables, the verdict, the batch-size sweep.
+
+Colour carries meaning but never alone: every status is also a word and a symbol, so output
+without colour (a CI log, ``NO_COLOR``) reads the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from ..report import LayerReport, LayerStatus, ScanReport
+
+if TYPE_CHECKING:
+    from ..checks import Finding
+    from ..layers import NormLayer
+
+__all__ = ["layers_table", "print_scan", "print_sweep", "scan_table", "sweep_table"]
+
+STATUS_STYLE = {
+    LayerStatus.FLAGGED: ("✗ flagged", "bold red"),
+    LayerStatus.HARMLESS: ("~ harmless", "yellow"),
+    LayerStatus.OK: ("✓ ok", "green"),
+    LayerStatus.NOT_EXECUTED: ("? not run", "magenta"),
+    LayerStatus.NOT_MEASURED: ("- n/a", "dim"),
+}
+
+
+def _num(x: float | None, decimals: int = 3) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.{decimals}f}" if abs(x) < 1000 else f"{x:.3g}"
+
+
+def _status(layer: LayerReport) -> Text:
+    word, style = STATUS_STYLE[layer.status]
+    return Text(word, style=style)
+
+
+def scan_table(report: ScanReport, *, width: int | None = None) -> Table:
+    """Layers in forward order with drift, shift, noise, non-i.i.d. ratio, status and fix.
+
+    Below 100 columns the kind and worst-batch columns are dropped so the rest stays readable.
+    """
+    wide = width is None or width >= 100
+    table = Table(title=None, box=None, pad_edge=False, header_style="bold", show_edge=False)
+    table.add_column("#", justify="right", style="dim")
+    table.add_column("layer", overflow="fold", ratio=3)
+    if wide:
+        table.add_column("kind")
+    table.add_column("ch", justify="right")
+    table.add_column("drift", justify="right")
+    if wide:
+        table.add_column("worst", justify="right")
+    table.add_column("shift", justify="right")
+    table.add_column("noise", justify="right")
+    table.add_column("noniid", justify="right")
+    table.add_column("status", no_wrap=True)
+    table.add_column("fix", no_wrap=True)
+    for i, layer in enumerate(report.layers):
+        drift = Text(_num(layer.drift), style="bold" if layer.flagged else "")
+        row: list[str | Text] = [str(i), layer.name or "<root>"]
+        if wide:
+            row.append(layer.kind)
+        row += [str(layer.num_features), drift]
+        if wide:
+            row.append(_num(layer.drift_worst))
+        noniid = layer.eval.noniid if layer.eval is not None else layer.noniid
+        fix = str(layer.recommendation) if layer.recommendation != "ok" else "-"
+        row += [_num(layer.shift), _num(layer.noise), _num(noniid, 1), _status(layer), fix]
+        table.add_row(*row)
+    return table
+
+
+def _end_to_end_line(report: ScanReport) -> str | None:
+    e = report.end_to_end
+    if e is None:
+        return None
+    parts = []
+    if e.agreement is not None:
+        parts.append(f"predictions agree on {e.agreement:.1%}")
+    if e.rel_divergence is not None:
+        parts.append(f"output divergence {e.rel_divergence:.3g}")
+    if e.acc_train is not None and e.acc_eval is not None:
+        parts.append(
+            f"accuracy {e.acc_train:.1%} with batch statistics, {e.acc_eval:.1%} in eval mode"
+        )
+    return "end to end (train vs eval path): " + "; ".join(parts) if parts else None
+
+
+def _verdict(report: ScanReport) -> Text:
+    if report.flagged:
+        return Text(f"✗ {report.verdict}", style="bold red")
+    if report.drifting_layers:
+        return Text(f"~ {report.verdict}", style="yellow")
+    return Text(f"✓ {report.verdict}", style="bold green")
+
+
+def print_scan(report: ScanReport, console: Console, *, verbose: bool = False) -> None:
+    """Composition, the layer table, the end-to-end line, the verdict and what to do."""
+    console.print(
+        f"[bold]{report.model}[/]  batches: {report.composition.description}", highlight=False
+    )
+    if report.layers:
+        console.print(scan_table(report, width=console.width))
+    line = _end_to_end_line(report)
+    if line:
+        console.print(line, highlight=False)
+    console.print(_verdict(report))
+    for layer in report.flagged_layers if not verbose else report.layers:
+        if layer.flagged or (verbose and layer.batch_dependent):
+            console.print(f"  {layer.name}: {layer.reason}", highlight=False, markup=False)
+    if report.flagged:
+        console.print(
+            "  fix: normdoctor patch MODEL --data DATA --to auto -o PATCHED  (then scan PATCHED)",
+            highlight=False,
+            markup=False,
+        )
+    for note in report.notes:
+        console.print(f"note: {note}", style="dim", highlight=False, markup=False)
+
+
+def sweep_table(reports: Sequence[ScanReport]) -> Table:
+    """Drift per layer (rows) and batch size (columns): how drift grows as batches shrink."""
+    table = Table(box=None, pad_edge=False, header_style="bold", show_edge=False)
+    table.add_column("layer", overflow="fold")
+    for r in reports:
+        table.add_column(f"bs {r.composition.batch_size}", justify="right")
+    by_size = [{layer.name: layer for layer in r.layers} for r in reports]
+    for layer in reports[0].layers:
+        if not layer.batch_dependent:
+            continue
+        cells: list[str | Text] = [layer.name]
+        for layers in by_size:
+            lr = layers.get(layer.name)
+            if lr is None or lr.drift is None:
+                cells.append("-")
+            else:
+                mark = "*" if lr.flagged else " "
+                cells.append(Text(f"{lr.drift:.3f}{mark}", style="bold red" if lr.flagged else ""))
+        table.add_row(*cells)
+    agree: list[str | Text] = [Text("agreement", style="italic")]
+    for r in reports:
+        e = r.end_to_end
+        agree.append("-" if e is None or e.agreement is None else f"{e.agreement:.1%}")
+    table.add_row(*agree)
+    return table
+
+
+def print_sweep(reports: Sequence[ScanReport], console: Console) -> None:
+    first = reports[0]
+    console.print(f"[bold]{first.model}[/]  drift by batch size (* = flagged)", highlight=False)
+    console.print(sweep_table(reports))
+    for r in reports:
+        console.print(f"  bs {r.composition.batch_size}: ", _verdict(r), highlight=False)
+
+
+def layers_table(
+    layers: Sequence[NormLayer], findings: Sequence[Finding], running: dict[str, tuple]
+) -> Group:
+    """Static view: every norm layer with its running-statistics summary, then the findings."""
+    table = Table(box=None, pad_edge=False, header_style="bold", show_edge=False)
+    for col, kw in (
+        ("layer", {"overflow": "fold"}),
+        ("kind", {}),
+        ("ch", {"justify": "right"}),
+        ("running mean", {"justify": "right"}),
+        ("running var", {"justify": "right"}),
+        ("momentum", {"justify": "right"}),
+        ("drifts?", {}),
+    ):
+        table.add_column(col, **kw)
+    for layer in layers:
+        mean, var = running.get(layer.name, (None, None))
+        table.add_row(
+            layer.name or "<root>",
+            layer.kind,
+            str(layer.num_features),
+            mean or "-",
+            var or "-",
+            "-" if layer.momentum is None else f"{layer.momentum:g}",
+            "yes: batch-dependent" if layer.batch_dependent else "no",
+        )
+    parts: list = [table]
+    for f in findings:
+        style = {"error": "bold red", "warning": "yellow"}.get(str(f.severity), "dim")
+        parts.append(
+            Text(f"{str(f.severity).upper():7} {f.layer}: {f.message} [{f.code}]", style=style)
+        )
+    if not findings:
+        parts.append(Text("no static findings", style="green"))
+    return Group(*parts)

@@ -58,26 +58,52 @@ def _version(value: bool) -> None:
 @app.callback()
 def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
 ) -> None:
     _state["debug"] = debug
 
 
 # -- shared options ------------------------------------------------------------------------------
 
-ModelArg = Annotated[Path, typer.Argument(help="Model file: state_dict (.pt/.pth/.bin/.ckpt), "
-                                          ".safetensors, torch.export .pt2, TorchScript, .onnx.")]
-ArchOpt = Annotated[str | None, typer.Option(
-    "--arch", help="Architecture for weights-only files: 'package.module:factory' or "
-    "'path/to/file.py:ClassName'.")]
-ArchKwOpt = Annotated[str | None, typer.Option(
-    "--arch-kwargs", help='Keyword arguments for --arch as JSON, e.g. \'{"width": 32}\'.')]
-TrustOpt = Annotated[bool, typer.Option(
-    "--trust-pickle", help="Allow loading whole pickled modules (runs code stored in the file).")]
-JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write the results as JSON to this file "
-                                              "('-' for stdout).")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no notes on stderr.")]
+ModelArg = Annotated[
+    Path,
+    typer.Argument(
+        help="Model file: state_dict (.pt/.pth/.bin/.ckpt), "
+        ".safetensors, torch.export .pt2, TorchScript, .onnx."
+    ),
+]
+ArchOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--arch",
+        help="Architecture for weights-only files: 'package.module:factory' or "
+        "'path/to/file.py:ClassName'.",
+    ),
+]
+ArchKwOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--arch-kwargs", help="Keyword arguments for --arch as JSON, e.g. '{\"width\": 32}'."
+    ),
+]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-pickle", help="Allow loading whole pickled modules (runs code stored in the file)."
+    ),
+]
+JsonOpt = Annotated[
+    Path | None,
+    typer.Option("--json", help="Write the results as JSON to this file ('-' for stdout)."),
+]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress bar and no notes on stderr.")
+]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Reasons for every layer.")]
 ExitZeroOpt = Annotated[bool, typer.Option("--exit-zero", help="Exit 0 even when drift is found.")]
 
@@ -105,7 +131,9 @@ def _stderr(quiet: bool = False) -> Console:
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.", suffix=".tmp"
+    )
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -151,12 +179,24 @@ class _Progress:
     """A rich progress bar over batches on stderr, shown only on a terminal."""
 
     def __init__(self, console: Console, label: str, enabled: bool) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         self.enabled = enabled and console.is_terminal
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=console, transient=True,
-                                 disable=not self.enabled)
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+            disable=not self.enabled,
+        )
         self.label = label
         self.task = None
 
@@ -173,9 +213,16 @@ class _Progress:
         self.progress.update(self.task, completed=done)
 
 
-def _scan_options(batch_size: int, shuffle: bool, seed: int, group_by_label: bool,
-                  max_batches: int | None, paths: str, threshold: float | None,
-                  device: Device) -> dict[str, Any]:
+def _scan_options(
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    group_by_label: bool,
+    max_batches: int | None,
+    paths: str,
+    threshold: float | None,
+    device: Device,
+) -> dict[str, Any]:
     from .metrics import DEFAULT_THRESHOLD
 
     return dict(
@@ -190,8 +237,9 @@ def _scan_options(batch_size: int, shuffle: bool, seed: int, group_by_label: boo
     )
 
 
-def run_scan(model: Any, data: Any, progress: Callable[[int, int | None], None] | None = None,
-             **options: Any) -> Any:
+def run_scan(
+    model: Any, data: Any, progress: Callable[[int, int | None], None] | None = None, **options: Any
+) -> Any:
     """``normdoctor.scan`` for torch modules, the model's own ``scan`` for other backends (ONNX)."""
     import torch
 
@@ -207,8 +255,9 @@ def _parse_sizes(text: str) -> list[int]:
     try:
         sizes = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {text!r}",
-                                 param_hint="--batch-sizes") from None
+        raise click.BadParameter(
+            f"expected comma-separated integers, got {text!r}", param_hint="--batch-sizes"
+        ) from None
     if not sizes or min(sizes) < 1:
         raise click.BadParameter("batch sizes must be positive", param_hint="--batch-sizes")
     return sizes
@@ -217,7 +266,9 @@ def _parse_sizes(text: str) -> list[int]:
 # -- layers ---------------------------------------------------------------------------------------
 
 
-@app.command(epilog="Example: normdoctor layers sample_models/healthy.pt --arch sample_models.archs:DigitsCNN")
+@app.command(
+    epilog="Example: normdoctor layers sample_models/healthy.pt --arch sample_models.archs:DigitsCNN"
+)
 def layers(
     model: ModelArg,
     arch: ArchOpt = None,
@@ -239,15 +290,25 @@ def layers(
     module = None
     if arch is not None:
         module = _load(model, arch, arch_kwargs, trust_pickle)
-        findings = static_checks(module) if isinstance(module, torch.nn.Module) else module.static_checks()
+        findings = (
+            static_checks(module) if isinstance(module, torch.nn.Module) else module.static_checks()
+        )
     else:
         checkpoint = load_checkpoint(model, trust_pickle=trust_pickle)
         module = checkpoint.module
         if module is None and str(checkpoint.format) == "onnx":
             module = _load(model, None, None, False)
-        findings = static_checks_for(checkpoint) if not hasattr(module, "static_checks") else module.static_checks()
+        findings = (
+            static_checks_for(checkpoint)
+            if not hasattr(module, "static_checks")
+            else module.static_checks()
+        )
     if module is not None:
-        found = find_norm_layers(module) if isinstance(module, torch.nn.Module) else module.find_norm_layers()
+        found = (
+            find_norm_layers(module)
+            if isinstance(module, torch.nn.Module)
+            else module.find_norm_layers()
+        )
         state = module.state_dict() if hasattr(module, "state_dict") else {}
     else:
         found, state = _layers_from_state_dict(checkpoint.state_dict or {}, checkpoint.layer_info)
@@ -256,19 +317,28 @@ def layers(
         prefix = f"{layer.name}." if layer.name else ""
         rm, rv = state.get(prefix + "running_mean"), state.get(prefix + "running_var")
         if isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor) and rm.numel():
-            running[layer.name] = (f"{rm.min():.3g}..{rm.max():.3g}", f"{rv.min():.3g}..{rv.max():.3g}")
+            running[layer.name] = (
+                f"{rm.min():.3g}..{rm.max():.3g}",
+                f"{rv.min():.3g}..{rv.max():.3g}",
+            )
     from .render.console import layers_table
 
     out = _stdout()
-    out.print(f"[bold]{model}[/]: {len(found)} normalization layers, "
-              f"{sum(layer.batch_dependent for layer in found)} batch-dependent")
+    out.print(
+        f"[bold]{model}[/]: {len(found)} normalization layers, "
+        f"{sum(layer.batch_dependent for layer in found)} batch-dependent"
+    )
     out.print(layers_table(found, findings, running))
-    _write_json(json_out, {
-        "schema_version": 1,
-        "model": str(model),
-        "layers": [_layer_dict(layer) for layer in found],
-        "findings": [f.to_dict() for f in findings],
-    }, [model])
+    _write_json(
+        json_out,
+        {
+            "schema_version": 1,
+            "model": str(model),
+            "layers": [_layer_dict(layer) for layer in found],
+            "findings": [f.to_dict() for f in findings],
+        },
+        [model],
+    )
     errors = any(f.severity == Severity.ERROR for f in findings)
     return EXIT_DRIFT if errors and not exit_zero else EXIT_OK
 
@@ -287,7 +357,9 @@ def _layer_dict(layer: Any) -> dict[str, Any]:
     }
 
 
-def _layers_from_state_dict(state: dict[str, Any], info: dict[str, dict[str, Any]]) -> tuple[list, dict]:
+def _layers_from_state_dict(
+    state: dict[str, Any], info: dict[str, dict[str, Any]]
+) -> tuple[list, dict]:
     """NormLayer records from buffer names alone (a state_dict without its architecture)."""
     from .layers import NormFamily, NormLayer
 
@@ -300,44 +372,80 @@ def _layers_from_state_dict(state: dict[str, Any], info: dict[str, dict[str, Any
         kind = extra.get("kind", "BatchNorm (from state_dict)")
         family = NormFamily.INSTANCE_TRACKED if "Instance" in kind else NormFamily.BATCH
         prefix = f"{name}." if name else ""
-        found.append(NormLayer(
-            name=name, kind=kind, family=family, num_features=int(value.numel()),
-            eps=float(extra.get("eps", 1e-5)), momentum=extra.get("momentum", 0.1),
-            affine=prefix + "weight" in state, track_running_stats=True,
-        ))
+        found.append(
+            NormLayer(
+                name=name,
+                kind=kind,
+                family=family,
+                num_features=int(value.numel()),
+                eps=float(extra.get("eps", 1e-5)),
+                momentum=extra.get("momentum", 0.1),
+                affine=prefix + "weight" in state,
+                track_running_stats=True,
+            )
+        )
     return found, state
 
 
 # -- scan -----------------------------------------------------------------------------------------
 
 
-@app.command(epilog="Examples:\n\n"
-             "  normdoctor scan sample_models/tiny-batch.pt --arch sample_models.archs:DigitsCNN "
-             "--data sample_models/data/test.npz --batch-size 1\n\n"
-             "  normdoctor scan model.onnx --data val.npz --batch-sizes 1,2,8,32 --json scan.json")
+@app.command(
+    epilog="Examples:\n\n"
+    "  normdoctor scan sample_models/tiny-batch.pt --arch sample_models.archs:DigitsCNN "
+    "--data sample_models/data/test.npz --batch-size 1\n\n"
+    "  normdoctor scan model.onnx --data val.npz --batch-sizes 1,2,8,32 --json scan.json"
+)
 def scan(
     model: ModelArg,
-    data: Annotated[str, typer.Option("--data", "-d", help="Data: .pt/.npy/.npz file, image folder, "
-                                      "module:function, or random[:N,C,H,W].")],
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Data: .pt/.npy/.npz file, image folder, module:function, or random[:N,C,H,W].",
+        ),
+    ],
     arch: ArchOpt = None,
     arch_kwargs: ArchKwOpt = None,
     trust_pickle: TrustOpt = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1,
-                                            help="Batch size: use the one training used.")] = 32,
-    batch_sizes: Annotated[str | None, typer.Option(
-        "--batch-sizes", help="Scan once per batch size, e.g. 1,2,8,32: how drift grows as batches shrink.")] = None,
-    shuffle: Annotated[bool, typer.Option("--shuffle/--no-shuffle",
-                                          help="Shuffle samples (with --seed) or keep the data's order.")] = True,
-    group_by_label: Annotated[bool, typer.Option("--group-by-label",
-                                                 help="Each batch drawn from one label (non-i.i.d. training).")] = False,
+    batch_size: Annotated[
+        int,
+        typer.Option("--batch-size", "-b", min=1, help="Batch size: use the one training used."),
+    ] = 32,
+    batch_sizes: Annotated[
+        str | None,
+        typer.Option(
+            "--batch-sizes",
+            help="Scan once per batch size, e.g. 1,2,8,32: how drift grows as batches shrink.",
+        ),
+    ] = None,
+    shuffle: Annotated[
+        bool,
+        typer.Option(
+            "--shuffle/--no-shuffle", help="Shuffle samples (with --seed) or keep the data's order."
+        ),
+    ] = True,
+    group_by_label: Annotated[
+        bool,
+        typer.Option(
+            "--group-by-label", help="Each batch drawn from one label (non-i.i.d. training)."
+        ),
+    ] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed for shuffling and random data.")] = 0,
     paths: Annotated[str, typer.Option("--paths", help="Paths to run: train,eval.")] = "train,eval",
     max_batches: Annotated[int | None, typer.Option("--max-batches", min=1)] = None,
-    threshold: Annotated[float | None, typer.Option("--threshold", min=0.0,
-                                                    help="Per-layer drift threshold (default 0.1).")] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option("--threshold", min=0.0, help="Per-layer drift threshold (default 0.1)."),
+    ] = None,
     device: Annotated[Device, typer.Option("--device")] = Device.cpu,
-    input_shape: Annotated[str | None, typer.Option("--input-shape", help="Shape for random data, e.g. 64,3,32,32.")] = None,
-    image_size: Annotated[int | None, typer.Option("--image-size", help="Resize images of a folder.")] = None,
+    input_shape: Annotated[
+        str | None, typer.Option("--input-shape", help="Shape for random data, e.g. 64,3,32,32.")
+    ] = None,
+    image_size: Annotated[
+        int | None, typer.Option("--image-size", help="Resize images of a folder.")
+    ] = None,
     json_out: JsonOpt = None,
     exit_zero: ExitZeroOpt = False,
     quiet: QuietOpt = False,
@@ -357,9 +465,13 @@ def scan(
     dataset = load_data(data, input_shape=shape, image_size=image_size, seed=seed)
     reports = []
     for size in sizes:
-        options = _scan_options(size, shuffle, seed, group_by_label, max_batches, paths, threshold, device)
+        options = _scan_options(
+            size, shuffle, seed, group_by_label, max_batches, paths, threshold, device
+        )
         with _Progress(err, f"scan bs={size}", not quiet) as progress:
-            reports.append(run_scan(net, dataset, progress=progress, model_name=model.name, **options))
+            reports.append(
+                run_scan(net, dataset, progress=progress, model_name=model.name, **options)
+            )
     out = _stdout()
     if len(reports) == 1:
         from .render.console import print_scan
@@ -370,8 +482,12 @@ def scan(
         from .render.console import print_sweep
 
         print_sweep(reports, out)
-        payload = {"schema_version": reports[0].schema_version, "kind": "sweep",
-                   "batch_sizes": sizes, "reports": [r.to_dict() for r in reports]}
+        payload = {
+            "schema_version": reports[0].schema_version,
+            "kind": "sweep",
+            "batch_sizes": sizes,
+            "reports": [r.to_dict() for r in reports],
+        }
     _write_json(json_out, payload, [model])
     flagged = any(r.flagged for r in reports)
     return EXIT_DRIFT if flagged and not exit_zero else EXIT_OK
@@ -400,7 +516,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except click.ClickException as exc:
         exc.show(file=sys.stderr)
         code = EXIT_ERROR
-    except (NormDoctorError, FileExistsError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+    except (
+        NormDoctorError,
+        FileExistsError,
+        FileNotFoundError,
+        PermissionError,
+        IsADirectoryError,
+    ) as exc:
         if debug:
             raise
         print(f"normdoctor: error: {_one_line(exc)}", file=sys.stderr)
@@ -411,8 +533,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug: still one line, the traceback with --debug
         if debug:
             raise
-        print(f"normdoctor: internal error: {type(exc).__name__}: {_one_line(exc)} "
-              "(run with --debug for the traceback)", file=sys.stderr)
+        print(
+            f"normdoctor: internal error: {type(exc).__name__}: {_one_line(exc)} "
+            "(run with --debug for the traceback)",
+            file=sys.stderr,
+        )
         code = EXIT_ERROR
     if code is None:
         code = EXIT_OK

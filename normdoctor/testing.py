@@ -20,7 +20,9 @@ from .report import ScanReport
 __all__ = ["assert_no_drift"]
 
 
-def assert_no_drift(model: nn.Module, data: Any, *, width: int = 100, **scan_kwargs: Any) -> ScanReport:
+def assert_no_drift(
+    model: nn.Module, data: Any, *, width: int = 100, **scan_kwargs: Any
+) -> ScanReport:
     """Scan ``model`` on ``data`` and fail with the layer table when any layer is flagged.
 
     Args:

@@ -1,0 +1,295 @@
+"""The ``normdoctor`` command, run through its real entry point on the sample models."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import normdoctor as nd
+from normdoctor.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SM = ROOT / "sample_models"
+ARCH = "sample_models.archs:DigitsCNN"
+DATA = str(SM / "data" / "test.npz")
+
+
+@pytest.fixture(autouse=True)
+def _repo_root(monkeypatch):
+    monkeypatch.chdir(ROOT)  # --arch sample_models.archs:... imports from the working directory
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setenv("NO_COLOR", "1")
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_layers_lists_norm_layers_and_findings(capsys):
+    code, out, _ = run(capsys, "layers", SM / "healthy.pt", "--arch", ARCH)
+    assert code == 0
+    for name in ("norm1", "norm2", "norm3"):
+        assert name in out
+    assert "3 normalization layers, 3 batch-dependent" in out
+
+
+def test_layers_without_arch_checks_the_state_dict(capsys, tmp_path):
+    state = torch.load(SM / "healthy.pt", weights_only=True)
+    state["norm2.running_var"][3] = -1.0
+    bad = tmp_path / "bad.pt"
+    torch.save(state, bad)
+    code, out, _ = run(capsys, "layers", bad, "--json", tmp_path / "l.json")
+    assert code == 1  # an error-level finding
+    assert "norm2" in out and "ERROR" in out
+    payload = json.loads((tmp_path / "l.json").read_text())
+    assert any(f["layer"] == "norm2" and f["severity"] == "error" for f in payload["findings"])
+    assert run(capsys, "layers", bad, "--exit-zero")[0] == 0
+
+
+def _api_report(name: str, **kwargs) -> nd.ScanReport:
+    from sample_models.archs import DigitsCNN
+
+    model = DigitsCNN()
+    model.load_state_dict(torch.load(SM / f"{name}.pt", weights_only=True))
+    data = np.load(DATA)
+    return nd.scan(
+        model.eval(),
+        (torch.from_numpy(data["inputs"]), torch.from_numpy(data["labels"])),
+        model_name=f"{name}.pt",
+        **kwargs,
+    )
+
+
+def test_scan_json_equals_the_api_report(capsys, tmp_path):
+    out_json = tmp_path / "scan.json"
+    code, out, _ = run(
+        capsys,
+        "scan",
+        SM / "tiny-batch.pt",
+        "--arch",
+        ARCH,
+        "--data",
+        DATA,
+        "--batch-size",
+        "1",
+        "--json",
+        out_json,
+    )
+    assert code == 1
+    report = nd.ScanReport.from_json(out_json.read_text())
+    assert report == _api_report("tiny-batch", batch_size=1)
+    assert "batches of 1" in out  # the composition is stated
+    assert "instance" in out
+
+
+def test_exit_codes_healthy_pathological_and_exit_zero(capsys):
+    assert (
+        run(capsys, "scan", SM / "healthy.pt", "--arch", ARCH, "--data", DATA, "-b", "64")[0] == 0
+    )
+    args = ["scan", SM / "stale.pt", "--arch", ARCH, "--data", DATA, "-b", "64"]
+    assert run(capsys, *args)[0] == 1
+    assert run(capsys, *args, "--exit-zero")[0] == 0
+
+
+def test_batch_sizes_sweep(capsys, tmp_path):
+    code, out, _ = run(
+        capsys,
+        "scan",
+        SM / "tiny-batch.pt",
+        "--arch",
+        ARCH,
+        "--data",
+        DATA,
+        "--batch-sizes",
+        "1,8,64",
+        "--json",
+        tmp_path / "s.json",
+        "-q",
+    )
+    assert code == 1
+    assert "bs 1" in out and "bs 64" in out
+    payload = json.loads((tmp_path / "s.json").read_text())
+    assert payload["kind"] == "sweep" and payload["batch_sizes"] == [1, 8, 64]
+    reports = [nd.ScanReport.from_dict(r) for r in payload["reports"]]
+    drift = [r.layer("norm3").drift for r in reports]
+    assert drift[0] > drift[1] > drift[2]  # drift grows as batches shrink
+
+
+def test_group_by_label_and_no_shuffle_are_stated(capsys, tmp_path):
+    from sample_models.archs import DigitsCNN  # noqa: F401  (importable from the repo root)
+
+    code, out, _ = run(
+        capsys,
+        "scan",
+        SM / "non-iid.pt",
+        "--arch",
+        ARCH,
+        "--data",
+        DATA,
+        "-b",
+        "64",
+        "--no-shuffle",
+        "--group-by-label",
+        "--json",
+        tmp_path / "n.json",
+    )
+    assert code == 1
+    assert "each from one label" in out and "in data order" in out
+    report = nd.ScanReport.from_json((tmp_path / "n.json").read_text())
+    assert report.composition.group_by == "label" and report.composition.order == "keep"
+
+
+def test_table_fits_80_columns_and_reads_without_colour(capsys):
+    _, out, _ = run(capsys, "scan", SM / "tiny-batch.pt", "--arch", ARCH, "--data", DATA, "-b", "1")
+    table = [line for line in out.splitlines() if re.match(r"\s*\d+\s+norm\d", line)]
+    assert len(table) == 3
+    assert all(len(line) <= 80 for line in out.splitlines())
+    assert all("flagged" in line for line in table)  # the word, not only a colour
+    assert "\x1b[" not in out
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, list[str]]:
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((SM / "healthy.pt").read_bytes()[:5000])
+    text = tmp_path / "notes.pt"
+    text.write_text("this is not a checkpoint\n")
+    other = tmp_path / "mlp.pt"
+    other.write_bytes((SM / "mlp-healthy.pt").read_bytes())
+    empty_dir = tmp_path / "images"
+    empty_dir.mkdir()
+    wrong_shape = tmp_path / "wrong.npz"
+    np.savez(wrong_shape, inputs=np.zeros((4, 3, 8, 8), np.float32))
+    scan = ["scan", "--data", DATA]
+    return {
+        "missing file": [*scan, str(tmp_path / "nope.pt"), "--arch", ARCH],
+        "empty file": [*scan, str(empty), "--arch", ARCH],
+        "truncated checkpoint": [*scan, str(truncated), "--arch", ARCH],
+        "text file renamed .pt": [*scan, str(text), "--arch", ARCH],
+        "arch does not import": [*scan, str(SM / "healthy.pt"), "--arch", "no_such_pkg.mod:Net"],
+        "state_dict of another architecture": [*scan, str(other), "--arch", ARCH],
+        "data shape does not fit": [
+            "scan",
+            str(SM / "healthy.pt"),
+            "--arch",
+            ARCH,
+            "--data",
+            str(wrong_shape),
+        ],
+        "empty data folder": [
+            "scan",
+            str(SM / "healthy.pt"),
+            "--arch",
+            ARCH,
+            "--data",
+            str(empty_dir),
+        ],
+        "missing data": [
+            "scan",
+            str(SM / "healthy.pt"),
+            "--arch",
+            ARCH,
+            "--data",
+            str(tmp_path / "x.npz"),
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing file",
+        "empty file",
+        "truncated checkpoint",
+        "text file renamed .pt",
+        "arch does not import",
+        "state_dict of another architecture",
+        "data shape does not fit",
+        "empty data folder",
+        "missing data",
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, case):
+    args = _bad_inputs(tmp_path)[case]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, _out, err = run(capsys, *args)
+    assert code == 2, (case, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("normdoctor: error: "), err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_usage_errors_exit_2(capsys):
+    assert run(capsys, "scan", SM / "healthy.pt", "--batch-size", "0", "--data", DATA)[0] == 2
+    assert run(capsys, "scan", SM / "healthy.pt", "--arch", ARCH)[0] == 2  # --data missing
+    assert run(capsys, "frobnicate")[0] == 2
+
+
+def test_json_never_overwrites_the_input(capsys, tmp_path):
+    model = tmp_path / "m.pt"
+    model.write_bytes((SM / "healthy.pt").read_bytes())
+    code, _, err = run(capsys, "scan", model, "--arch", ARCH, "--data", DATA, "--json", model)
+    assert code == 2 and "overwrite" in err
+    assert model.read_bytes() == (SM / "healthy.pt").read_bytes()
+
+
+@pytest.mark.slow
+def test_readme_main_job_is_what_this_test_runs():
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
+    main_job = next(b for b in blocks if "normdoctor scan" in b)
+    install, _, command = main_job.partition("&&")
+    assert install.strip() == "pip install -e ."
+    argv = shlex.split(command)
+    assert argv[0] == "normdoctor"
+    # the installed console script when present, else the same entry point through -m
+    exe = [str(Path(sys.executable).with_name("normdoctor"))]
+    if not Path(exe[0]).exists():
+        exe = [sys.executable, "-m", "normdoctor"]
+    proc = subprocess.run(
+        exe + argv[1:],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "100"},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())  # the console wraps long lines
+    assert "recommended fix: instance" in text
+    assert "97.8% with batch statistics, 36.9% in eval mode" in text  # MANIFEST's truths
+
+
+@pytest.mark.slow
+def test_python_dash_m_is_the_same_command():
+    proc = subprocess.run(
+        [sys.executable, "-m", "normdoctor", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0
+    assert "Exit codes" in proc.stdout and "scan" in proc.stdout
+    for sub in ("layers", "scan"):
+        sub_help = subprocess.run(
+            [sys.executable, "-m", "normdoctor", sub, "--help"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert "Example" in sub_help.stdout, sub

@@ -456,9 +456,12 @@ def scan(
     The gap only shows when batches are built the way training's were: the same batch size
     (--batch-size 1 for per-sample training) and composition (--no-shuffle, --group-by-label).
     """
+    from . import distributed
     from .io import load_data
 
-    err = _stderr(quiet)
+    sharded = distributed.init_from_env()  # launched by torchrun: scan this rank's shard
+    rank = distributed.dist.get_rank() if sharded else 0
+    err = _stderr(quiet or rank != 0)
     sizes = _parse_sizes(batch_sizes) if batch_sizes else [batch_size]
     net = _load(model, arch, arch_kwargs, trust_pickle)
     shape = tuple(int(s) for s in input_shape.split(",")) if input_shape else None
@@ -468,10 +471,14 @@ def scan(
         options = _scan_options(
             size, shuffle, seed, group_by_label, max_batches, paths, threshold, device
         )
+        if sharded:
+            options["distributed"] = True
         with _Progress(err, f"scan bs={size}", not quiet) as progress:
             reports.append(
                 run_scan(net, dataset, progress=progress, model_name=model.name, **options)
             )
+    if rank != 0:  # every rank holds the merged reports; rank 0 prints, writes and judges
+        return EXIT_OK
     out = _stdout()
     if len(reports) == 1:
         from .render.console import print_scan

@@ -125,6 +125,7 @@ class Recorder:
         self.u1, self.u2 = z.clone(), z.clone()  # sum_b (mu_b - K), sum_b (mu_b - K)^2
         self.z1, self.z2, self.between = z.clone(), z.clone(), z.clone()  # per-sample means
         self.unit_scores: list[torch.Tensor] = []
+        self.rows_per_call: list[int] = []  # units each observe() added, to reorder across shards
         self.spatial = False
 
     @staticmethod
@@ -157,9 +158,11 @@ class Recorder:
         if self.per_unit_sample:
             self.pending.append(rows.to(torch.float64))
             self.meta.append((n, per_row, 1))
+            self.rows_per_call.append(n)
         else:
             self.pending.append(rows.sum(0, dtype=torch.float64).unsqueeze(0))
             self.meta.append((1, n * per_row, n))
+            self.rows_per_call.append(1)
         if len(self.pending) >= _FLUSH_ROWS:
             self.flush()
 
@@ -204,6 +207,49 @@ class Recorder:
         self.z1 += d1.sum(0)
         self.z2 += (q / per_sample_elems.square()).sum(0)
         self.between += (d1.square() / ns).sum(0)
+
+    # -- merging shards -------------------------------------------------------------------
+    SCALARS = ("count", "samples", "units", "nonfinite")
+    VECTORS = ("p1", "p2", "sum_m2", "r1", "r2", "rv", "u1", "u2", "z1", "z2", "between")
+
+    def rebase(self, shift: torch.Tensor) -> None:
+        """Express every shifted sum relative to ``shift`` instead of this recorder's own.
+
+        Shards start from different first batches, hence different shifts; sums of (x - K)
+        and (x - K)^2 convert exactly: with d = K_old - K_new, sum (x - K_new) = p1 + n d and
+        sum (x - K_new)^2 = p2 + 2 d p1 + n d^2 (likewise per batch and per sample).
+        """
+        self.flush()
+        shift = shift.to(device=self.device, dtype=torch.float64)
+        if self.shift64 is not None:
+            d = self.shift64 - shift
+            self.p2 += 2 * d * self.p1 + self.count * d.square()
+            self.p1 += self.count * d
+            self.u2 += 2 * d * self.u1 + self.units * d.square()
+            self.u1 += self.units * d
+            self.between += 2 * d * self.z1 + self.samples * d.square()
+            self.z2 += 2 * d * self.z1 + self.samples * d.square()
+            self.z1 += self.samples * d
+        self.shift64 = shift
+        self.shift = shift.to(torch.float32 if self.shift is None else self.shift.dtype)
+
+    def packed(self) -> torch.Tensor:
+        """Every additive accumulator in one flat float64 tensor (for one all_reduce)."""
+        self.flush()
+        parts = [getattr(self, k).reshape(1) for k in self.SCALARS]
+        parts.append(torch.tensor([float(self.spatial)], dtype=torch.float64, device=self.device))
+        parts += [getattr(self, k) for k in self.VECTORS]
+        return torch.cat(parts)
+
+    def unpack(self, flat: torch.Tensor) -> None:
+        """Load accumulators from :meth:`packed` (after a sum over shards)."""
+        c = self.running_mean.numel()
+        head = len(self.SCALARS) + 1
+        for i, k in enumerate(self.SCALARS):
+            setattr(self, k, flat[i].clone())
+        self.spatial = bool(flat[len(self.SCALARS)] > 0)
+        for i, k in enumerate(self.VECTORS):
+            setattr(self, k, flat[head + i * c : head + (i + 1) * c].clone())
 
     def finish(self) -> LayerMeasurement | None:
         """Reduce to CPU tensors; ``None`` if the layer never ran on this path."""

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from . import __version__
+from . import distributed as _dist
 from .batching import Batch, GroupBy, plan_batches
 from .errors import DataError, ScanError
 from .layers import NormLayer, find_norm_layers
@@ -130,6 +131,34 @@ class EndToEndMeter:
                 self.labelled = False
         else:
             self.classifier = self.labelled = False
+
+    def all_reduce(self) -> None:
+        """Sum the comparison over ranks (torch.distributed)."""
+        keys = (
+            "diff",
+            "norm",
+            "agree",
+            "correct_t",
+            "correct_e",
+            "nonfinite",
+            "batches",
+            "samples",
+            "classifier",
+            "labelled",
+        )
+        mine = dict(self.sums)
+        mine.update(
+            batches=torch.tensor(float(self.batches)),
+            samples=torch.tensor(float(self.samples)),
+            classifier=torch.tensor(float(not self.classifier)),
+            labelled=torch.tensor(float(not self.labelled)),
+        )
+        merged = _dist.all_reduce_sums(mine, keys)
+        self.batches = int(merged.pop("batches"))
+        self.samples = int(merged.pop("samples"))
+        self.classifier = float(merged.pop("classifier", 0)) == 0  # no rank said "not a classifier"
+        self.labelled = float(merged.pop("labelled", 0)) == 0
+        self.sums = merged
 
     def result(self) -> EndToEnd | None:
         if self.batches == 0:
@@ -329,6 +358,7 @@ def scan(
     forward: Forward | None = None,
     progress: Progress | None = None,
     model_name: str | None = None,
+    distributed: bool = False,
 ) -> ScanReport:
     """Measure how far each norm layer's eval-mode behaviour drifts from its train-mode behaviour.
 
@@ -352,6 +382,11 @@ def scan(
         forward: ``forward(model, inputs) -> output`` for models with several inputs.
         progress: called as ``progress(batches_done, total_or_None)`` after each batch.
         model_name: how the report names the model.
+        distributed: with an initialised ``torch.distributed`` process group of several ranks,
+            scan this rank's shard (batches formed by normdoctor are dealt round-robin; batches
+            given as an iterable are taken as this rank's shard, e.g. from a
+            ``DistributedSampler``) and merge the statistics exactly; every rank returns the
+            merged report.
 
     Returns:
         A :class:`ScanReport` with layers in execution order.
@@ -386,34 +421,43 @@ def scan(
         )
     sizes: list[int] = []
     e2e = EndToEndMeter()
+    sharded = bool(distributed) and _dist.is_distributed()
+    batches = plan.batches
+    total = plan.total
+    if sharded and plan.source != "batches":  # deal normdoctor's own batches round-robin
+        rank, world = _dist.dist.get_rank(), _dist.dist.get_world_size()
+        batches = (b for i, b in enumerate(plan.batches) if i % world == rank)
+        total = None if total is None else len(range(rank, total, world))
     moved = target != home_device
     if moved:
         model.to(target)
     try:
         with Probe(model, layers, paths) as probe, torch.no_grad():
-            if layers:
-                for i, batch in enumerate(plan.batches):
-                    batch = _to_device(batch, target, dtype)
-                    sizes.append(batch.size)
-                    outs = {}
-                    for path in paths:
-                        try:
-                            with probe.path(path):
-                                outs[path] = fwd(model, batch.inputs)
-                        except Exception as exc:  # the model's own error, with where it happened
-                            where = (
-                                f" after norm layer {probe.last_layer!r}"
-                                if probe.last_layer
-                                else ""
-                            )
-                            raise ScanError(
-                                f"forward failed on batch {i} ({path} path){where}: "
-                                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                            ) from exc
-                    if len(outs) == 2:
-                        e2e.update(outs["train"], outs["eval"], batch.labels, batch.size)
-                    if progress is not None:
-                        progress(i + 1, plan.total)
+            error: BaseException | None = None
+            try:
+                if layers:
+                    _run_batches(
+                        model,
+                        batches,
+                        total,
+                        paths,
+                        probe,
+                        fwd,
+                        target,
+                        dtype,
+                        sizes,
+                        e2e,
+                        progress,
+                    )
+            except Exception as exc:
+                if not sharded:
+                    raise
+                error = exc
+            if sharded:
+                _dist.raise_if_any_failed(error)
+                _dist.merge_recorders([r for p in paths for r in probe._recorders[p].values()])
+                e2e.all_reduce()
+                sizes = _dist.gather_in_batch_order(sizes)
             results = {p: probe.results(p) for p in paths}
             order = probe.order
     finally:
@@ -447,6 +491,30 @@ def scan(
         divergence_threshold=divergence_threshold,
         notes=notes,
     )
+
+
+def _run_batches(
+    model, batches, total, paths, probe, fwd, target, dtype, sizes, e2e, progress
+) -> None:
+    """The scan loop: every batch through every path, hooks recording; fills sizes and e2e."""
+    for i, batch in enumerate(batches):
+        batch = _to_device(batch, target, dtype)
+        sizes.append(batch.size)
+        outs = {}
+        for path in paths:
+            try:
+                with probe.path(path):
+                    outs[path] = fwd(model, batch.inputs)
+            except Exception as exc:  # the model's own error, with where it happened
+                where = f" after norm layer {probe.last_layer!r}" if probe.last_layer else ""
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                raise ScanError(
+                    f"forward failed on batch {i} ({path} path){where}: {type(exc).__name__}: {first}"
+                ) from exc
+        if len(outs) == 2:
+            e2e.update(outs["train"], outs["eval"], batch.labels, batch.size)
+        if progress is not None:
+            progress(i + 1, total)
 
 
 def assemble_report(

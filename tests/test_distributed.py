@@ -1,0 +1,69 @@
+"""Sharded scans over 2 gloo processes on CPU equal the one-process scan."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch.multiprocessing as mp
+from _dist_worker import data, model, run
+
+import normdoctor as nd
+
+pytestmark = pytest.mark.slow
+
+
+def _spawn(tmp_path, mode: str) -> None:
+    mp.spawn(run, args=(2, str(tmp_path / "init"), str(tmp_path), mode), nprocs=2, join=True)
+
+
+def _close(a, b, rel: float) -> bool:
+    if a is None or b is None:
+        return a is b
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_close(x, y, rel) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float):
+        return math.isclose(a, b, rel_tol=rel, abs_tol=1e-12)
+    return a == b
+
+
+def test_two_process_scan_equals_one_process_scan_with_uneven_shards(tmp_path):
+    _spawn(tmp_path, "equal")
+    assert not list(tmp_path.glob("*.error")), [p.read_text() for p in tmp_path.glob("*.error")]
+    single = nd.scan(model(), data(), batch_size=8)
+    r0 = nd.ScanReport.from_json((tmp_path / "rank0.json").read_text())
+    r1 = nd.ScanReport.from_json((tmp_path / "rank1.json").read_text())
+    assert r0 == r1  # every rank returns the merged report
+    assert r0.composition == single.composition  # 13 batches, 100 samples, 4-8 per batch
+    assert r0.end_to_end.samples == 100 and r0.end_to_end.batches == 13
+    assert [l.flagged for l in r0.layers] == [l.flagged for l in single.layers]
+    assert [l.recommendation for l in r0.layers] == [l.recommendation for l in single.layers]
+    # Same float64 sums in another order (and re-based shifts): 1e-9 relative.
+    for a, b in zip(r0.layers, single.layers, strict=True):
+        for path in ("train", "eval"):
+            pa, pb = getattr(a, path), getattr(b, path)
+            for field in (
+                "pooled_mean",
+                "pooled_var",
+                "drift",
+                "drift_worst",
+                "worst_batch",
+                "shift",
+                "noise",
+                "noniid",
+                "batch_drift",
+                "batches",
+                "samples",
+            ):
+                assert _close(getattr(pa, field), getattr(pb, field), 1e-9), (a.name, path, field)
+    e0, e1 = r0.end_to_end, single.end_to_end
+    assert e0.agreement == e1.agreement and e0.acc_eval == e1.acc_eval
+    assert math.isclose(e0.rel_divergence, e1.rel_divergence, rel_tol=1e-9)
+
+
+def test_a_failing_rank_fails_every_rank_without_hanging(tmp_path):
+    _spawn(tmp_path, "bad-shard")
+    errors = {p.name: p.read_text() for p in tmp_path.glob("*.error")}
+    assert set(errors) == {"rank0.error", "rank1.error"}
+    assert "rank 1 of 2 failed" in errors["rank0.error"]
+    assert "forward failed on batch 1" in errors["rank1.error"]

@@ -397,7 +397,13 @@ def _layers_from_state_dict(
     "  normdoctor scan model.onnx --data val.npz --batch-sizes 1,2,8,32 --json scan.json"
 )
 def scan(
-    model: ModelArg,
+    models: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Model file(s). Several checkpoints of one architecture (run_dir/*.pt) are scanned "
+            "in turn: drift per layer over checkpoints."
+        ),
+    ],
     data: Annotated[
         str,
         typer.Option(
@@ -463,39 +469,50 @@ def scan(
     rank = distributed.dist.get_rank() if sharded else 0
     err = _stderr(quiet or rank != 0)
     sizes = _parse_sizes(batch_sizes) if batch_sizes else [batch_size]
-    net = _load(model, arch, arch_kwargs, trust_pickle)
+    if len(models) > 1 and len(sizes) > 1:
+        raise click.BadParameter(
+            "use --batch-sizes with one model, or several models with one batch size"
+        )
     shape = tuple(int(s) for s in input_shape.split(",")) if input_shape else None
     dataset = load_data(data, input_shape=shape, image_size=image_size, seed=seed)
     reports = []
-    for size in sizes:
-        options = _scan_options(
-            size, shuffle, seed, group_by_label, max_batches, paths, threshold, device
-        )
-        if sharded:
-            options["distributed"] = True
-        with _Progress(err, f"scan bs={size}", not quiet) as progress:
-            reports.append(
-                run_scan(net, dataset, progress=progress, model_name=model.name, **options)
+    for model in models:
+        net = _load(model, arch, arch_kwargs, trust_pickle)
+        for size in sizes:
+            options = _scan_options(
+                size, shuffle, seed, group_by_label, max_batches, paths, threshold, device
             )
+            if sharded:
+                options["distributed"] = True
+            with _Progress(err, f"{model.name} bs={size}", not quiet) as progress:
+                reports.append(
+                    run_scan(net, dataset, progress=progress, model_name=model.name, **options)
+                )
     if rank != 0:  # every rank holds the merged reports; rank 0 prints, writes and judges
         return EXIT_OK
     out = _stdout()
+    from .render import console as render
+
     if len(reports) == 1:
-        from .render.console import print_scan
-
-        print_scan(reports[0], out, verbose=verbose)
+        render.print_scan(reports[0], out, verbose=verbose)
         payload = reports[0].to_dict()
+    elif len(models) > 1:
+        render.print_series(reports, out)
+        payload = {
+            "schema_version": reports[0].schema_version,
+            "kind": "series",
+            "models": [str(m) for m in models],
+            "reports": [r.to_dict() for r in reports],
+        }
     else:
-        from .render.console import print_sweep
-
-        print_sweep(reports, out)
+        render.print_sweep(reports, out)
         payload = {
             "schema_version": reports[0].schema_version,
             "kind": "sweep",
             "batch_sizes": sizes,
             "reports": [r.to_dict() for r in reports],
         }
-    _write_json(json_out, payload, [model])
+    _write_json(json_out, payload, models)
     flagged = any(r.flagged for r in reports)
     return EXIT_DRIFT if flagged and not exit_zero else EXIT_OK
 

@@ -293,3 +293,55 @@ def test_python_dash_m_is_the_same_command():
             timeout=120,
         )
         assert "Example" in sub_help.stdout, sub
+
+
+@pytest.mark.slow
+def test_checkpoint_series_shows_when_drift_appeared(capsys, tmp_path):
+    """Checkpoints of a short training run; the last phase fine-tunes with frozen running stats."""
+    from _models import digits
+
+    from sample_models.archs import DigitsCNN
+
+    torch.manual_seed(0)
+    x, y, _, _ = digits()
+    data = tmp_path / "val.npz"
+    np.savez(data, inputs=digits()[2].numpy(), labels=digits()[3].numpy())
+    model = DigitsCNN()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    paths = []
+    for epoch in range(7):
+        if epoch == 6:  # fine-tuning with BN momentum 0: weights move, running stats go stale
+            for m in model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.momentum = 0.0
+            opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+        model.train()
+        for idx in torch.randperm(len(x), generator=gen).split(64):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+        paths.append(tmp_path / f"epoch{epoch}.pt")
+        torch.save(model.state_dict(), paths[-1])
+    code, out, _ = run(
+        capsys,
+        "scan",
+        *paths[4:],
+        "--arch",
+        ARCH,
+        "--data",
+        data,
+        "-b",
+        "64",
+        "--json",
+        tmp_path / "series.json",
+        "--exit-zero",
+    )
+    assert code == 0
+    payload = json.loads((tmp_path / "series.json").read_text())
+    assert payload["kind"] == "series" and len(payload["reports"]) == 3
+    reports = [nd.ScanReport.from_dict(r) for r in payload["reports"]]
+    assert [r.model for r in reports] == ["epoch4.pt", "epoch5.pt", "epoch6.pt"]
+    assert not reports[0].flagged and not reports[1].flagged
+    assert reports[2].flagged
+    assert "drift first flagged in epoch6.pt" in " ".join(out.split())

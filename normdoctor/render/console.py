@@ -19,7 +19,15 @@ if TYPE_CHECKING:
     from ..checks import Finding
     from ..layers import NormLayer
 
-__all__ = ["layers_table", "print_scan", "print_sweep", "scan_table", "sweep_table"]
+__all__ = [
+    "drift_grid",
+    "layers_table",
+    "print_scan",
+    "print_series",
+    "print_sweep",
+    "scan_table",
+    "sweep_table",
+]
 
 STATUS_STYLE = {
     LayerStatus.FLAGGED: ("✗ flagged", "bold red"),
@@ -124,18 +132,20 @@ def print_scan(report: ScanReport, console: Console, *, verbose: bool = False) -
         console.print(f"note: {note}", style="dim", highlight=False, markup=False)
 
 
-def sweep_table(reports: Sequence[ScanReport]) -> Table:
-    """Drift per layer (rows) and batch size (columns): how drift grows as batches shrink."""
+def drift_grid(
+    reports: Sequence[ScanReport], columns: Sequence[str], corner: str = "layer"
+) -> Table:
+    """Drift per layer (rows) and scan (columns), flagged cells marked with ``*``."""
     table = Table(box=None, pad_edge=False, header_style="bold", show_edge=False)
-    table.add_column("layer", overflow="fold")
-    for r in reports:
-        table.add_column(f"bs {r.composition.batch_size}", justify="right")
-    by_size = [{layer.name: layer for layer in r.layers} for r in reports]
+    table.add_column(corner, overflow="fold")
+    for label in columns:
+        table.add_column(label, justify="right")
+    by_scan = [{layer.name: layer for layer in r.layers} for r in reports]
     for layer in reports[0].layers:
         if not layer.batch_dependent:
             continue
         cells: list[str | Text] = [layer.name]
-        for layers in by_size:
+        for layers in by_scan:
             lr = layers.get(layer.name)
             if lr is None or lr.drift is None:
                 cells.append("-")
@@ -151,12 +161,33 @@ def sweep_table(reports: Sequence[ScanReport]) -> Table:
     return table
 
 
+def sweep_table(reports: Sequence[ScanReport]) -> Table:
+    """Drift per layer and batch size: how drift grows as batches shrink."""
+    return drift_grid(reports, [f"bs {r.composition.batch_size}" for r in reports])
+
+
 def print_sweep(reports: Sequence[ScanReport], console: Console) -> None:
     first = reports[0]
     console.print(f"[bold]{first.model}[/]  drift by batch size (* = flagged)", highlight=False)
     console.print(sweep_table(reports))
     for r in reports:
         console.print(f"  bs {r.composition.batch_size}: ", _verdict(r), highlight=False)
+
+
+def print_series(reports: Sequence[ScanReport], console: Console) -> None:
+    """Drift per layer over checkpoints: when did the drift appear."""
+    console.print(
+        f"drift by checkpoint (* = flagged); batches: {reports[0].composition.description}",
+        highlight=False,
+    )
+    console.print(drift_grid(reports, [r.model for r in reports]))
+    first = next((r for r in reports if r.flagged), None)
+    if first is None:
+        console.print(Text("✓ no checkpoint flagged", style="bold green"))
+    else:
+        console.print(
+            Text(f"✗ drift first flagged in {first.model}: {first.verdict}", style="bold red")
+        )
 
 
 def layers_table(

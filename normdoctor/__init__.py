@@ -20,6 +20,7 @@ __all__ = [
     "ScanReport",
     "__version__",
     "find_norm_layers",
+    "load_model",
     "scan",
     "sweep_batch_sizes",
 ]

@@ -1,0 +1,1469 @@
+"""Loading the model files people actually have, without running code they did not ask to run.
+
+Formats are recognised by content first (the extension only breaks ties):
+
+* zip with ``data.pkl``: a ``torch.save`` archive holding a state_dict (plain, wrapped under
+  ``state_dict``/``model``/``model_state_dict``/..., or a Lightning ``.ckpt``), a
+  normdoctor-patched checkpoint, or a whole pickled ``nn.Module``;
+* zip with ``code/`` and ``constants.pkl``: a TorchScript archive (``torch.jit.save``);
+* zip with ``archive_format`` or ``models/``: a ``torch.export`` program (``.pt2``);
+* a pickle protocol byte first: a legacy (non-zip) ``torch.save`` file;
+* an 8-byte header length then ``{``: safetensors;
+* ``.onnx`` (or an ONNX protobuf): handed to :mod:`normdoctor.onnx_backend`.
+
+Safety: no stream that ``torch.load(weights_only=True)`` refuses is ever unpickled with the full
+Python unpickler unless ``trust_pickle`` is set.  ``torch.load`` always runs with
+``weights_only=True`` first.  When that refuses, the file's pickle is read by an *inert*
+unpickler that never imports or calls anything the file names: every class or function it
+references becomes a stand-in that only records its arguments, and tensors are rebuilt by
+normdoctor from the raw storage bytes.  That is enough to recover the weights of a pickled
+module, of a checkpoint that also holds arbitrary training objects, and of a TorchScript archive,
+for the static checks or to load into ``arch``.  ``torch.jit.load`` is never called: it runs
+TorchScript code stored in the archive (``__setstate__``) while loading, and PyTorch does not
+treat TorchScript loading as a security boundary.  ``torch.export.load`` is only called after
+every entry it would unpickle has been checked to load with ``weights_only=True`` (see
+:func:`_check_pt2`): on its own it falls back to the full unpickler for pickled weights,
+constants and example inputs, and loads AOTInductor native libraries.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import enum
+import hashlib
+import importlib
+import importlib.util
+import io
+import json
+import logging
+import os
+import pickle
+import pickletools
+import re
+import struct
+import sys
+import warnings
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import LoadError
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointFormat",
+    "import_object",
+    "load_checkpoint",
+    "load_model",
+    "load_state_dict_into",
+    "resolve_arch",
+]
+
+#: Keys under which training scripts commonly nest the model's weights, most specific first.
+WRAPPER_KEYS = (
+    "state_dict",
+    "model_state_dict",
+    "model",
+    "net",
+    "network",
+    "module",
+    "model_ema",
+    "state_dict_ema",
+    "ema",
+    "params",
+    "weights",
+)
+#: Prefixes that wrappers add in front of every key: DataParallel/DDP and torch.compile.
+_WRAPPER_SEGMENTS = ("module.", "_orig_mod.")
+#: How many keys an error message lists before it says "+N more".
+_KEYS_SHOWN = 5
+PATCH_KEY = "normdoctor_patch"
+PATCH_VERSION = 1
+
+
+class CheckpointFormat(enum.StrEnum):
+    """What a model file holds."""
+
+    STATE_DICT = "state_dict"  # weights only (plain, wrapped or Lightning): needs ``arch``
+    SAFETENSORS = "safetensors"  # weights only: needs ``arch``
+    EXPORT = "export"  # torch.export program (.pt2)
+    TORCHSCRIPT = "torchscript"  # torch.jit archive
+    PICKLE = "pickle"  # a whole pickled nn.Module (torch.save(model))
+    ONNX = "onnx"
+    PATCHED = "patched"  # state_dict + normdoctor conversion manifest: needs ``arch``
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class Checkpoint:
+    """A model file read for the data-free static checks; no architecture needed.
+
+    Attributes:
+        path: the file.
+        format: what it holds.
+        state_dict: every tensor found, keyed as in ``state_dict()`` (``None`` when the file holds
+            none, e.g. an ONNX graph without normalization nodes).
+        module: the live module when one could be rebuilt without running untrusted code
+            (``.pt2``) or was unpickled with ``trust_pickle=True``; else ``None``.
+        layer_info: per module name, attributes recovered without running code: ``kind`` (class
+            name), and where stored ``eps``, ``momentum``, ``track_running_stats``, ``affine``.
+            Used by :func:`normdoctor.checks.static_checks_for` when ``module`` is ``None``.
+        manifest: the conversion manifest of a normdoctor-patched checkpoint.
+        notes: one-line remarks about how the file was read.
+    """
+
+    path: Path
+    format: CheckpointFormat
+    state_dict: dict[str, torch.Tensor] | None
+    module: nn.Module | None = None
+    layer_info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    manifest: dict[str, Any] | None = None
+    notes: tuple[str, ...] = ()
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _one_line(exc: BaseException | str, limit: int = 240) -> str:
+    """The first line of an exception's message, shortened; ANSI escapes removed."""
+    text = exc if isinstance(exc, str) else (str(exc) or type(exc).__name__)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text).strip()
+    line = text.splitlines()[0].strip() if text else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _listing(keys: list[str] | tuple[str, ...] | set[str]) -> str:
+    keys = sorted(keys) if isinstance(keys, set) else list(keys)
+    shown = ", ".join(keys[:_KEYS_SHOWN])
+    more = len(keys) - _KEYS_SHOWN
+    return f"{shown} (+{more} more)" if more > 0 else shown
+
+
+def _check_path(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise LoadError(f"{p}: no such file")
+    if p.is_dir():
+        raise LoadError(f"{p} is a directory, not a model file")
+    if p.stat().st_size == 0:
+        raise LoadError(f"{p} is empty (0 bytes)")
+    return p
+
+
+# ------------------------------------------------------------------------------ sniffing
+
+
+class _Kind(enum.Enum):
+    TORCH_ZIP = "torch zip"
+    TORCHSCRIPT = "torchscript"
+    EXPORT = "export"
+    LEGACY = "legacy pickle"
+    SAFETENSORS = "safetensors"
+    ONNX = "onnx"
+
+
+@dataclass(frozen=True, slots=True)
+class _Sniffed:
+    kind: _Kind
+    prefix: str = ""  # the record directory every zip entry sits in ("" when flat)
+    names: tuple[str, ...] = ()  # zip entry names relative to the prefix
+
+
+def _zip_layout(path: Path) -> tuple[str, tuple[str, ...]]:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise LoadError(
+            f"{path} starts like a zip archive (torch.save / torch.export / TorchScript) but "
+            f"cannot be read: truncated or corrupt ({_one_line(exc)})"
+        ) from None
+    tops = {n.split("/", 1)[0] for n in names if "/" in n}
+    if len(tops) == 1 and all("/" in n for n in names):
+        prefix = tops.pop() + "/"
+        return prefix, tuple(n[len(prefix) :] for n in names)
+    return "", tuple(names)
+
+
+def _looks_like_text(head: bytes) -> bool:
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3:  # not just a character cut at the end of the sample
+            return False
+        text = head[: exc.start].decode("utf-8")
+    printable = sum(ch.isprintable() or ch in "\r\n\t" for ch in text)
+    return printable >= 0.95 * max(len(text), 1)
+
+
+def _sniff(path: Path) -> _Sniffed:
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    size = path.stat().st_size
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        prefix, names = _zip_layout(path)
+        name_set = set(names)
+        if "archive_format" in name_set or any(n.startswith("models/") for n in names):
+            return _Sniffed(_Kind.EXPORT, prefix, names)
+        if "serialized_exported_program.json" in name_set:  # torch.export before 2.8
+            return _Sniffed(_Kind.EXPORT, prefix, names)
+        if "constants.pkl" in name_set or any(n.startswith("code/") for n in names):
+            return _Sniffed(_Kind.TORCHSCRIPT, prefix, names)
+        if "data.pkl" in name_set:
+            return _Sniffed(_Kind.TORCH_ZIP, prefix, names)
+        raise LoadError(
+            f"{path} is a zip archive but not one PyTorch writes (no data.pkl, code/ or "
+            "archive_format entry)"
+        )
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return _Sniffed(_Kind.LEGACY)
+    safetensors_header = len(head) >= 9 and head[8:9] == b"{"
+    if safetensors_header:
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if 2 <= header_len <= size - 8:
+            return _Sniffed(_Kind.SAFETENSORS)
+    if path.suffix.lower() == ".onnx":
+        return _Sniffed(_Kind.ONNX)
+    if _looks_like_text(head):
+        first = head.decode("utf-8", "replace").strip().splitlines()
+        start = first[0][:40] if first else ""
+        raise LoadError(f"{path} is a text file, not a model checkpoint (it starts {start!r})")
+    if safetensors_header:
+        raise LoadError(
+            f"{path} looks like safetensors but its header claims {header_len} bytes of a "
+            f"{size}-byte file: truncated or corrupt"
+        )
+    if head[:1] == b"\x08" and b"\x12" in head[:64]:  # ONNX ModelProto: ir_version varint first
+        return _Sniffed(_Kind.ONNX)
+    raise LoadError(
+        f"{path}: unrecognised file format (not a torch.save, torch.export, TorchScript, "
+        "safetensors or ONNX file)"
+    )
+
+
+# ------------------------------------------------------------------------ inert unpickling
+
+
+class _Opaque:
+    """Stand-in for a class or function a pickle names; never imports or runs anything."""
+
+    _nd_qualname = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Opaque:
+        self = object.__new__(cls)
+        self._nd_args = args
+        self._nd_state: Any = None
+        self._nd_items: list[Any] = []
+        return self
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self._nd_state = state
+
+    def append(self, item: Any) -> None:
+        self._nd_items.append(item)
+
+    def extend(self, items: Any) -> None:
+        self._nd_items.extend(items)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._nd_items.append((key, value))
+
+    def __repr__(self) -> str:
+        return f"<pickled {self._nd_qualname}>"
+
+
+@dataclass(frozen=True, slots=True)
+class _StorageType:
+    dtype: torch.dtype
+
+
+@dataclass(slots=True)
+class _RawStorage:
+    flat: torch.Tensor  # 1-D tensor of the storage's dtype over a private copy of its bytes
+
+
+def _storage_dtypes() -> dict[str, torch.dtype]:
+    out: dict[str, torch.dtype] = {"UntypedStorage": torch.uint8, "ByteStorage": torch.uint8}
+    with warnings.catch_warnings():  # the legacy storage classes warn that they are deprecated
+        warnings.simplefilter("ignore")
+        for name in dir(torch):
+            if name.endswith("Storage") and name not in out:
+                cls = getattr(torch, name, None)
+                dtype = getattr(cls, "dtype", None)
+                if isinstance(dtype, torch.dtype):
+                    out[name] = dtype
+    return out
+
+
+def _rebuild_tensor(
+    storage: Any,
+    storage_offset: int,
+    size: Any,
+    stride: Any,
+    requires_grad: bool = False,
+    backward_hooks: Any = None,
+    metadata: Any = None,
+) -> Any:
+    if not isinstance(storage, _RawStorage):
+        return _Opaque()
+    return storage.flat.as_strided(tuple(size), tuple(stride), int(storage_offset))
+
+
+def _rebuild_tensor_v1(storage: Any, storage_offset: int, size: Any, stride: Any) -> Any:
+    return _rebuild_tensor(storage, storage_offset, size, stride)
+
+
+def _rebuild_parameter(data: Any, requires_grad: Any = False, backward_hooks: Any = None) -> Any:
+    return data
+
+
+def _rebuild_parameter_with_state(data: Any, *args: Any) -> Any:
+    return data
+
+
+_SAFE_REBUILDERS = (_rebuild_tensor, _rebuild_tensor_v1, _rebuild_parameter)
+
+
+def _rebuild_from_type(func: Any, new_type: Any, args: Any, state: Any) -> Any:
+    if func in _SAFE_REBUILDERS and isinstance(args, tuple):
+        return func(*args)
+    return _Opaque()
+
+
+def _first_item(values: Any, *rest: Any) -> Any:
+    return values
+
+
+def _as_list(values: Any = (), *rest: Any) -> Any:
+    return list(values)
+
+
+class _InertUnpickler(pickle.Unpickler):
+    """Unpickles a ``torch.save`` / TorchScript ``data.pkl`` without importing or calling anything
+    the file names (see the module docstring)."""
+
+    _DTYPES = _storage_dtypes()
+    _ALLOWED: ClassVar[dict[tuple[str, str], Any]] = {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("builtins", "set"): set,
+        ("builtins", "frozenset"): frozenset,
+        ("__builtin__", "set"): set,
+        ("__builtin__", "frozenset"): frozenset,
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+        ("torch._utils", "_rebuild_tensor"): _rebuild_tensor_v1,
+        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
+        ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
+        ("torch", "Size"): tuple,
+        ("torch.jit._pickle", "build_intlist"): _as_list,
+        ("torch.jit._pickle", "build_doublelist"): _as_list,
+        ("torch.jit._pickle", "build_boollist"): _as_list,
+        ("torch.jit._pickle", "build_tensorlist"): _as_list,
+        ("torch.jit._pickle", "restore_type_tag"): _first_item,
+    }
+
+    def __init__(self, data: bytes, read_record: Callable[[str], bytes]) -> None:
+        super().__init__(io.BytesIO(data))
+        self._read_record = read_record
+        self._storages: dict[str, _RawStorage] = {}
+        self._stubs: dict[str, type[_Opaque]] = {}
+        self.foreign: list[str] = []  # qualified names replaced by stand-ins, in order seen
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = self._ALLOWED.get((module, name))
+        if allowed is not None:
+            return allowed
+        if module == "torch":
+            if name in self._DTYPES:
+                return _StorageType(self._DTYPES[name])
+            value = getattr(torch, name, None)
+            if isinstance(value, torch.dtype):
+                return value
+        qualname = f"{module}.{name}"
+        stub = self._stubs.get(qualname)
+        if stub is None:
+            stub = type(name, (_Opaque,), {"_nd_qualname": qualname, "__slots__": ()})
+            self._stubs[qualname] = stub
+            self.foreign.append(qualname)
+        return stub
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r:.80}")
+        storage_type, key = pid[1], str(pid[2])
+        cached = self._storages.get(key)
+        if cached is not None:
+            return cached
+        dtype = storage_type.dtype if isinstance(storage_type, _StorageType) else torch.uint8
+        if isinstance(storage_type, torch.dtype):
+            dtype = storage_type
+        raw = bytearray(self._read_record(f"data/{key}"))
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        if len(raw) % itemsize:
+            raise pickle.UnpicklingError(f"storage {key} holds {len(raw)} bytes, not {dtype}")
+        flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        storage = _RawStorage(flat)
+        self._storages[key] = storage
+        return storage
+
+
+def _inert_load(path: Path, prefix: str, names: tuple[str, ...]) -> tuple[Any, list[str]]:
+    """(root object, foreign qualified names) of a torch zip archive, read inertly."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            byteorder = prefix + "byteorder"
+            if byteorder in zf.namelist() and zf.read(byteorder).strip() not in (b"", b"little"):
+                raise LoadError(f"{path}: big-endian archives are not supported")
+
+            def read_record(name: str) -> bytes:
+                return zf.read(prefix + name)
+
+            unpickler = _InertUnpickler(zf.read(prefix + "data.pkl"), read_record)
+            root = unpickler.load()
+    except LoadError:
+        raise
+    except (pickle.UnpicklingError, EOFError, KeyError, zipfile.BadZipFile, ValueError) as exc:
+        raise LoadError(f"{path}: truncated or corrupt archive ({_one_line(exc)})") from None
+    except RuntimeError as exc:
+        raise LoadError(f"{path}: corrupt tensor data ({_one_line(exc)})") from None
+    return root, unpickler.foreign
+
+
+def _pickle_globals(data: bytes, pickles: int = 6) -> list[str]:
+    """Qualified names the first ``pickles`` back-to-back pickles in ``data`` would import,
+    read with pickletools (nothing executed); legacy torch files hold several in a row."""
+    found: list[str] = []
+    strings: list[str] = []
+    stream = io.BytesIO(data)
+    try:
+        for _ in range(pickles):
+            if stream.tell() >= len(data):
+                break
+            for opcode, arg, _pos in pickletools.genops(stream):
+                if opcode.name in ("GLOBAL", "INST") and isinstance(arg, str):
+                    found.append(arg.replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # raw storage bytes or a damaged stream: report what was readable
+        pass
+    return list(dict.fromkeys(found))
+
+
+_SAFE_GLOBAL_PREFIXES = ("torch.", "collections.", "__builtin__.set", "builtins.set")
+
+
+def _unsafe_names(names: list[str]) -> list[str]:
+    return [
+        n for n in names if not n.startswith(_SAFE_GLOBAL_PREFIXES) or "__torch__" in n
+    ] or names
+
+
+# ---------------------------------------------------------- from unpickled objects to weights
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    if not isinstance(obj, Mapping) or not obj:
+        return False
+    tensors = 0
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            return False
+        if isinstance(value, torch.Tensor):
+            tensors += 1
+        elif not key.endswith("_extra_state"):
+            return False
+    return tensors > 0
+
+
+def _tensors_only(sd: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def _short_kind(qualname: str) -> str:
+    return qualname.rsplit(".", 1)[-1]
+
+
+def _clean_qualname(qualname: str) -> str:
+    qualname = qualname.removeprefix("__torch__.")
+    return re.sub(r"\.___torch_mangle_\d+", "", qualname)
+
+
+_INFO_ATTRS = ("eps", "momentum", "track_running_stats", "affine", "num_features")
+
+
+def _flatten_opaque_module(
+    root: _Opaque,
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """Weights and per-module attributes of an inertly unpickled module tree.
+
+    Handles both layouts: a pickled ``nn.Module`` (``_parameters``/``_buffers``/``_modules``
+    dicts in the instance state) and a TorchScript object (attributes directly in the state).
+    """
+    state_dict: dict[str, torch.Tensor] = {}
+    info: dict[str, dict[str, Any]] = {}
+    seen: set[int] = set()
+
+    def visit(obj: _Opaque, prefix: str) -> None:
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        state = obj._nd_state
+        if isinstance(state, tuple) and state and isinstance(state[0], Mapping):
+            state = state[0]
+        if not isinstance(state, Mapping):
+            return
+        qualname = _clean_qualname(obj._nd_qualname)
+        entry: dict[str, Any] = {"kind": _short_kind(qualname), "qualname": qualname}
+        for attr in _INFO_ATTRS:
+            value = state.get(attr)
+            if value is None and attr == "momentum" and "momentum" in state:
+                entry[attr] = None
+            elif isinstance(value, (bool, int, float)):
+                entry[attr] = value
+        info[prefix.rstrip(".")] = entry
+        if "_modules" in state:  # a pickled nn.Module
+            non_persistent = state.get("_non_persistent_buffers_set") or ()
+            for group in ("_parameters", "_buffers"):
+                tensors = state.get(group) or {}
+                if isinstance(tensors, Mapping):
+                    for name, value in tensors.items():
+                        if isinstance(value, torch.Tensor) and not (
+                            group == "_buffers" and name in non_persistent
+                        ):
+                            state_dict[prefix + name] = value
+            children = state.get("_modules") or {}
+            if isinstance(children, Mapping):
+                for name, child in children.items():
+                    if isinstance(child, _Opaque):
+                        visit(child, f"{prefix}{name}.")
+            return
+        for name, value in state.items():  # TorchScript: attributes are the state
+            if not isinstance(name, str):
+                continue
+            if isinstance(value, torch.Tensor):
+                state_dict[prefix + name] = value
+            elif isinstance(value, _Opaque) and value._nd_qualname.startswith("__torch__."):
+                visit(value, f"{prefix}{name}.")
+
+    visit(root, "")
+    return state_dict, info
+
+
+def _is_module_like(obj: Any) -> bool:
+    if not isinstance(obj, _Opaque):
+        return False
+    state = obj._nd_state
+    if isinstance(state, tuple) and state:
+        state = state[0]
+    return isinstance(state, Mapping) and (
+        "_modules" in state or obj._nd_qualname.startswith("__torch__.")
+    )
+
+
+@dataclass(slots=True)
+class _Contents:
+    """What a torch file held, before any architecture is involved."""
+
+    format: CheckpointFormat
+    state_dict: dict[str, torch.Tensor] | None = None
+    module: nn.Module | None = None
+    layer_info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    manifest: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+    caveats: list[str] = field(default_factory=list)  # notes that change what a scan measures
+    refused: list[str] | None = None  # pickled classes that were not unpickled (inert read)
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, Mapping):
+        keys = [str(k) for k in obj]
+        return f"a dict with keys {_listing(keys)}" if keys else "an empty dict"
+    if isinstance(obj, _Opaque):
+        return f"a pickled {obj._nd_qualname}"
+    return f"a {type(obj).__name__}"
+
+
+def _classify(obj: Any, path: Path, depth: int = 0) -> _Contents:
+    """Find the model inside whatever a torch file held."""
+    if isinstance(obj, nn.Module):
+        return _Contents(CheckpointFormat.PICKLE, module=obj)
+    if _is_module_like(obj):
+        sd, info = _flatten_opaque_module(obj)
+        return _Contents(CheckpointFormat.PICKLE, state_dict=sd, layer_info=info)
+    if isinstance(obj, Mapping):
+        if PATCH_KEY in obj:
+            return _patched_contents(obj, path)
+        if _is_tensor_dict(obj):
+            return _Contents(CheckpointFormat.STATE_DICT, state_dict=_tensors_only(obj))
+        if depth < 2:
+            for key in WRAPPER_KEYS:
+                if key in obj:
+                    try:
+                        inner = _classify(obj[key], path, depth + 1)
+                    except LoadError:
+                        continue
+                    if key != "state_dict" or inner.format is not CheckpointFormat.STATE_DICT:
+                        inner.notes.append(f"weights read from the checkpoint's {key!r} entry")
+                    return inner
+    raise LoadError(
+        f"{path} holds {_describe(obj)}, not a model or a state_dict (looked under "
+        f"{', '.join(repr(k) for k in WRAPPER_KEYS[:4])}, ...)"
+    )
+
+
+def _patched_contents(obj: Mapping[str, Any], path: Path) -> _Contents:
+    manifest = obj[PATCH_KEY]
+    if not isinstance(manifest, Mapping) or manifest.get("version") != PATCH_VERSION:
+        version = manifest.get("version") if isinstance(manifest, Mapping) else None
+        raise LoadError(
+            f"{path}: normdoctor patch manifest version {version!r} is not supported "
+            f"(this normdoctor reads version {PATCH_VERSION})"
+        )
+    if not isinstance(manifest.get("conversions"), list):
+        raise LoadError(f"{path}: the normdoctor patch manifest has no list of conversions")
+    sd = obj.get("state_dict")
+    if not _is_tensor_dict(sd):
+        raise LoadError(f"{path}: a normdoctor-patched checkpoint without a state_dict")
+    return _Contents(
+        CheckpointFormat.PATCHED, state_dict=_tensors_only(sd), manifest=dict(manifest)
+    )
+
+
+# ------------------------------------------------------------------------- torch.save files
+
+
+def _refusal(path: Path, names: list[str]) -> LoadError:
+    shown = _listing(_unsafe_names(names)) if names else "unknown objects"
+    return LoadError(
+        f"{path} holds pickled Python objects ({shown}): unpickling them runs code from the "
+        "file; pass --trust-pickle (trust_pickle=True) only if you trust its source, or --arch "
+        "to load just its tensors"
+    )
+
+
+def _read_torch_file(
+    path: Path, sniffed: _Sniffed, *, trust_pickle: bool, map_location: Any
+) -> _Contents:
+    zipped = sniffed.kind is _Kind.TORCH_ZIP
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True, mmap=zipped)
+    except pickle.UnpicklingError as exc:
+        if "weights only" not in str(exc).lower() and "weights_only" not in str(exc):
+            raise LoadError(f"{path}: truncated or corrupt checkpoint ({_one_line(exc)})") from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, struct.error) as exc:
+        raise LoadError(f"{path}: truncated or corrupt checkpoint ({_one_line(exc)})") from None
+    else:
+        return _classify(obj, path)
+    # weights_only refused: the file names classes or functions outside torch's allowlist.
+    if trust_pickle:
+        try:
+            obj = torch.load(path, map_location=map_location, weights_only=False)
+        except Exception as exc:
+            raise LoadError(f"{path}: unpickling failed ({_one_line(exc)})") from None
+        return _classify(obj, path)
+    if not zipped:
+        with open(path, "rb") as fh:
+            raise _refusal(path, _pickle_globals(fh.read()))
+    root, foreign = _inert_load(path, sniffed.prefix, sniffed.names)
+    try:
+        contents = _classify(root, path)
+    except LoadError:
+        raise _refusal(path, foreign) from None
+    contents.refused = foreign
+    if contents.format is not CheckpointFormat.PICKLE:
+        contents.notes.append(
+            f"skipped pickled objects without unpickling them: {_listing(foreign)}"
+        )
+    if map_location not in (None, "cpu") and contents.state_dict is not None:
+        contents.state_dict = {k: v.to(map_location) for k, v in contents.state_dict.items()}
+    return contents
+
+
+def _read_safetensors(path: Path, map_location: Any) -> _Contents:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    device = str(map_location) if map_location is not None else "cpu"
+    try:
+        sd = load_file(str(path), device=device)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise LoadError(
+            f"{path}: truncated or corrupt safetensors file ({_one_line(exc)})"
+        ) from None
+    if not sd:
+        raise LoadError(f"{path}: the safetensors file holds no tensors")
+    return _Contents(CheckpointFormat.SAFETENSORS, state_dict=dict(sd))
+
+
+# ------------------------------------------------------------------------ TorchScript files
+
+
+def _read_torchscript(path: Path, sniffed: _Sniffed) -> _Contents:
+    root, _foreign = _inert_load(path, sniffed.prefix, sniffed.names)
+    if not _is_module_like(root):
+        raise LoadError(f"{path}: a TorchScript archive without a module")
+    sd, info = _flatten_opaque_module(root)
+    return _Contents(
+        CheckpointFormat.TORCHSCRIPT,
+        state_dict=sd,
+        layer_info=info,
+        notes=["TorchScript archive read without torch.jit.load: weights only, no live module"],
+    )
+
+
+# ------------------------------------------------------------------------- torch.export files
+
+
+_PT2_PICKLED_DIRS = ("data/weights/", "data/constants/")
+_PT2_NATIVE_DIRS = ("data/aotinductor/", "data/mtia", "data/executorch/")
+
+
+def _weights_only_ok(blob: bytes) -> bool:
+    if not blob:
+        return True
+    try:
+        torch.load(io.BytesIO(blob), weights_only=True)
+    except Exception:
+        return False
+    return True
+
+
+def _check_pt2(path: Path, sniffed: _Sniffed) -> None:
+    """Refuse a .pt2 archive that ``torch.export.load`` could not load without running code.
+
+    ``torch.export.load`` unpickles pickled weights and constants and the example inputs with
+    the full unpickler (after a failed ``weights_only`` attempt), unpickles opaque constants with
+    ``pickle.loads`` and loads AOTInductor native libraries.  Every such entry must pass
+    ``torch.load(weights_only=True)`` here: a stream the restricted unpickler accepts only calls
+    torch's allowlisted functions, whichever unpickler reads it afterwards.
+    """
+    prefix, names = sniffed.prefix, sniffed.names
+    suspicious: list[str] = []
+    with zipfile.ZipFile(path) as zf:
+
+        def read(name: str) -> bytes:
+            return zf.read(prefix + name)
+
+        for name in names:
+            if name.startswith(_PT2_NATIVE_DIRS):
+                raise LoadError(
+                    f"{path} holds compiled native code ({name}): AOTInductor packages cannot be "
+                    "scanned; save the program with torch.export.save (pass --trust-pickle to load "
+                    "it anyway)"
+                )
+        to_check: set[str] = set()
+        for name in names:
+            if name.startswith(_PT2_PICKLED_DIRS) and name.endswith(".json"):
+                try:
+                    config = json.loads(read(name)).get("config", {})
+                except (ValueError, AttributeError):
+                    suspicious.append(name)
+                    continue
+                folder = name.rsplit("/", 1)[0] + "/"
+                for meta in config.values():
+                    file = str(meta.get("path_name", ""))
+                    if file.startswith(("custom_obj_", "opaque_obj_")):
+                        suspicious.append(folder + file)
+                    elif meta.get("use_pickle"):
+                        to_check.add(folder + file)
+            elif name.startswith(_PT2_PICKLED_DIRS) and name.endswith(".pt"):
+                to_check.add(name)  # weights/constants in the pre-2.8 layout
+            elif name.startswith("data/sample_inputs/"):
+                to_check.add(name)
+            elif name.startswith("serialized_") and name != "serialized_exported_program.json":
+                to_check.add(name)  # the 2.7 layout: torch.save bytes behind a .json name
+        suspicious += [name for name in sorted(to_check) if not _weights_only_ok(read(name))]
+    if suspicious:
+        raise LoadError(
+            f"{path} holds pickled objects that are not plain tensors ({_listing(suspicious)}): "
+            "torch.export.load would unpickle them and run code from the file; pass "
+            "--trust-pickle (trust_pickle=True) only if you trust its source"
+        )
+
+
+class ExportedBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm rebuilt from an exported call site whose input rank was not recorded."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+
+_BN_CLASSES: dict[int, type[nn.Module]] = {
+    2: nn.BatchNorm1d,
+    3: nn.BatchNorm1d,
+    4: nn.BatchNorm2d,
+    5: nn.BatchNorm3d,
+}
+_IN_CLASSES: dict[int, type[nn.Module]] = {
+    3: nn.InstanceNorm1d,
+    4: nn.InstanceNorm2d,
+    5: nn.InstanceNorm3d,
+}
+
+
+def _aten(name: str) -> Any:
+    overloads = getattr(torch.ops.aten, name, None)
+    return getattr(overloads, "default", None) if overloads is not None else None
+
+
+# op -> positions of (weight, bias, running_mean, running_var, training, momentum, eps) and
+# whether the op returns a tuple whose item 0 is the output.
+_BN_OPS: dict[Any, tuple[tuple[int | None, ...], bool]] = {}
+for _name, _layout, _tuple in (
+    ("batch_norm", (1, 2, 3, 4, 5, 6, 7), False),
+    ("native_batch_norm", (1, 2, 3, 4, 5, 6, 7), True),
+    ("_native_batch_norm_legit", (1, 2, 3, 4, 5, 6, 7), True),
+    ("_native_batch_norm_legit_no_training", (1, 2, 3, 4, None, 5, 6), True),
+):
+    _op = _aten(_name)
+    if _op is not None:
+        _BN_OPS[_op] = (_layout, _tuple)
+_INSTANCE_NORM = _aten("instance_norm")
+_GROUP_NORM = _aten("group_norm")
+_LAYER_NORM = _aten("layer_norm")
+
+
+def _rebuild_call_site(module: nn.Module) -> tuple[nn.Module | None, str]:
+    """A plain torch norm module equivalent to an unflattened single-op call site.
+
+    Returns ``(None, why)`` when the site's graph is anything but one norm op on the module's
+    own attributes (plus the ``num_batches_tracked`` increment of a train-mode export).
+    """
+    graph = getattr(module, "graph", None)
+    if graph is None:
+        return None, "not an unflattened graph module"
+    import operator
+
+    placeholders, attrs, norm_nodes, output = [], {}, [], None
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            placeholders.append(node)
+        elif node.op == "get_attr":
+            attrs[node] = str(node.target)
+        elif node.op == "call_function":
+            if node.target in _BN_OPS or node.target in (_INSTANCE_NORM, _GROUP_NORM, _LAYER_NORM):
+                norm_nodes.append(node)
+            elif (node.target is operator.getitem and node.args[1] == 0) or (
+                str(node.target) == "aten.add_.Tensor"
+                and attrs.get(node.args[0]) == "num_batches_tracked"
+            ):
+                continue
+            else:
+                return None, f"graph calls {node.target}"
+        elif node.op == "output":
+            output = node
+        else:
+            return None, f"graph has a {node.op} node"
+    if len(placeholders) != 1 or len(norm_nodes) != 1 or output is None:
+        return None, "graph is not a single normalization call"
+    (x,), (call,) = placeholders, norm_nodes
+    out = output.args[0]
+    if isinstance(out, (tuple, list)):
+        if len(out) != 1:
+            return None, "graph has several outputs"
+        out = out[0]
+    if not (
+        out is call or (getattr(out, "target", None) is operator.getitem and out.args[0] is call)
+    ):
+        return None, "the call's result is not the output"
+    if not call.args or call.args[0] is not x:
+        return None, "the call does not normalize the module's input"
+
+    def attr(position: int | None, wanted: str) -> torch.Tensor | bool | None:
+        if position is None or position >= len(call.args):
+            return None
+        arg = call.args[position]
+        if arg is None:
+            return None
+        if attrs.get(arg) != wanted:
+            return False  # something other than the module's own tensor
+        value = getattr(module, wanted, None)
+        return value if isinstance(value, torch.Tensor) else False
+
+    val = x.meta.get("val")
+    ndim = val.dim() if isinstance(val, torch.Tensor) else None
+    target = call.target
+    if target in _BN_OPS or target is _INSTANCE_NORM:
+        if target is _INSTANCE_NORM:
+            layout: tuple[int | None, ...] = (1, 2, 3, 4, 5, 6, 7)
+        else:
+            layout = _BN_OPS[target][0]
+        w_pos, b_pos, rm_pos, rv_pos, train_pos, mom_pos, eps_pos = layout
+        weight, bias = attr(w_pos, "weight"), attr(b_pos, "bias")
+        rm, rv = attr(rm_pos, "running_mean"), attr(rv_pos, "running_var")
+        if any(t is False for t in (weight, bias, rm, rv)) or (weight is None) != (bias is None):
+            return None, "the call reads tensors that are not the module's own"
+        if (rm is None) != (rv is None):
+            return None, "only one running statistic"
+        training = call.args[train_pos] if train_pos is not None else False
+        momentum, eps = call.args[mom_pos], call.args[eps_pos]
+        if not isinstance(training, bool) or not isinstance(eps, (int, float)):
+            return None, "symbolic training flag or eps"
+        if not isinstance(momentum, (int, float)):
+            return None, "symbolic momentum"
+        ref = weight if isinstance(weight, torch.Tensor) else rm
+        if not isinstance(ref, torch.Tensor):
+            return None, "no tensor tells the number of features"
+        features = ref.numel()
+        track = isinstance(rm, torch.Tensor)
+        kwargs = dict(
+            eps=float(eps),
+            momentum=float(momentum),
+            affine=isinstance(weight, torch.Tensor),
+            track_running_stats=track,
+        )
+        if target is _INSTANCE_NORM:
+            cls = _IN_CLASSES.get(ndim or 0)
+            if cls is None:
+                return None, "unknown input rank for InstanceNorm"
+            # use_input_stats is `training or not track_running_stats`.
+            new = cls(features, **kwargs)
+            new.training = bool(training) and track
+        else:
+            cls = _BN_CLASSES.get(ndim or 0, ExportedBatchNorm)
+            new = cls(features, **kwargs)
+            new.training = bool(training) and track
+        tensors = {"weight": weight, "bias": bias, "running_mean": rm, "running_var": rv}
+        nbt = getattr(module, "num_batches_tracked", None)
+        if track and isinstance(nbt, torch.Tensor):
+            tensors["num_batches_tracked"] = nbt
+    elif target is _GROUP_NORM:
+        groups, eps = call.args[1], call.args[4] if len(call.args) > 4 else 1e-5
+        weight, bias = attr(2, "weight"), attr(3, "bias")
+        if weight is False or bias is False or not isinstance(groups, int):
+            return None, "unexpected group_norm arguments"
+        if not isinstance(weight, torch.Tensor):
+            return None, "GroupNorm without affine: channels unknown"
+        new = nn.GroupNorm(groups, weight.numel(), eps=float(eps), affine=True)
+        tensors = {"weight": weight, "bias": bias}
+    else:  # layer_norm
+        shape, eps = call.args[1], call.args[4] if len(call.args) > 4 else 1e-5
+        weight, bias = attr(2, "weight"), attr(3, "bias")
+        if weight is False or bias is False or not all(isinstance(s, int) for s in shape):
+            return None, "unexpected layer_norm arguments"
+        new = nn.LayerNorm(
+            list(shape),
+            eps=float(eps),
+            elementwise_affine=isinstance(weight, torch.Tensor),
+            bias=isinstance(bias, torch.Tensor),
+        )
+        tensors = {"weight": weight, "bias": bias}
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        if name in ("weight", "bias"):
+            param = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, False)
+            setattr(new, name, param)
+        else:
+            new._buffers[name] = tensor
+    return new, ""
+
+
+def _rebuild_norm_modules(root: nn.Module) -> tuple[list[str], list[str]]:
+    """Replace unflattened norm call sites by plain torch modules, in place.
+
+    Returns ``(notes, caveats)``; caveats say where a scan cannot measure the train path.
+    """
+    notes: list[str] = []
+    caveats: list[str] = []
+    replaced = 0
+    for name, module in list(root.named_modules()):
+        if not name or type(module).__name__ != "InterpreterModule":
+            continue
+        new, why = _rebuild_call_site(module)
+        if new is None:
+            if "running_mean" in module._buffers and "running_var" in module._buffers:
+                caveats.append(
+                    f"{name}: exported call site not rebuilt ({why}); it keeps the exported "
+                    "graph's fixed mode, so both paths use its running statistics"
+                )
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        setattr(parent, child, new)
+        replaced += 1
+    train_dropout = []
+    for name, module in root.named_modules():
+        graph = getattr(module, "graph", None)
+        for node in graph.nodes if graph is not None else ():
+            if (
+                node.op == "call_function"
+                and "dropout" in str(node.target)
+                and any(arg is True for arg in node.args[1:])
+            ):
+                train_dropout.append(name or "<root>")
+    if train_dropout:
+        caveats.append(
+            "the program was exported in train mode: dropout stays active on both paths in "
+            f"{_listing(sorted(set(train_dropout)))}"
+        )
+    if replaced:
+        notes.append(f"rebuilt {replaced} normalization call sites as torch modules")
+    return notes, caveats
+
+
+@contextlib.contextmanager
+def _quiet_torch_export_logs() -> Iterator[None]:
+    """torch.export.load logs (and, in torch 2.13, fails to format) warnings about fallbacks."""
+    loggers = [logging.getLogger(n) for n in ("torch._export", "torch.export")]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, saved, strict=True):
+            lg.setLevel(level)
+
+
+def _read_export(path: Path, sniffed: _Sniffed, *, trust_pickle: bool) -> _Contents:
+    if not trust_pickle:
+        _check_pt2(path, sniffed)
+    try:
+        with warnings.catch_warnings(), _quiet_torch_export_logs(), open(path, "rb") as fh:
+            warnings.simplefilter("ignore")
+            program = torch.export.load(fh)
+    except Exception as exc:
+        raise LoadError(f"{path}: cannot load the exported program ({_one_line(exc)})") from None
+    state_dict = {k: v.detach() for k, v in program.state_dict.items()}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = torch.export.unflatten(program)
+    except Exception as exc:
+        raise LoadError(
+            f"{path}: cannot unflatten the exported program into modules ({_one_line(exc)}); "
+            "its norm layers cannot be probed"
+        ) from None
+    notes, caveats = _rebuild_norm_modules(module)
+    return _Contents(
+        CheckpointFormat.EXPORT,
+        state_dict=state_dict,
+        module=module,
+        notes=notes + caveats,
+        caveats=caveats,
+    )
+
+
+# ---------------------------------------------------------------------------------- ONNX
+
+
+def _read_onnx_static(path: Path) -> _Contents:
+    """Running statistics of ONNX BatchNormalization nodes, for the static checks."""
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        raise LoadError("ONNX support needs `pip install normdoctor[onnx]`") from None
+    try:
+        proto = onnx.load(str(path))
+    except Exception as exc:
+        raise LoadError(f"{path}: not a readable ONNX model ({_one_line(exc)})") from None
+    inits = {t.name: t for t in proto.graph.initializer}
+    sd: dict[str, torch.Tensor] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for i, node in enumerate(proto.graph.node):
+        if node.op_type != "BatchNormalization" or len(node.input) < 5:
+            continue
+        name = node.name or f"BatchNormalization_{i}"
+        tensors = {}
+        for key, tname in zip(
+            ("weight", "bias", "running_mean", "running_var"), node.input[1:5], strict=True
+        ):
+            if tname in inits:
+                tensors[key] = torch.from_numpy(numpy_helper.to_array(inits[tname]).copy())
+        if "running_mean" not in tensors or "running_var" not in tensors:
+            continue
+        sd.update({f"{name}.{k}": v for k, v in tensors.items()})
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        # ONNX momentum is the decay of the running estimate (default 0.9): PyTorch's is 1 - it.
+        info[name] = {"kind": "BatchNormalization", "eps": float(attrs.get("epsilon", 1e-5))}
+    notes = [] if sd else ["no BatchNormalization node with stored running statistics"]
+    return _Contents(CheckpointFormat.ONNX, state_dict=sd or None, layer_info=info, notes=notes)
+
+
+def _load_onnx_model(path: Path) -> Any:
+    try:
+        from normdoctor.onnx_backend import OnnxModel
+    except ImportError:
+        raise LoadError("ONNX support needs `pip install normdoctor[onnx]`") from None
+    return OnnxModel.load(path)
+
+
+# ------------------------------------------------------------------------- architectures
+
+
+@contextlib.contextmanager
+def _on_sys_path(folder: str) -> Iterator[None]:
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        if added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(folder)
+
+
+def import_object(spec: str, *, what: str = "arch", error: type[Exception] = LoadError) -> Any:
+    """The object named by ``package.module:attr`` or ``path/to/file.py:attr``.
+
+    Importing runs the named module's code: that is the user's explicit request, unlike
+    anything stored inside a model file.  A dotted ``attr`` walks attributes (``Outer.Inner``).
+    A module not found on ``sys.path`` is looked for in the current directory too.
+
+    Raises:
+        ``error`` (LoadError by default) with a one-line reason.
+    """
+    if not isinstance(spec, str) or ":" not in spec:
+        raise error(f"{what} {spec!r} must be 'package.module:name' or 'path/to/file.py:name'")
+    target, _, attr = spec.rpartition(":")
+    if not target or not attr:
+        raise error(f"{what} {spec!r} must be 'package.module:name' or 'path/to/file.py:name'")
+    is_file = target.endswith(".py") or "/" in target or os.sep in target
+    try:
+        if is_file:
+            module = _import_file(Path(target), spec, what, error)
+        else:
+            try:
+                module = importlib.import_module(target)
+            except ModuleNotFoundError as exc:
+                top = target.split(".")[0]
+                if exc.name not in (top, target) or os.getcwd() in sys.path:
+                    raise
+                with _on_sys_path(os.getcwd()):
+                    module = importlib.import_module(target)
+    except error:
+        raise
+    except Exception as exc:
+        raise error(
+            f"cannot import {target!r} for {what} {spec!r}: {type(exc).__name__}: {_one_line(exc)}"
+        ) from None
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise error(f"{target!r} has no attribute {attr!r} ({what} {spec!r})") from None
+    return obj
+
+
+def _import_file(file: Path, spec: str, what: str, error: type[Exception]) -> Any:
+    if not file.is_file():
+        raise error(f"{what} {spec!r}: no such file {str(file)!r}")
+    resolved = file.resolve()
+    digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:10]
+    name = f"_normdoctor_user_{re.sub(r'[^0-9A-Za-z_]', '_', file.stem)}_{digest}"
+    if name in sys.modules:
+        return sys.modules[name]
+    module_spec = importlib.util.spec_from_file_location(name, resolved)
+    if module_spec is None or module_spec.loader is None:
+        raise error(f"{what} {spec!r}: cannot import {str(file)!r} as Python")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module  # dataclasses and pickling look modules up by name
+    try:
+        with _on_sys_path(str(resolved.parent)):
+            module_spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
+def resolve_arch(
+    arch: str | Callable[..., nn.Module], arch_kwargs: Mapping[str, Any] | None = None
+) -> nn.Module:
+    """Build the architecture named by ``arch`` (a spec string or a callable) with ``arch_kwargs``."""
+    if arch_kwargs is not None and not isinstance(arch_kwargs, Mapping):
+        raise LoadError(f"arch_kwargs must be a dict, not {type(arch_kwargs).__name__}")
+    factory = import_object(arch) if isinstance(arch, str) else arch
+    label = arch if isinstance(arch, str) else getattr(arch, "__name__", repr(arch))
+    if not callable(factory):
+        raise LoadError(f"arch {label!r} names a {type(factory).__name__}, not a class or function")
+    try:
+        model = factory(**dict(arch_kwargs or {}))
+    except Exception as exc:
+        raise LoadError(
+            f"building arch {label!r} failed: {type(exc).__name__}: {_one_line(exc)}"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise LoadError(f"arch {label!r} returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _strip_wrappers(key: str) -> str:
+    while key.startswith("module."):
+        key = key[len("module.") :]
+    return key.replace("_orig_mod.", "")
+
+
+def _align_keys(
+    sd: Mapping[str, torch.Tensor], expected: set[str]
+) -> tuple[dict[str, torch.Tensor], int, str]:
+    """Rename checkpoint keys to the model's: (renamed, keys left out, how).
+
+    Tries the keys as they are, without DataParallel/DDP ``module.`` and torch.compile
+    ``_orig_mod.`` wrappers, then under one common prefix (Lightning's ``model.``/``net.``,
+    any other first segment).  A candidate is taken only when it gives exactly the model's keys
+    (``num_batches_tracked`` may be missing); otherwise the closest one is returned and the
+    caller reports the mismatch.
+    """
+    optional = {k for k in expected if k.endswith("num_batches_tracked")}
+    required = expected - optional
+
+    def fits(keys: set[str]) -> bool:
+        return required <= keys <= expected
+
+    base: list[tuple[str, dict[str, torch.Tensor]]] = [("", dict(sd))]
+    stripped = {_strip_wrappers(k): v for k, v in sd.items()}
+    if len(stripped) == len(sd) and stripped.keys() != sd.keys():
+        base.append(("without the 'module.'/'_orig_mod.' wrapper prefixes", stripped))
+    best: tuple[int, dict[str, torch.Tensor], int, str] | None = None
+    for how, cand in base:
+        if fits(set(cand)):
+            return cand, 0, how
+        firsts = sorted({k.split(".", 1)[0] for k in cand if "." in k})
+        prefixes = [p for p in ("model", "net", "network", "module", "backbone") if p in firsts]
+        prefixes += [p for p in firsts if p not in prefixes]
+        for p in prefixes:
+            sub = {k[len(p) + 1 :]: v for k, v in cand.items() if k.startswith(p + ".")}
+            if fits(set(sub)):
+                note = f"under the prefix '{p}.'" + (f", {how}" if how else "")
+                return sub, len(cand) - len(sub), note
+            overlap = len(set(sub) & expected)
+            if best is None or overlap > best[0]:
+                best = (overlap, sub, len(cand) - len(sub), f"under the prefix '{p}.'")
+        overlap = len(set(cand) & expected)
+        if best is None or overlap >= best[0]:
+            best = (overlap, cand, 0, how)
+    assert best is not None
+    return best[1], best[2], best[3]
+
+
+def load_state_dict_into(
+    model: nn.Module, sd: Mapping[str, torch.Tensor], *, source: str = "checkpoint"
+) -> list[str]:
+    """Copy ``sd`` into ``model`` after aligning key prefixes; returns notes.
+
+    Raises:
+        LoadError: keys or shapes do not fit, listing the first few offenders and their count.
+    """
+    expected_sd = model.state_dict()
+    expected = set(expected_sd)
+    aligned, dropped, how = _align_keys(sd, expected)
+    missing = sorted(k for k in expected - set(aligned) if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(set(aligned) - expected)
+    label = type(model).__name__
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys ({_listing(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys ({_listing(unexpected)})")
+        raise LoadError(
+            f"the {source} does not fit architecture {label}: {'; '.join(parts)}"
+            + (f" [keys compared {how}]" if how else "")
+        )
+    wrong = [
+        f"{k}: {tuple(aligned[k].shape)} vs {tuple(expected_sd[k].shape)}"
+        for k in sorted(aligned)
+        if tuple(aligned[k].shape) != tuple(expected_sd[k].shape)
+    ]
+    if wrong:
+        raise LoadError(
+            f"the {source} does not fit architecture {label}: {len(wrong)} shape mismatches "
+            f"(checkpoint vs model; {_listing(wrong)})"
+        )
+    try:
+        model.load_state_dict(aligned, strict=False)
+    except RuntimeError as exc:
+        raise LoadError(
+            f"the {source} does not fit architecture {label}: {_one_line(exc)}"
+        ) from None
+    notes = []
+    if how:
+        notes.append(f"weights matched {how}")
+    if dropped:
+        notes.append(f"ignored {dropped} checkpoint keys outside the model")
+    return notes
+
+
+def _apply_manifest(model: nn.Module, manifest: dict[str, Any], path: Path) -> nn.Module:
+    try:
+        from normdoctor.patch import apply_manifest
+    except ImportError:
+        raise LoadError(
+            f"{path} was patched by normdoctor, but normdoctor.patch.apply_manifest is not "
+            "available in this installation to rebuild the converted layers"
+        ) from None
+    try:
+        rebuilt = apply_manifest(model, manifest)
+    except LoadError:
+        raise
+    except Exception as exc:
+        raise LoadError(
+            f"{path}: rebuilding the patched layers failed: {type(exc).__name__}: {_one_line(exc)}"
+        ) from None
+    return rebuilt if isinstance(rebuilt, nn.Module) else model
+
+
+# ------------------------------------------------------------------------------ public API
+
+
+def _read(path: Path, sniffed: _Sniffed, *, trust_pickle: bool, map_location: Any) -> _Contents:
+    if sniffed.kind in (_Kind.TORCH_ZIP, _Kind.LEGACY):
+        contents = _read_torch_file(
+            path, sniffed, trust_pickle=trust_pickle, map_location=map_location
+        )
+    elif sniffed.kind is _Kind.SAFETENSORS:
+        contents = _read_safetensors(path, map_location)
+    elif sniffed.kind is _Kind.TORCHSCRIPT:
+        contents = _read_torchscript(path, sniffed)
+    elif sniffed.kind is _Kind.EXPORT:
+        contents = _read_export(path, sniffed, trust_pickle=trust_pickle)
+    else:
+        contents = _read_onnx_static(path)
+    return contents
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> Checkpoint:
+    """Read a model file for the data-free static checks; no architecture needed.
+
+    Every format :func:`load_model` reads.  Weights of pickled modules and TorchScript archives
+    are recovered without unpickling or running anything (see the module docstring); with
+    ``trust_pickle=True`` a pickled module is unpickled and returned as ``module``.  A ``.pt2``
+    program comes with its unflattened ``module`` (see :func:`load_model`).
+
+    Raises:
+        LoadError: with a one-line reason.
+    """
+    p = _check_path(path)
+    c = _read(p, _sniff(p), trust_pickle=trust_pickle, map_location="cpu")
+    state_dict = c.state_dict
+    if state_dict is None and c.module is not None:
+        state_dict = {k: v.detach() for k, v in c.module.state_dict().items()}
+    return Checkpoint(
+        path=p,
+        format=c.format,
+        state_dict=state_dict,
+        module=c.module,
+        layer_info=c.layer_info,
+        manifest=c.manifest,
+        notes=tuple(c.notes),
+    )
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    arch: str | Callable[..., nn.Module] | None = None,
+    *,
+    arch_kwargs: Mapping[str, Any] | None = None,
+    trust_pickle: bool = False,
+    map_location: str | torch.device | None = "cpu",
+) -> nn.Module:
+    """Load a model for scanning, exactly as stored or built (``.eval()`` is *not* called).
+
+    Args:
+        path: the model file; recognised by content (see the module docstring).
+        arch: for weights-only files (state_dict, safetensors, patched checkpoints): the
+            architecture as ``package.module:factory`` or ``path/to/file.py:ClassName`` (or a
+            callable), called with ``arch_kwargs``.  Key prefixes added by DataParallel/DDP
+            (``module.``), torch.compile (``_orig_mod.``) and Lightning (``model.``, ``net.``)
+            are matched automatically.  Given for a ``.pt2``, TorchScript or untrusted pickled
+            module file, the file's weights are loaded into it instead.
+        arch_kwargs: keyword arguments for ``arch``.
+        trust_pickle: unpickle whole pickled modules (``torch.save(model)``) and archives with
+            pickled objects with the full unpickler, which runs code from the file.
+        map_location: device for the weights.
+
+    Returns:
+        An ``nn.Module``, with the resolved input path in its ``normdoctor_source`` attribute (the
+        patcher refuses to overwrite that file); for ``.onnx`` files an ``OnnxModel`` from
+        :mod:`normdoctor.onnx_backend`.
+
+    Note:
+        ``.pt2`` (torch.export): the program is unflattened with ``torch.export.unflatten`` so
+        that norm layers are modules again.  An unflattened BatchNorm call site bakes in the mode
+        it was exported in (``aten.batch_norm(..., training=False, ...)``): toggling
+        ``training`` on it changes nothing, so the train path could not be measured.  Each call
+        site whose graph is exactly one ``batch_norm`` (or instance/group/layer norm) op on the
+        module's own tensors is therefore replaced by the equivalent ``nn.BatchNorm1d/2d/3d``
+        (``nn.InstanceNorm*``, ``nn.GroupNorm``, ``nn.LayerNorm``) holding the very same tensors,
+        with eps and momentum read from the call; the rest of the graph runs as exported.  Call
+        sites that do not match stay as they are and count as frozen layers (running statistics
+        on both paths), with a warning.  A program exported in eval mode has no dropout; one
+        exported in train mode keeps dropout active on both paths (warned).  ``momentum=None``
+        (cumulative average) is exported as momentum 0.0 and reads back as such.
+
+        TorchScript: ``torch.jit.load`` is never called, and a scripted module cannot be probed
+        (no Python forward pre-hooks on ScriptModules), so without ``arch`` this raises a
+        :class:`LoadError` saying what to do; :func:`load_checkpoint` still gives the static
+        checks.
+
+    Raises:
+        LoadError: a one-line reason (missing, empty, truncated or unrecognised file, an
+            architecture that does not import or does not fit, a refused pickle, ...).
+    """
+    p = _check_path(path)
+    sniffed = _sniff(p)
+    if sniffed.kind is _Kind.ONNX:
+        return _load_onnx_model(p)
+    if sniffed.kind is _Kind.TORCHSCRIPT and arch is None:
+        raise LoadError(
+            f"{p} is a TorchScript archive: scripted modules cannot be probed (no Python hooks); "
+            "pass the Python architecture with --arch to load its weights, or save the model "
+            "with torch.export.save (.pt2) or as a state_dict"
+        )
+    c = _read(p, sniffed, trust_pickle=trust_pickle, map_location=map_location)
+    if c.module is not None and (arch is None or c.format is CheckpointFormat.PICKLE):
+        if arch is not None:
+            warnings.warn(
+                f"{p} holds a whole module; arch {arch!r} is not used", UserWarning, stacklevel=2
+            )
+        _warn(p, c.caveats)
+        return _mark_source(c.module, p)
+    if arch is None:
+        if c.format is CheckpointFormat.PICKLE:
+            raise _refusal(p, c.refused or [])
+        what = {
+            CheckpointFormat.PATCHED: "a normdoctor-patched state_dict",
+            CheckpointFormat.SAFETENSORS: "weights only (safetensors)",
+        }.get(c.format, "a state_dict (weights only)")
+        raise LoadError(
+            f"{p} holds {what}: pass the architecture with --arch package.module:factory or "
+            "path/to/file.py:ClassName (arch=...)"
+        )
+    model = resolve_arch(arch, arch_kwargs)
+    if c.format is CheckpointFormat.PATCHED:
+        assert c.manifest is not None
+        model = _apply_manifest(model, c.manifest, p)
+    assert c.state_dict is not None
+    notes = load_state_dict_into(model, c.state_dict, source=f"state_dict in {p.name}")
+    if map_location not in (None, "cpu"):
+        model.to(map_location)
+    _warn(p, [n for n in notes if n.startswith("ignored")])
+    return _mark_source(model, p)
+
+
+def _mark_source(model: nn.Module, path: Path) -> nn.Module:
+    """Record the input file on the model, so that normdoctor.patch never overwrites it."""
+    with contextlib.suppress(Exception):  # a user class may forbid new attributes
+        model.normdoctor_source = str(path.resolve())
+    return model
+
+
+def _warn(path: Path, caveats: list[str]) -> None:
+    for caveat in caveats:
+        warnings.warn(f"{path.name}: {caveat}", UserWarning, stacklevel=3)

@@ -353,8 +353,15 @@ class Probe:
                 self._norm_state.append(
                     (module, getattr(module, "track_running_stats", None), buffers, values)
                 )
+        # Layers the train path switches to batch statistics (frozen ones have no such mode).
+        self._switch = []
+        for module, track, buffers, _values in self._norm_state:
+            family = _family(module)
+            if family in BATCH_DEPENDENT and family is not NormFamily.FROZEN:
+                self._switch.append((module, family, track, buffers))
 
     def _restore(self) -> None:
+        """Every flag, attribute and norm buffer back as saved (objects and values)."""
         for module, flag in self._flags:
             module.training = flag
         for module, track, buffers, values in self._norm_state:
@@ -370,6 +377,7 @@ class Probe:
     def __enter__(self) -> Probe:
         self._save()
         try:
+            self.model.eval()
             for path in self.paths:
                 self._recorders[path] = {
                     layer.name: Recorder.for_module(self._modules[layer.name], layer)
@@ -421,40 +429,35 @@ class Probe:
     @contextmanager
     def path(self, path: Path) -> Iterator[None]:
         """Run the body on ``path``: "train" (norm layers use batch statistics, nothing else
-        changes mode, running statistics untouched) or "eval" (``model.eval()``)."""
+        changes mode, running statistics untouched) or "eval" (``model.eval()``).
+
+        The whole model was put in eval mode on entering the probe; a path only switches the
+        batch-dependent norm layers, so the cost per batch does not grow with the model's size.
+        """
         if path not in self._recorders:
             raise ValueError(f"path {path!r} not recorded by this probe (paths: {self.paths})")
-        self.model.eval()
-        swapped = []
-        if path == "train":
-            for module, _track, buffers, _values in self._norm_state:
-                family = _family_of(module)
-                if family not in BATCH_DEPENDENT or family is NormFamily.FROZEN:
-                    continue
+        train = path == "train"
+        if train:
+            for module, family, _track, _buffers in self._switch:
                 module.training = True
                 module.track_running_stats = False
                 if family is NormFamily.INSTANCE_TRACKED:
                     # InstanceNorm updates running stats whenever it is handed them.
                     module._buffers["running_mean"] = None
                     module._buffers["running_var"] = None
-                    swapped.append((module, buffers))
         self._active = self._recorders[path]
         try:
             yield
         finally:
             self._active = None
-            self.model.eval()
-            for module, track, _buffers, _values in self._norm_state:
-                if track is not None:
+            if train:
+                for module, family, track, buffers in self._switch:
+                    module.training = False
                     module.track_running_stats = track
-            for module, buffers in swapped:
-                module._buffers["running_mean"] = buffers["running_mean"]
-                module._buffers["running_var"] = buffers["running_var"]
+                    if family is NormFamily.INSTANCE_TRACKED:
+                        module._buffers["running_mean"] = buffers["running_mean"]
+                        module._buffers["running_var"] = buffers["running_var"]
 
     def results(self, path: Path) -> dict[str, LayerMeasurement | None]:
         """Per layer name, what ``path`` recorded (``None``: the layer never ran)."""
         return {name: rec.finish() for name, rec in self._recorders[path].items()}
-
-
-def _family_of(module: nn.Module) -> NormFamily | None:
-    return _family(module)

@@ -1,6 +1,7 @@
 """Scan overhead against a plain forward, and memory against the amount of data.
 
-    python benchmarks/bench_scan.py [--batch-size 32] [--size 64] [--batches 8] [--rounds 5]
+    python benchmarks/bench_scan.py [--batch-sizes 32] [--sizes 64] [--batches 8] [--rounds 5]
+    python benchmarks/bench_scan.py --batch-sizes 8,32,128 --sizes 32,64 --no-memory   # the grid
 
 Time: per round, interleaved, a plain ``torch.no_grad()`` forward over the same batches in the
 same mode (train-mode BatchNorm for the train path, eval for the eval path) and ``scan`` on that
@@ -20,9 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _resnet import resnet18  # noqa: E402
+from _resnet import resnet18
 
-import normdoctor as nd  # noqa: E402
+import normdoctor as nd
 
 
 def plain(model: torch.nn.Module, batches: list[torch.Tensor], path: str) -> float:
@@ -67,29 +68,34 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--size", type=int, default=64, help="input height and width")
+    ap.add_argument("--batch-sizes", default="32", help="comma-separated")
+    ap.add_argument("--sizes", default="64", help="input heights/widths, comma-separated")
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-memory", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(2)
     model = resnet18()
-    gen = torch.Generator().manual_seed(0)
-    batches = [torch.randn(args.batch_size, 3, args.size, args.size, generator=gen) for _ in range(args.batches)]
     print(f"ResNet-18-shaped CNN, 20 BatchNorm2d, CPU, {torch.get_num_threads()} threads, "
-          f"{args.batches} batches of {args.batch_size}x3x{args.size}x{args.size}, {args.rounds} rounds")
-    for path in ("train", "eval"):
-        plain(model, batches[:2], path), scanned(model, batches[:2], path)  # warm-up
-        t_plain, t_scan = [], []
-        for _ in range(args.rounds):
-            t_plain.append(plain(model, batches, path))
-            t_scan.append(scanned(model, batches, path))
-        p, s = statistics.median(t_plain), statistics.median(t_scan)
-        print(f"{path:5} path: plain forward {p * 1e3:8.1f} ms   scan {s * 1e3:8.1f} ms   ratio {s / p:.3f}x")
+          f"{args.batches} batches per run, {args.rounds} interleaved rounds, medians")
+    print(f"{'batch':>5} {'input':>7}  {'path':5} {'plain ms':>9} {'scan ms':>9} {'ratio':>7}")
+    for size in (int(v) for v in args.sizes.split(",")):
+        for bs in (int(v) for v in args.batch_sizes.split(",")):
+            gen = torch.Generator().manual_seed(0)
+            batches = [torch.randn(bs, 3, size, size, generator=gen) for _ in range(args.batches)]
+            for path in ("train", "eval"):
+                plain(model, batches[:2], path), scanned(model, batches[:2], path)  # warm-up
+                t_plain, t_scan = [], []
+                for _ in range(args.rounds):
+                    t_plain.append(plain(model, batches, path))
+                    t_scan.append(scanned(model, batches, path))
+                p, s = statistics.median(t_plain), statistics.median(t_scan)
+                print(f"{bs:5d} {size:3d}x{size:<3d}  {path:5} {p * 1e3:9.1f} {s * 1e3:9.1f} {s / p:6.3f}x",
+                      flush=True)
     if not args.no_memory:
-        m1 = peak_rss_mib(args.batches, args.batch_size, args.size)
-        m8 = peak_rss_mib(8 * args.batches, args.batch_size, args.size)
+        bs, size = int(args.batch_sizes.split(",")[0]), int(args.sizes.split(",")[0])
+        m1 = peak_rss_mib(args.batches, bs, size)
+        m8 = peak_rss_mib(8 * args.batches, bs, size)
         print(f"peak RSS: {args.batches} batches {m1:.0f} MiB, {8 * args.batches} batches {m8:.0f} MiB, "
               f"growth {100 * (m8 - m1) / m1:+.1f}%")
 

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
 from .errors import DataError
+from .report import Composition
 
 __all__ = ["Batch", "BatchPlan", "plan_batches"]
 
@@ -48,6 +49,20 @@ class BatchPlan:
     group_by: str | None
     total: int | None  # number of batches when known in advance
     batches: Iterable[Batch]
+
+    def composition(self, sizes: Sequence[int]) -> Composition:
+        """The report's record of these batches, given the sizes of those that ran."""
+        return Composition(
+            source=self.source,
+            batch_size=self.batch_size,
+            order=self.order,
+            seed=self.seed,
+            group_by=self.group_by,
+            num_batches=len(sizes),
+            num_samples=sum(sizes),
+            min_batch=min(sizes, default=0),
+            max_batch=max(sizes, default=0),
+        )
 
 
 def _first_tensor(obj: Any) -> torch.Tensor | None:

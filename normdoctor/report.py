@@ -206,6 +206,19 @@ class EndToEnd:
     acc_eval: float | None  # accuracy in eval mode (labels given)
     nonfinite_outputs: int = 0
 
+    def describe(self) -> list[str]:
+        """The measured comparisons as short phrases, for people."""
+        parts = []
+        if self.agreement is not None:
+            parts.append(f"predictions agree on {self.agreement:.1%}")
+        if self.rel_divergence is not None:
+            parts.append(f"output divergence {self.rel_divergence:.3g}")
+        if self.acc_train is not None and self.acc_eval is not None:
+            parts.append(
+                f"accuracy {self.acc_train:.1%} with batch statistics, {self.acc_eval:.1%} in eval mode"
+            )
+        return parts
+
     @staticmethod
     def from_dict(d: dict[str, Any]) -> EndToEnd:
         return EndToEnd(**{f.name: d[f.name] for f in dataclasses.fields(EndToEnd) if f.name in d})
@@ -345,19 +358,10 @@ class ScanReport:
     def summary(self) -> str:
         """A few plain-text lines: composition, verdict, end-to-end, flagged layers."""
         lines = [f"normdoctor scan of {self.model}", f"batches: {self.composition.description}"]
-        e = self.end_to_end
-        if e is not None:
-            parts = []
-            if e.rel_divergence is not None:
-                parts.append(f"output divergence {e.rel_divergence:.3g}")
-            if e.agreement is not None:
-                parts.append(f"prediction agreement {e.agreement:.1%}")
-            if e.acc_train is not None and e.acc_eval is not None:
-                parts.append(
-                    f"accuracy {e.acc_train:.1%} with batch stats vs {e.acc_eval:.1%} in eval mode"
-                )
-            if parts:
-                lines.append("end to end: " + ", ".join(parts))
+        if self.end_to_end is not None and self.end_to_end.describe():
+            lines.append(
+                "end to end (train vs eval path): " + "; ".join(self.end_to_end.describe())
+            )
         lines.append(f"verdict: {self.verdict}")
         for layer in self.flagged_layers:
             lines.append(

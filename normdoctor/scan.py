@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_map
 
 from . import __version__
 from . import distributed as _dist
-from .batching import Batch, GroupBy, plan_batches
+from .batching import Batch, GroupBy, _first_tensor, plan_batches
 from .errors import DataError, ScanError
 from .layers import NormLayer, find_norm_layers
 from .metrics import (
@@ -72,19 +72,11 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype | N
 
 
 def _output_tensor(out: Any) -> torch.Tensor | None:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        for item in out:
-            t = _output_tensor(item)
-            if t is not None:
-                return t
+    """The first tensor of a model's output (``.logits`` of output objects)."""
     for name in ("logits", "last_hidden_state"):
-        if hasattr(out, name):
+        if not isinstance(out, (torch.Tensor, dict, list, tuple)) and hasattr(out, name):
             return getattr(out, name)
-    return None
+    return _first_tensor(out)
 
 
 class EndToEndMeter:
@@ -465,17 +457,7 @@ def scan(
             model.to(home_device)
     if layers and not sizes:
         raise DataError("the data yielded no batches")
-    composition = Composition(
-        source=plan.source,
-        batch_size=plan.batch_size,
-        order=plan.order,
-        seed=plan.seed,
-        group_by=plan.group_by,
-        num_batches=len(sizes),
-        num_samples=sum(sizes),
-        min_batch=min(sizes, default=0),
-        max_batch=max(sizes, default=0),
-    )
+    composition = plan.composition(sizes)
     return assemble_report(
         model_name=name,
         layers=layers,

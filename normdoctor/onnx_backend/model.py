@@ -43,7 +43,7 @@ from ..errors import ConversionError, DataError, LoadError, NormDoctorError, Sca
 from ..layers import NormFamily, NormLayer, select_layers
 from ..metrics import DEFAULT_NONIID_THRESHOLD, DEFAULT_THRESHOLD
 from ..probe import PATHS, LayerMeasurement, NormState, Recorder
-from ..report import Composition, LayerStatus, ScanReport
+from ..report import LayerStatus, ScanReport
 from ..scan import (
     DEFAULT_AGREEMENT_THRESHOLD,
     DEFAULT_DIVERGENCE_THRESHOLD,
@@ -374,17 +374,7 @@ class OnnxModel:
             p: {key: rec.finish() for key, rec in recorders[p].items()} for p in paths
         }
         order = [rec.name for rec in a.nodes if rec.where is None] if sizes else []
-        composition = Composition(
-            source=plan.source,
-            batch_size=plan.batch_size,
-            order=plan.order,
-            seed=plan.seed,
-            group_by=plan.group_by,
-            num_batches=len(sizes),
-            num_samples=sum(sizes),
-            min_batch=min(sizes, default=0),
-            max_batch=max(sizes, default=0),
-        )
+        composition = plan.composition(sizes)
         report = assemble_report(
             model_name=name,
             layers=layers,

@@ -86,18 +86,9 @@ def scan_table(report: ScanReport, *, width: int | None = None) -> Table:
 
 def _end_to_end_line(report: ScanReport) -> str | None:
     e = report.end_to_end
-    if e is None:
+    if e is None or not e.describe():
         return None
-    parts = []
-    if e.agreement is not None:
-        parts.append(f"predictions agree on {e.agreement:.1%}")
-    if e.rel_divergence is not None:
-        parts.append(f"output divergence {e.rel_divergence:.3g}")
-    if e.acc_train is not None and e.acc_eval is not None:
-        parts.append(
-            f"accuracy {e.acc_train:.1%} with batch statistics, {e.acc_eval:.1%} in eval mode"
-        )
-    return "end to end (train vs eval path): " + "; ".join(parts) if parts else None
+    return "end to end (train vs eval path): " + "; ".join(e.describe())
 
 
 def _verdict(report: ScanReport) -> Text:

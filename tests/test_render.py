@@ -1,0 +1,690 @@
+"""Figures and the self-contained HTML report (issue 8).
+
+Reports come from real scans: the shipped sample models (scanned the way each was trained), small
+synthetic models (a drifting one with running statistics at their initial values, a healthy one
+recalibrated exactly, one without batch-dependent layers), and, for the large-model layout, a
+200-layer report assembled from the report dataclasses.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import warnings
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import normdoctor
+from normdoctor.metrics import Recommendation
+from normdoctor.render import html as render_html
+from normdoctor.render import plots, save_report
+from normdoctor.render.html import figures
+from normdoctor.report import (
+    Composition,
+    EndToEnd,
+    LayerReport,
+    LayerStatus,
+    PathReport,
+    ScanReport,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SM = REPO / "sample_models"
+HAS_SAMPLES = (SM / "MANIFEST.json").exists() and (SM / "data" / "test.npz").exists()
+MANIFEST = json.loads((SM / "MANIFEST.json").read_text())["models"] if HAS_SAMPLES else {}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: Bars are drawn from the report's floats; matplotlib keeps them as float64.
+BAR_ATOL = 1e-12
+#: A short page: no figures, a few layers (the layer table and CSS are most of it).
+SHORT_PAGE_BYTES = 20_000
+#: Batches scanned for tiny-batch (batch size 1): enough to see its drift, quick on 2 cores.
+TINY_BATCH_MAX_BATCHES = 24
+
+
+# -- reports -----------------------------------------------------------------------------------
+
+
+def _conv_bn(depth: int = 3, width: int = 8, head: bool = False) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    c = 3
+    for _ in range(depth):
+        layers += [nn.Conv2d(c, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+        c = width
+    if head:
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10)]
+    return nn.Sequential(*layers)
+
+
+def _data() -> torch.Tensor:
+    return torch.randn(128, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def _recalibrate(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Exact running statistics: one train-mode pass over all of x with a cumulative average."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(x)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def drifting() -> ScanReport:
+    """Fresh model, running statistics at init: its feature-map outputs diverge in eval mode."""
+    torch.manual_seed(0)
+    return normdoctor.scan(_conv_bn().eval(), _data(), batch_size=16, model_name="fresh-cnn")
+
+
+@pytest.fixture(scope="module")
+def healthy() -> ScanReport:
+    torch.manual_seed(0)
+    model = _recalibrate(_conv_bn(), _data())
+    return normdoctor.scan(model, _data(), batch_size=64, model_name="recalibrated-cnn")
+
+
+@pytest.fixture(scope="module")
+def patched() -> ScanReport:
+    """The drifting model after an exact recalibration: the 'after' of a before/after page."""
+    torch.manual_seed(0)
+    model = _recalibrate(_conv_bn(), _data())
+    return normdoctor.scan(model, _data(), batch_size=16, model_name="fresh-cnn (recalibrated)")
+
+
+@pytest.fixture(scope="module")
+def no_bn() -> ScanReport:
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.ReLU(), nn.LayerNorm([8, 6, 6])
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no normalization layers" does not apply; be safe
+        return normdoctor.scan(model, _data(), batch_size=16, model_name="groupnorm-cnn")
+
+
+@pytest.fixture(scope="module")
+def sweep() -> dict[int, ScanReport]:
+    torch.manual_seed(0)
+    model = _conv_bn().eval()
+    return {
+        b: normdoctor.scan(model, _data(), batch_size=b, max_batches=6, model_name="fresh-cnn")
+        for b in (2, 8, 32)
+    }
+
+
+def _sample_model(name: str) -> nn.Module:
+    sys.path.insert(0, str(REPO))
+    try:
+        from sample_models import archs
+    finally:
+        sys.path.remove(str(REPO))
+    entry = MANIFEST[name]
+    model = getattr(archs, entry["arch"].split(":")[1])(**entry["arch_kwargs"])
+    model.load_state_dict(torch.load(SM / f"{name}.pt", weights_only=True))
+    return model.eval()
+
+
+_SAMPLE_CACHE: dict[str, ScanReport] = {}
+
+
+def sample_report(name: str) -> ScanReport:
+    """The sample model scanned the way it was trained (batch size, one-class batches)."""
+    if name not in _SAMPLE_CACHE:
+        entry = MANIFEST[name]
+        data = np.load(SM / "data" / "test.npz")
+        x, y = torch.from_numpy(data["inputs"]), torch.from_numpy(data["labels"])
+        kwargs = {"batch_size": entry["train_batch_size"]}
+        if entry["train_order"] == "class-sorted":
+            kwargs["group_by"] = "label"
+        if entry["train_batch_size"] == 1:
+            kwargs["max_batches"] = TINY_BATCH_MAX_BATCHES
+        _SAMPLE_CACHE[name] = normdoctor.scan(
+            _sample_model(name), (x, y), model_name=name, **kwargs
+        )
+    return _SAMPLE_CACHE[name]
+
+
+def _path(
+    drift: float, shift: float, noise: float, channels: int, batches: int, rng: np.random.Generator
+) -> PathReport:
+    batch_drift = tuple(abs(rng.normal(drift, noise)) for _ in range(batches))
+    mean = tuple(float(v) for v in rng.normal(0, 1, channels))
+    var = tuple(float(v) for v in rng.uniform(0.5, 2, channels))
+    return PathReport(
+        batches=batches,
+        samples=batches * 8,
+        drift=drift,
+        drift_worst=max(batch_drift),
+        worst_batch=int(np.argmax(batch_drift)),
+        shift=shift,
+        noise=noise,
+        noniid=1.0,
+        pooled_mean=mean,
+        pooled_var=var,
+        channel_drift=(drift,) * channels,
+        mean_shift=(0.0,) * channels,
+        var_log_ratio=(0.0,) * channels,
+        batch_drift=batch_drift,
+    )
+
+
+def large_report(n: int = 200, channels: int = 16, batches: int = 40) -> ScanReport:
+    """A ResNet-sized report assembled directly: every 10th layer flagged, every 25th a GroupNorm."""
+    rng = np.random.default_rng(0)
+    layers = []
+    for i in range(n):
+        name = f"stage{i // 50}.block{i % 50}.bn"
+        common = dict(
+            name=name,
+            kind="BatchNorm2d",
+            family="batch",
+            num_features=channels,
+            eps=1e-5,
+            momentum=0.1,
+            affine=True,
+            track_running_stats=True,
+            batch_dependent=True,
+            executed=True,
+            order=i,
+        )
+        if i % 25 == 24:
+            common.update(kind="GroupNorm", family="group", batch_dependent=False, momentum=None)
+            layers.append(
+                LayerReport(
+                    **common,
+                    status=LayerStatus.NOT_MEASURED,
+                    flagged=False,
+                    recommendation=Recommendation.OK,
+                    reason="batch-independent",
+                )
+            )
+            continue
+        flagged = i % 10 == 3
+        shift, noise = (0.5, 0.1) if flagged else (0.02, float(rng.uniform(0.01, 0.08)))
+        drift = math.sqrt(shift**2 + noise**2)
+        layers.append(
+            LayerReport(
+                **common,
+                running_mean=tuple(float(v) for v in rng.normal(0, 1, channels)),
+                running_var=tuple(float(v) for v in rng.uniform(0.5, 2, channels)),
+                status=LayerStatus.FLAGGED if flagged else LayerStatus.OK,
+                flagged=flagged,
+                recommendation=Recommendation.RECALIBRATE if flagged else Recommendation.OK,
+                reason="synthetic",
+                train=_path(drift, shift, noise, channels, batches, rng),
+            )
+        )
+    return ScanReport(
+        normdoctor_version=normdoctor.__version__,
+        model="synthetic-200",
+        composition=Composition(
+            source="tensor",
+            batch_size=8,
+            order="shuffle",
+            seed=0,
+            group_by=None,
+            num_batches=batches,
+            num_samples=8 * batches,
+            min_batch=8,
+            max_batch=8,
+        ),
+        paths=("train", "eval"),
+        threshold=0.25,
+        agreement_threshold=0.95,
+        divergence_threshold=0.2,
+        layers=tuple(layers),
+        end_to_end=EndToEnd(
+            batches=batches,
+            samples=8 * batches,
+            rel_divergence=0.5,
+            agreement=0.7,
+            acc_train=0.9,
+            acc_eval=0.6,
+        ),
+        harmful=True,
+    )
+
+
+# -- checking a page ---------------------------------------------------------------------------
+
+
+class _Page(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.ids: set[str] = set()
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        self.tags.append((tag, a))
+        if a.get("id"):
+            self.ids.add(str(a["id"]))
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+    def of(self, tag: str) -> list[dict[str, str | None]]:
+        return [a for t, a in self.tags if t == tag]
+
+
+def check_page(index: Path) -> _Page:
+    """Parse the page; no external reference; every image embedded, a PNG that decodes."""
+    import matplotlib.image
+
+    raw = index.read_text(encoding="utf-8")
+    assert raw.startswith("<!DOCTYPE html>")
+    lowered = raw.lower()
+    assert "http://" not in lowered and "https://" not in lowered
+    page = _Page()
+    page.feed(raw)
+    page.close()
+    assert any(
+        a.get("name") == "viewport" and "width=device-width" in (a.get("content") or "")
+        for a in page.of("meta")
+    )
+    assert "@media print" in raw and "@media (max-width" in raw
+    assert not page.of("script") and not page.of("link"), "no scripts, no stylesheet links"
+    for tag, attrs in page.tags:
+        for key in ("src", "href", "srcset", "action", "data", "poster"):
+            value = attrs.get(key)
+            if value is None:
+                continue
+            assert not value.startswith("//"), f"<{tag} {key}={value[:40]!r}>"
+            if key == "src":
+                assert value.startswith("data:image/png;base64,"), f"<{tag}> not embedded"
+            elif value.startswith("#"):
+                assert value[1:] in page.ids, f"dangling anchor {value}"
+            else:
+                assert ":" not in value, f"<{tag} {key}={value!r}> leaves the folder"
+                assert (index.parent / value).is_file(), f"{value} named but not written"
+    images = page.of("img")
+    for img in images:
+        data = base64.b64decode(str(img["src"]).split(",", 1)[1], validate=True)
+        assert data.startswith(PNG_SIGNATURE)
+        pixels = matplotlib.image.imread(io.BytesIO(data), format="png")
+        assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
+        assert img.get("alt"), "every figure has alt text (its conclusion)"
+    return page
+
+
+def _text(page: _Page) -> str:
+    return " ".join(" ".join(page.text).split())
+
+
+# -- the page for real models ------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not HAS_SAMPLES, reason="sample_models/ not built")
+@pytest.mark.parametrize("name", list(MANIFEST))
+def test_page_for_every_sample_model(name: str, tmp_path: Path) -> None:
+    report = sample_report(name)
+    cmd = f"normdoctor report sample_models/{name}.pt --data sample_models/data/test.npz"
+    index = save_report(report, tmp_path / name, command=cmd, formats=("png",))
+    page = check_page(index)
+    text = _text(page)
+    assert report.verdict[1:] in text
+    assert report.composition.description in text
+    assert cmd in text
+    for layer in report.layers:
+        assert layer.name in text
+    shown = {str(f["id"]).removeprefix("fig-") for f in page.of("figure")}
+    files = {p.name for p in (tmp_path / name).iterdir()}
+    assert files == {"index.html"} | {f"{k}.png" for k in shown}
+    if MANIFEST[name]["has_batchnorm"]:
+        assert {"drift", "end_to_end", "channels", "batches"} <= shown
+    else:
+        assert not shown and not page.of("img")
+        assert "no batch-dependent normalization layer" in text
+        assert index.stat().st_size < SHORT_PAGE_BYTES
+    if report.flagged:
+        for layer in report.flagged_layers:
+            assert str(layer.recommendation) in text
+
+
+@pytest.mark.skipif(not HAS_SAMPLES, reason="sample_models/ not built")
+def test_flagged_sample_model_titles_name_the_worst_layer() -> None:
+    report = sample_report("stale")
+    assert report.flagged
+    worst = max(plots.measured_layers(report), key=lambda r: r[1].drift or 0.0)[1]
+    fig = plots.drift_figure(report)
+    n_dep = sum(layer.batch_dependent for layer in report.layers)
+    assert plots.headline(fig) == (
+        f"{len(report.flagged_layers)} of {n_dep} layers drift; worst: {worst.name} ({worst.drift:.3g})"
+    )
+    assert fig.get_suptitle().replace("\n", " ") == plots.headline(fig)
+
+
+def test_page_from_saved_json(drifting: ScanReport, tmp_path: Path) -> None:
+    loaded = ScanReport.from_json(drifting.to_json())
+    index = save_report(loaded, tmp_path / "r", formats=("svg",))
+    page = check_page(index)
+    text = _text(page)
+    assert drifting.verdict[1:] in text
+    assert "Recommended fix" in text and "Not yet verified" in text
+    keys = {str(f["id"]).removeprefix("fig-") for f in page.of("figure")}
+    assert keys == {"end_to_end", "drift", "batches", "channels"}
+    for key in keys:
+        svg = (tmp_path / "r" / f"{key}.svg").read_text()
+        assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+    # The same bars as from the report in memory.
+    a, b = (_bars(plots.drift_figure(r).axes[0], "shift share") for r in (drifting, loaded))
+    assert [p.get_width() for p in a] == [p.get_width() for p in b]
+
+
+def test_healthy_page_says_so_and_what_it_could_not_see(
+    drifting: ScanReport, healthy: ScanReport, tmp_path: Path
+) -> None:
+    assert drifting.flagged and not healthy.drifting_layers
+    good_page = check_page(save_report(healthy, tmp_path / "good", formats=()))
+    good = _text(good_page)
+    assert healthy.verdict[1:] in good
+    assert "Recommended fix" not in good
+    # Healthy, but honest about what the scan could not see.
+    assert "Batch composition decides what a scan can see" in good
+    assert any("verdict good" in (a.get("class") or "") for a in good_page.of("section"))
+
+
+# -- figure 1: its data, not just its existence ------------------------------------------------
+
+
+def _bars(ax, label: str) -> list:
+    (container,) = [c for c in ax.containers if c.get_label() == label]
+    return list(container.patches)
+
+
+def test_drift_bars_are_the_drift_scores(drifting: ScanReport) -> None:
+    rows = plots.measured_layers(drifting)
+    fig = plots.drift_figure(drifting)
+    ax = fig.axes[0]
+    shift, noise, rest = (_bars(ax, k) for k in ("shift share", "noise share", "no split"))
+    assert len(shift) == len(rows) == 3
+    for (_, layer), s, n, r in zip(rows, shift, noise, rest, strict=True):
+        total = s.get_width() + n.get_width() + r.get_width()
+        assert total == pytest.approx(layer.drift, abs=BAR_ATOL)
+        # The split is in proportion to shift² : noise².
+        share = layer.shift**2 / (layer.shift**2 + layer.noise**2)
+        assert s.get_width() == pytest.approx(layer.drift * share, abs=BAR_ATOL)
+        assert n.get_x() == pytest.approx(s.get_width(), abs=BAR_ATOL)  # stacked
+        assert bool(s.get_hatch()) == layer.flagged
+    assert [t.get_text() for t in ax.get_yticklabels()] == [layer.name for _, layer in rows]
+    thresholds = [
+        line for line in ax.get_lines() if list(line.get_xdata()) == [drifting.threshold] * 2
+    ]
+    assert thresholds, "threshold drawn"
+    assert plots.headline(fig).startswith(
+        f"{len(drifting.flagged_layers)} of 3 layers drift; worst: "
+    )
+    gap = plots.decomposition_gap(drifting)
+    assert gap is not None and f"within {max(1, math.ceil(100 * gap))}%" in plots.caption(fig)
+
+
+def test_large_model_numbered_bars_and_worst_list(tmp_path: Path) -> None:
+    report = large_report()
+    rows = plots.measured_layers(report)
+    fig = plots.drift_figure(report)
+    ax = fig.axes[0]
+    shift, noise = _bars(ax, "shift share"), _bars(ax, "noise share")
+    assert len(shift) == len(rows) == 192
+    for (i, layer), s, n in zip(rows, shift, noise, strict=True):
+        assert s.get_x() + s.get_width() / 2 == pytest.approx(i)  # x is the table's '#'
+        assert s.get_height() + n.get_height() == pytest.approx(layer.drift, abs=BAR_ATOL)
+    side = "".join(t.get_text() for t in fig.axes[1].texts)
+    worst = max(rows, key=lambda r: r[1].drift or 0.0)
+    assert f"#{worst[0]}" in side and worst[1].name in side
+
+    t0 = time.perf_counter()
+    index = save_report(report, tmp_path / "big", formats=("png",))
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 60, f"200-layer report took {elapsed:.1f} s"
+    page = check_page(index)
+    assert "all-layers" in page.ids
+    rows_html = [a for a in page.of("tr") if a is not None]
+    # worst table (flagged + worst 20) + appendix (all 200) + two header rows
+    assert len(rows_html) >= 200 + 20 + 2
+
+
+# -- honest short pages ------------------------------------------------------------------------
+
+
+def test_no_batch_dependent_layers_gives_a_short_honest_page(
+    no_bn: ScanReport, tmp_path: Path
+) -> None:
+    assert figures(no_bn) == {}
+    for draw in (
+        plots.drift_figure,
+        plots.channels_figure,
+        plots.batch_distribution_figure,
+        plots.end_to_end_figure,
+    ):
+        with pytest.raises(plots.NothingToPlot, match="batch-dependent"):
+            draw(no_bn)
+    index = save_report(no_bn, tmp_path / "gn")
+    page = check_page(index)
+    text = _text(page)
+    assert not page.of("img") and not page.of("figure")
+    assert "no batch-dependent normalization layer" in text and "GroupNorm" in text
+    assert "none were run" in text or "composition does not matter here" in text
+    assert index.stat().st_size < SHORT_PAGE_BYTES
+    assert sorted(p.name for p in (tmp_path / "gn").iterdir()) == ["index.html"]
+
+
+def test_every_layer_healthy_gives_no_empty_figure(healthy: ScanReport) -> None:
+    figs = figures(healthy)
+    assert set(figs) == {"end_to_end", "drift", "batches", "channels"}
+    bars = _bars(figs["drift"].axes[0], "shift share")
+    assert len(bars) == 3 and all(not b.get_hatch() for b in bars)
+    assert plots.headline(figs["drift"]).startswith(f"No layer drifts above {healthy.threshold:g}")
+    for fig in figs.values():
+        assert any(ax.has_data() for ax in fig.axes), plots.headline(fig)
+
+
+def test_single_batch_has_no_distribution(healthy: ScanReport) -> None:
+    torch.manual_seed(0)
+    model = _recalibrate(_conv_bn(), _data())
+    one = normdoctor.scan(model, _data(), batch_size=128, model_name="one batch")
+    with pytest.raises(plots.NothingToPlot, match="single batch"):
+        plots.batch_distribution_figure(one)
+    # ... and the points of a real distribution are the per-batch scores.
+    fig = plots.batch_distribution_figure(healthy)
+    worst = max(plots.measured_layers(healthy), key=lambda r: r[1].drift or 0.0)[1]
+    offsets = fig.axes[0].collections[0].get_offsets()
+    assert sorted(offsets[:, 0]) == pytest.approx(sorted(worst.train.batch_drift))
+
+
+# -- the output folder -------------------------------------------------------------------------
+
+
+def test_existing_folder_is_not_overwritten_without_force(
+    no_bn: ScanReport, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        save_report(no_bn, out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert not list(tmp_path.glob(".*")), "nothing rendered before refusing"
+    (out / "drift.png").write_bytes(b"a figure of an earlier report")
+    index = save_report(no_bn, out, force=True)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not (out / "drift.png").exists(), "a figure the new page does not describe"
+    assert index == out.absolute() / "index.html" and index.is_file()
+    with pytest.raises(FileExistsError, match="not empty"):
+        save_report(no_bn, out)  # now it holds a report: still not overwritten silently
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert save_report(no_bn, empty) == empty.absolute() / "index.html"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FileExistsError, match="not a folder"):
+        save_report(no_bn, tmp_path / "afile", force=True)
+    with pytest.raises(ValueError, match="formats"):
+        save_report(no_bn, tmp_path / "pdf", formats=("pdf",))
+    assert not (tmp_path / "pdf").exists()
+
+
+def _boom(*args, **kwargs):
+    raise RuntimeError("rendering failed")
+
+
+def _quick_figure():
+    from normdoctor.render.style import new_figure
+
+    fig = new_figure(2, 2)
+    fig.add_subplot().plot([0, 1])
+    return fig
+
+
+@pytest.mark.parametrize("where", ["drawing", "rendering", "page"])
+def test_page_is_written_atomically(
+    drifting: ScanReport,
+    no_bn: ScanReport,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+) -> None:
+    old = tmp_path / "old"
+    save_report(no_bn, old)
+    (old / "drift.png").write_bytes(b"a figure of the earlier report")
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    if where == "drawing":  # a figure function raises
+        monkeypatch.setattr(plots, "drift_figure", _boom)
+    elif where == "rendering":  # the second image file fails, after the first was written
+        calls = []
+        real = render_html._render
+
+        def flaky(fig, fmt):
+            calls.append(fmt)
+            if len(calls) == 2:
+                raise RuntimeError("rendering failed")
+            return real(fig, fmt)
+
+        monkeypatch.setattr(render_html, "_render", flaky)
+    else:  # every image written to the temporary folder, then composing the page fails
+        figs = {"drift": _quick_figure(), "channels": _quick_figure()}
+        monkeypatch.setattr(render_html, "_build", lambda *a: (figs, {}))
+        monkeypatch.setattr(render_html, "_page", _boom)
+    with pytest.raises(RuntimeError, match="rendering failed"):
+        save_report(drifting, old, force=True, formats=("png", "svg"))
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before
+    if where == "rendering":
+        calls.clear()
+    with pytest.raises(RuntimeError, match="rendering failed"):
+        save_report(drifting, tmp_path / "new", formats=("png", "svg"))
+    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"], "temporary folders left behind"
+
+
+def test_folder_mode_follows_umask(no_bn: ScanReport, tmp_path: Path) -> None:
+    out = tmp_path / "shared"
+    save_report(no_bn, out)
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    assert out.stat().st_mode == reference.stat().st_mode
+
+
+# -- the other figures -------------------------------------------------------------------------
+
+
+def test_figures_render_headless_without_warnings(
+    drifting: ScanReport, patched: ScanReport, sweep: dict[int, ScanReport], tmp_path: Path
+) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        figs = figures(drifting, sweep, patched, train_batch_size=8)
+        assert list(figs) == list(render_html.FIGURE_NAMES)  # all five, in page order
+        for key, fig in figs.items():
+            assert type(fig.canvas).__name__ == "FigureCanvasAgg"
+            for fmt in ("png", "svg"):
+                fig.savefig(tmp_path / f"{key}.{fmt}", format=fmt)
+            assert plots.caption(fig).endswith(".") and plots.headline(fig)
+        large = plots.drift_figure(large_report(n=60, batches=10))  # the numbered layout
+        large.savefig(io.BytesIO(), format="png")
+
+
+def test_sweep_figure_lines_are_the_drifts(sweep: dict[int, ScanReport]) -> None:
+    fig = plots.sweep_figure(sweep, train_batch_size=8)
+    ax = fig.axes[0]
+    sizes = sorted(sweep)
+    names = [layer.name for _, layer in plots.measured_layers(sweep[sizes[0]])]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    for name in names:
+        label = f"layer {name}" if name.isdigit() else name  # nn.Sequential's bare indices
+        assert list(lines[label].get_xdata()) == sizes
+        assert list(lines[label].get_ydata()) == pytest.approx(
+            [sweep[b].layer(name).drift for b in sizes], abs=BAR_ATOL
+        )
+    assert any(list(line.get_xdata()) == [8, 8] for line in ax.get_lines()), "training batch size"
+    assert "training batch size 8" in plots.headline(fig)
+    same = plots.sweep_figure(list(sweep.values())[::-1], train_batch_size=8)
+    assert plots.headline(same) == plots.headline(fig)
+    with pytest.raises(plots.NothingToPlot, match="two batch sizes"):
+        plots.sweep_figure({8: sweep[8]})
+    with pytest.raises(ValueError, match="repeated"):
+        plots.sweep_figure([sweep[8], sweep[8]])
+
+
+def test_end_to_end_before_and_after(drifting: ScanReport, patched: ScanReport) -> None:
+    fig = plots.end_to_end_figure(drifting, patched)
+    (div_ax,) = [ax for ax in fig.axes if ax.get_title() == "output divergence"]
+    heights = [p.get_height() for p in div_ax.patches]
+    assert heights == pytest.approx(
+        [drifting.end_to_end.rel_divergence, patched.end_to_end.rel_divergence]
+    )
+    assert [t.get_text() for t in div_ax.get_xticklabels()] == ["before patch", "after patch"]
+    assert plots.headline(fig).startswith("After the patch, output divergence is")
+
+
+@pytest.mark.skipif(not HAS_SAMPLES, reason="sample_models/ not built")
+def test_end_to_end_accuracy_bars() -> None:
+    report = sample_report("tiny-batch")
+    e = report.end_to_end
+    fig = plots.end_to_end_figure(report)
+    (acc_ax,) = [ax for ax in fig.axes if ax.get_title() == "accuracy per path"]
+    assert [p.get_height() for p in acc_ax.patches] == pytest.approx(
+        [100 * e.acc_train, 100 * e.acc_eval]
+    )
+    assert plots.headline(fig).startswith(
+        f"Eval mode changes {100 * (1 - e.agreement):.1f}% of predictions"
+    )
+
+
+def test_channels_figure_plots_running_against_observed(drifting: ScanReport) -> None:
+    fig = plots.channels_figure(drifting, k=2)
+    worst = max(plots.measured_layers(drifting), key=lambda r: r[1].drift or 0.0)[1]
+    ax_mean, ax_var = fig.axes[0], fig.axes[1]
+    xy = ax_mean.collections[0].get_offsets()
+    assert list(xy[:, 0]) == pytest.approx(list(worst.running_mean))
+    assert list(xy[:, 1]) == pytest.approx(list(worst.train.pooled_mean))
+    assert ax_var.get_xscale() == ax_var.get_yscale() == "log"
+    assert len(fig.axes) == 4  # k=2 layers, two panels each
+
+
+def test_render_imports_nothing_heavy_and_leaves_pyplot_alone(
+    drifting: ScanReport, tmp_path: Path
+) -> None:
+    src = tmp_path / "r.json"
+    src.write_text(drifting.to_json())
+    code = (
+        "import sys\n"
+        "import normdoctor.render as r\n"
+        "assert 'matplotlib' not in sys.modules, 'matplotlib imported eagerly'\n"
+        "from normdoctor.report import ScanReport\n"
+        f"rep = ScanReport.from_json(open({str(src)!r}).read())\n"
+        "import io; r.drift_figure(rep).savefig(io.BytesIO(), format='png')\n"
+        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'\n"
+    )
+    env = {**os.environ, "MPLBACKEND": "module://nonexistent_backend"}  # must not be consulted
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -515,6 +516,122 @@ def scan(
     _write_json(json_out, payload, models)
     flagged = any(r.flagged for r in reports)
     return EXIT_DRIFT if flagged and not exit_zero else EXIT_OK
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def _reports_from_json(path: Path) -> tuple[Any, tuple | None]:
+    """(report, sweep) from a file written by ``scan --json``: one scan, a sweep or a series."""
+    from .report import ScanReport
+
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        if payload.get("kind") in ("sweep", "series"):
+            reports = tuple(ScanReport.from_dict(r) for r in payload["reports"])
+            if payload["kind"] == "series":
+                return reports[-1], None
+            return reports[0], reports
+        return ScanReport.from_dict(payload), None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise NormDoctorError(f"{path}: not a normdoctor scan JSON ({_one_line(exc)})") from None
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  normdoctor report sample_models/tiny-batch.pt --arch sample_models.archs:DigitsCNN "
+    "--data sample_models/data/test.npz --batch-sizes 1,8,64 -o tiny-report\n\n"
+    "  normdoctor report scan.json -o report"
+)
+def report(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="A model file (with --data), or a JSON written by `normdoctor scan --json`."
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for index.html and the figures.")
+    ],
+    data: Annotated[str | None, typer.Option("--data", "-d", help="Data, as for scan.")] = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwOpt = None,
+    trust_pickle: TrustOpt = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 32,
+    batch_sizes: Annotated[
+        str | None,
+        typer.Option(
+            "--batch-sizes", help="Also sweep these batch sizes (the first one is the main scan)."
+        ),
+    ] = None,
+    shuffle: Annotated[bool, typer.Option("--shuffle/--no-shuffle")] = True,
+    group_by_label: Annotated[bool, typer.Option("--group-by-label")] = False,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    max_batches: Annotated[int | None, typer.Option("--max-batches", min=1)] = None,
+    threshold: Annotated[float | None, typer.Option("--threshold", min=0.0)] = None,
+    train_batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--train-batch-size", help="The batch size training used, marked on the sweep."
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace the report in an existing folder.")
+    ] = False,
+    quiet: QuietOpt = False,
+) -> int:
+    """Write a self-contained HTML drift report (figures embedded) and the figures as PNG/SVG.
+
+    Exits 0 once the report is written (use `scan` for a CI gate).
+    """
+    err = _stderr(quiet)
+    sweep = None
+    if source.suffix.lower() == ".json":
+        main_report, sweep = _reports_from_json(source)
+    else:
+        if data is None:
+            raise click.BadParameter(
+                "a model needs --data (or pass a scan JSON)", param_hint="--data"
+            )
+        from .io import load_data
+
+        net = _load(source, arch, arch_kwargs, trust_pickle)
+        dataset = load_data(data, seed=seed)
+        sizes = _parse_sizes(batch_sizes) if batch_sizes else [batch_size]
+        reports = []
+        for size in sizes:
+            options = _scan_options(
+                size,
+                shuffle,
+                seed,
+                group_by_label,
+                max_batches,
+                "train,eval",
+                threshold,
+                Device.cpu,
+            )
+            with _Progress(err, f"{source.name} bs={size}", not quiet) as progress:
+                reports.append(
+                    run_scan(net, dataset, progress=progress, model_name=source.name, **options)
+                )
+        main_report = reports[0]
+        sweep = tuple(reports) if len(reports) > 1 else None
+    from .render import save_report
+
+    command = (
+        "normdoctor " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    )
+    index = save_report(
+        main_report,
+        out,
+        sweep=sweep,
+        command=command,
+        force=force,
+        train_batch_size=train_batch_size,
+    )
+    err.print(f"wrote {index}")
+    _stdout().print(main_report.verdict, highlight=False, markup=False)
+    return EXIT_OK
 
 
 # -- entry point ----------------------------------------------------------------------------------

@@ -355,6 +355,26 @@ class ScanReport:
     def from_json(text: str) -> ScanReport:
         return ScanReport.from_dict(json.loads(text))
 
+    def plot(self, kind: str = "drift", **kwargs: Any) -> Any:
+        """A matplotlib ``Figure``: ``kind`` is "drift", "channels", "batches" or "end_to_end"."""
+        from .render import plots
+
+        draw = {
+            "drift": plots.drift_figure,
+            "channels": plots.channels_figure,
+            "batches": plots.batch_distribution_figure,
+            "end_to_end": plots.end_to_end_figure,
+        }
+        if kind not in draw:
+            raise ValueError(f"kind must be one of {sorted(draw)}, got {kind!r}")
+        return draw[kind](self, **kwargs)
+
+    def save_report(self, out_dir: Any, **kwargs: Any) -> Any:
+        """Write the self-contained HTML drift report; see :func:`normdoctor.render.save_report`."""
+        from .render import save_report
+
+        return save_report(self, out_dir, **kwargs)
+
     def summary(self) -> str:
         """A few plain-text lines: composition, verdict, end-to-end, flagged layers."""
         lines = [f"normdoctor scan of {self.model}", f"batches: {self.composition.description}"]

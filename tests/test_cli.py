@@ -345,3 +345,51 @@ def test_checkpoint_series_shows_when_drift_appeared(capsys, tmp_path):
     assert not reports[0].flagged and not reports[1].flagged
     assert reports[2].flagged
     assert "drift first flagged in epoch6.pt" in " ".join(out.split())
+
+
+@pytest.mark.slow
+def test_report_from_a_model_and_from_saved_json(capsys, tmp_path):
+    scan_json = tmp_path / "scan.json"
+    run(
+        capsys,
+        "scan",
+        SM / "stale.pt",
+        "--arch",
+        ARCH,
+        "--data",
+        DATA,
+        "-b",
+        "64",
+        "--json",
+        scan_json,
+        "-q",
+    )
+    code, out, err = run(capsys, "report", scan_json, "-o", tmp_path / "from-json")
+    assert code == 0, err
+    assert "layers drift" in out  # the verdict, on stdout
+    page = (tmp_path / "from-json" / "index.html").read_text()
+    assert "recalibrate" in page and "norm3" in page
+    code, _, err = run(
+        capsys,
+        "report",
+        SM / "tiny-batch.pt",
+        "--arch",
+        ARCH,
+        "--data",
+        DATA,
+        "--batch-sizes",
+        "1,64",
+        "-o",
+        tmp_path / "sweep",
+        "-q",
+    )
+    assert code == 0, err
+    assert (tmp_path / "sweep" / "sweep.png").exists()
+    # an existing report is not overwritten without --force
+    code, _, err = run(capsys, "report", scan_json, "-o", tmp_path / "from-json")
+    assert code == 2 and "--force" in err
+    assert run(capsys, "report", scan_json, "-o", tmp_path / "from-json", "--force")[0] == 0
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"hello": 1}')
+    code, _, err = run(capsys, "report", bad, "-o", tmp_path / "x")
+    assert code == 2 and "not a normdoctor scan JSON" in err

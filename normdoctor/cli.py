@@ -521,8 +521,8 @@ def scan(
 # -- report ---------------------------------------------------------------------------------------
 
 
-def _reports_from_json(path: Path) -> tuple[Any, tuple | None]:
-    """(report, sweep) from a file written by ``scan --json``: one scan, a sweep or a series."""
+def _reports_from_json(path: Path) -> tuple[Any, tuple | None, tuple | None]:
+    """(report, sweep, series) from a file written by ``scan --json``."""
     from .report import ScanReport
 
     try:
@@ -530,9 +530,9 @@ def _reports_from_json(path: Path) -> tuple[Any, tuple | None]:
         if payload.get("kind") in ("sweep", "series"):
             reports = tuple(ScanReport.from_dict(r) for r in payload["reports"])
             if payload["kind"] == "series":
-                return reports[-1], None
-            return reports[0], reports
-        return ScanReport.from_dict(payload), None
+                return reports[-1], None, reports
+            return reports[0], reports, None
+        return ScanReport.from_dict(payload), None, None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise NormDoctorError(f"{path}: not a normdoctor scan JSON ({_one_line(exc)})") from None
 
@@ -585,9 +585,9 @@ def report(
     Exits 0 once the report is written (use `scan` for a CI gate).
     """
     err = _stderr(quiet)
-    sweep = None
+    sweep = series = None
     if source.suffix.lower() == ".json":
-        main_report, sweep = _reports_from_json(source)
+        main_report, sweep, series = _reports_from_json(source)
     else:
         if data is None:
             raise click.BadParameter(
@@ -625,6 +625,7 @@ def report(
         main_report,
         out,
         sweep=sweep,
+        series=series,
         command=command,
         force=force,
         train_batch_size=train_batch_size,

@@ -345,6 +345,11 @@ def test_checkpoint_series_shows_when_drift_appeared(capsys, tmp_path):
     assert not reports[0].flagged and not reports[1].flagged
     assert reports[2].flagged
     assert "drift first flagged in epoch6.pt" in " ".join(out.split())
+    # ...and the report of the series shows the figure over checkpoints
+    code, _, err = run(capsys, "report", tmp_path / "series.json", "-o", tmp_path / "rep", "-q")
+    assert code == 0, err
+    assert (tmp_path / "rep" / "series.png").exists()
+    assert "epoch6.pt" in (tmp_path / "rep" / "index.html").read_text()
 
 
 @pytest.mark.slow

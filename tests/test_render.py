@@ -9,6 +9,8 @@ recalibrated exactly, one without batch-dependent layers), and, for the large-mo
 from __future__ import annotations
 
 import base64
+import copy
+import dataclasses
 import io
 import json
 import math
@@ -29,6 +31,7 @@ import normdoctor
 from normdoctor.metrics import Recommendation
 from normdoctor.render import html as render_html
 from normdoctor.render import plots, save_report
+from normdoctor.render import style as S
 from normdoctor.render.html import figures
 from normdoctor.report import (
     Composition,
@@ -122,6 +125,28 @@ def sweep() -> dict[int, ScanReport]:
         b: normdoctor.scan(model, _data(), batch_size=b, max_batches=6, model_name="fresh-cnn")
         for b in (2, 8, 32)
     }
+
+
+#: How far each checkpoint's running statistics have moved from the exact ones towards their
+#: initial values (mean 0, variance 1): the first is healthy, the second partly flagged, the
+#: third fully.
+STALENESS = (0.0, 0.05, 1.0)
+
+
+@pytest.fixture(scope="module")
+def checkpoints() -> list[ScanReport]:
+    """A checkpoint series of one small model whose running statistics go stale."""
+    torch.manual_seed(0)
+    exact = _recalibrate(_conv_bn(), _data())
+    reports = []
+    for j, t in enumerate(STALENESS, 1):
+        model = copy.deepcopy(exact)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.mul_(1 - t)
+                m.running_var.mul_(1 - t).add_(t)
+        reports.append(normdoctor.scan(model, _data(), batch_size=32, model_name=f"epoch{j}.pt"))
+    return reports
 
 
 def _sample_model(name: str) -> nn.Module:
@@ -599,12 +624,16 @@ def test_folder_mode_follows_umask(no_bn: ScanReport, tmp_path: Path) -> None:
 
 
 def test_figures_render_headless_without_warnings(
-    drifting: ScanReport, patched: ScanReport, sweep: dict[int, ScanReport], tmp_path: Path
+    drifting: ScanReport,
+    patched: ScanReport,
+    sweep: dict[int, ScanReport],
+    checkpoints: list[ScanReport],
+    tmp_path: Path,
 ) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        figs = figures(drifting, sweep, patched, train_batch_size=8)
-        assert list(figs) == list(render_html.FIGURE_NAMES)  # all five, in page order
+        figs = figures(drifting, sweep, patched, train_batch_size=8, series=checkpoints)
+        assert list(figs) == list(render_html.FIGURE_NAMES)  # all six, in page order
         for key, fig in figs.items():
             assert type(fig.canvas).__name__ == "FigureCanvasAgg"
             for fmt in ("png", "svg"):
@@ -634,6 +663,164 @@ def test_sweep_figure_lines_are_the_drifts(sweep: dict[int, ScanReport]) -> None
         plots.sweep_figure({8: sweep[8]})
     with pytest.raises(ValueError, match="repeated"):
         plots.sweep_figure([sweep[8], sweep[8]])
+
+
+def _flag_points(ax, status: LayerStatus) -> list[tuple[float, float]]:
+    (marks,) = [c for c in ax.collections if c.get_label() == f"_{status.value}"]
+    return sorted(map(tuple, np.asarray(marks.get_offsets()).tolist()))
+
+
+def test_series_figure_lines_are_the_drifts(checkpoints: list[ScanReport]) -> None:
+    models = [r.model for r in checkpoints]
+    # The series runs from healthy to partly flagged to fully flagged.
+    assert not checkpoints[0].flagged
+    assert 0 < len(checkpoints[1].flagged_layers) < 3 == len(checkpoints[2].flagged_layers)
+    fig = plots.series_figure(checkpoints)
+    ax, lower = fig.axes
+    names = [layer.name for _, layer in plots.measured_layers(checkpoints[0])]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    for name in names:
+        line = lines[f"layer {name}"]  # nn.Sequential's bare indices
+        assert list(line.get_xdata()) == [0, 1, 2]
+        assert list(line.get_ydata()) == pytest.approx(
+            [r.layer(name).drift for r in checkpoints], abs=BAR_ATOL
+        )
+    # A marker exactly at every flagged point, and nowhere else.
+    flagged = sorted(
+        (float(j), r.layer(name).drift)
+        for j, r in enumerate(checkpoints)
+        for name in names
+        if r.layer(name).flagged
+    )
+    assert _flag_points(ax, LayerStatus.FLAGGED) == pytest.approx(flagged, abs=BAR_ATOL)
+    assert not [c for c in ax.collections if c.get_label() == "_drifts-harmless"]
+    assert any(
+        list(line.get_ydata()) == [checkpoints[0].threshold] * 2 for line in ax.get_lines()
+    ), "threshold drawn"
+    # The checkpoints name the axis; the flagged ones in bold.
+    ticks = lower.get_xticklabels()
+    assert [t.get_text() for t in ticks] == models
+    assert [t.get_fontweight() == "bold" for t in ticks] == [r.flagged for r in checkpoints]
+    # No labels: the lower panel is the output divergence per checkpoint.
+    (div,) = lower.get_lines()[:1]
+    assert list(div.get_ydata()) == pytest.approx(
+        [r.end_to_end.rel_divergence for r in checkpoints]
+    )
+    n_flag = len(checkpoints[1].flagged_layers)
+    assert plots.headline(fig) == (
+        f"Drift appeared at epoch2.pt: {n_flag} of 3 layers flagged (output divergence "
+        f"{checkpoints[1].end_to_end.rel_divergence:.3g})"
+    )
+    assert fig.get_suptitle().replace("\n", " ") == plots.headline(fig)
+    assert "3 checkpoints" in plots.caption(fig) and plots.caption(fig).endswith(".")
+
+    # The title follows the order given.
+    back = plots.headline(plots.series_figure(checkpoints[::-1]))
+    assert back.startswith("Drift already at the first checkpoint, epoch3.pt: 3 of 3 layers")
+    assert back.endswith("the last checkpoint, epoch1.pt, is not flagged")
+    clean = dataclasses.replace(checkpoints[0], model="epoch0.pt")
+    worst = max(plots.measured_layers(clean), key=lambda r: r[1].drift or 0.0)[1]
+    assert plots.headline(plots.series_figure([clean, checkpoints[0]])) == (
+        f"No checkpoint flagged; worst drift {worst.drift:.3g} (layer {worst.name}, epoch0.pt)"
+    )
+
+
+def test_series_figure_needs_two_measured_checkpoints(
+    checkpoints: list[ScanReport], no_bn: ScanReport
+) -> None:
+    with pytest.raises(plots.NothingToPlot, match="at least two checkpoints"):
+        plots.series_figure(checkpoints[:1])
+    with pytest.raises(plots.NothingToPlot, match="at least two checkpoints"):
+        plots.series_figure([])
+    with pytest.raises(plots.NothingToPlot, match="batch-dependent"):
+        plots.series_figure([no_bn, no_bn])
+
+
+def test_series_figure_many_layers_and_checkpoints() -> None:
+    base = large_report(n=60, batches=4)
+    reports = []
+    for j in range(40):
+        layers = tuple(
+            dataclasses.replace(
+                layer, train=dataclasses.replace(layer.train, drift=layer.drift * (1 + j / 10))
+            )
+            if layer.train is not None
+            else layer
+            for layer in base.layers
+        )
+        reports.append(
+            dataclasses.replace(base, layers=layers, model=f"resnet50_run3_epoch{j:03d}.ckpt")
+        )
+    fig = plots.series_figure(reports, k=4)
+    ax, lower = fig.axes
+    measured = plots.measured_layers(base)
+    coloured = [line for line in ax.get_lines() if line.get_marker() not in ("None", None, "")]
+    grey = [line for line in ax.get_lines() if line.get_linewidth() == pytest.approx(0.7)]
+    assert len(coloured) == 4 and len(grey) == len(measured) - 4
+    worst = sorted(measured, key=lambda r: -(r[1].drift or 0.0))[:4]
+    assert {line.get_label() for line in coloured} == {
+        S.esc(S.shorten(layer.name, 30)) for _, layer in worst
+    }
+    # Every point of every flagged layer is marked, grey ones too.
+    assert len(_flag_points(ax, LayerStatus.FLAGGED)) == 40 * len(base.flagged_layers)
+    # 40 names do not fit: every other one, shortened to what differs, slanted; the last kept.
+    labels = [t.get_text() for t in lower.get_xticklabels()]
+    assert len(labels) <= plots.MAX_SERIES_TICKS + 1
+    assert labels[0] == "epoch000" and labels[-1] == "epoch039"
+    assert "resnet50_run3_*.ckpt" in lower.get_xlabel()
+    assert lower.get_xticklabels()[0].get_rotation() > 0
+    fig.savefig(io.BytesIO(), format="png")
+
+
+@pytest.mark.skipif(not HAS_SAMPLES, reason="sample_models/ not built")
+def test_series_of_sample_models_shows_agreement_and_accuracy() -> None:
+    data = np.load(SM / "data" / "test.npz")
+    xy = (torch.from_numpy(data["inputs"]), torch.from_numpy(data["labels"]))
+    reports = [
+        normdoctor.scan(_sample_model(name), xy, batch_size=64, model_name=f"epoch{j}.pt")
+        for j, name in enumerate(("healthy", "healthy", "stale"), 1)
+    ]
+    assert [r.flagged for r in reports] == [False, False, True]
+    fig = plots.series_figure(reports)
+    lower = fig.axes[1]
+    lines = {line.get_label(): list(line.get_ydata()) for line in lower.get_lines()}
+    for label, attr in (
+        ("predictions equal in both paths", "agreement"),
+        ("accuracy with batch statistics (train path)", "acc_train"),
+        ("accuracy in eval mode (running statistics)", "acc_eval"),
+    ):
+        assert lines[label] == pytest.approx([100 * getattr(r.end_to_end, attr) for r in reports])
+    stale = reports[-1]
+    assert plots.headline(fig) == (
+        f"Drift appeared at epoch3.pt: {len(stale.flagged_layers)} of 3 layers flagged "
+        f"(agreement {100 * stale.end_to_end.agreement:.1f}%)"
+    )
+
+
+def test_series_page(checkpoints: list[ScanReport], tmp_path: Path) -> None:
+    out = tmp_path / "series"
+    index = save_report(checkpoints[-1], out, series=checkpoints, formats=("png",))
+    page = check_page(index)
+    order = [str(a["id"]).removeprefix("fig-") for t, a in page.tags if t == "figure"]
+    assert order[:3] == ["end_to_end", "series", "drift"]
+    assert (out / "series.png").is_file()
+    # The page embeds the very image written beside it.
+    tags = page.tags
+    at = tags.index(("figure", {"id": "fig-series"}))
+    img = next(a for t, a in tags[at:] if t == "img")
+    embedded = base64.b64decode(str(img["src"]).split(",", 1)[1])
+    assert embedded == (out / "series.png").read_bytes()
+    assert img["alt"].startswith("Drift appeared at epoch2.pt")
+    text = _text(page)
+    start = text.index("normdoctor report")  # the header: after the <title>, before the verdict
+    header = text[start : text.index(checkpoints[-1].verdict[1:], start)]
+    assert "This page details epoch3.pt, the last of the 3 checkpoints scanned" in header
+    assert "Drift was first flagged at epoch2.pt" in header
+    assert "Drift over the checkpoint series" in text
+    # Without a series, no series figure and no series line; its old file is removed.
+    save_report(checkpoints[-1], out, force=True, formats=("png",))
+    assert not (out / "series.png").exists()
+    assert "checkpoints scanned" not in _text(check_page(index))
 
 
 def test_end_to_end_before_and_after(drifting: ScanReport, patched: ScanReport) -> None:

@@ -12,6 +12,7 @@ from .plots import (
     drift_figure,
     end_to_end_figure,
     headline,
+    series_figure,
     sweep_figure,
 )
 
@@ -25,5 +26,6 @@ __all__ = [
     "figures",
     "headline",
     "save_report",
+    "series_figure",
     "sweep_figure",
 ]

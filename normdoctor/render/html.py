@@ -35,6 +35,7 @@ __all__ = ["FIGURE_NAMES", "figures", "save_report"]
 #: Figure keys, in page order, with their section headings.
 FIGURE_NAMES = {
     "end_to_end": "What eval mode does to the outputs",
+    "series": "Drift over the checkpoint series",
     "drift": "Drift per layer",
     "sweep": "Drift against batch size",
     "batches": "Per-batch mismatch",
@@ -53,6 +54,7 @@ def _build(
     sweep: Sweep | None,
     patched: ScanReport | None,
     train_batch_size: int | None,
+    series: Sequence[ScanReport] | None = None,
 ) -> tuple[dict[str, Figure], dict[str, str]]:
     """(figures by key, reasons for the figures left out)."""
     makers: dict[str, Callable[[], Figure]] = {
@@ -63,6 +65,8 @@ def _build(
     }
     if sweep is not None:
         makers["sweep"] = lambda: plots.sweep_figure(sweep, train_batch_size)
+    if series is not None:
+        makers["series"] = lambda: plots.series_figure(series)
     figs: dict[str, Figure] = {}
     skipped: dict[str, str] = {}
     for key in FIGURE_NAMES:
@@ -81,9 +85,10 @@ def figures(
     patched: ScanReport | None = None,
     *,
     train_batch_size: int | None = None,
+    series: Sequence[ScanReport] | None = None,
 ) -> dict[str, Figure]:
-    """Every figure that has something to show, keyed ``end_to_end``, ``drift``, ``sweep``,
-    ``batches``, ``channels`` (page order).
+    """Every figure that has something to show, keyed ``end_to_end``, ``series``, ``drift``,
+    ``sweep``, ``batches``, ``channels`` (page order).
 
     Figures that would be empty are left out (:func:`save_report` says why on the page).
 
@@ -93,8 +98,10 @@ def figures(
             :func:`~normdoctor.scan.sweep_batch_sizes`).
         patched: the scan of the patched model, for the before/after comparison.
         train_batch_size: marked on the sweep figure.
+        series: scans of several checkpoints of one model, in training order (``report`` is
+            usually the last of them), shown as drift over the series.
     """
-    return _build(report, sweep, patched, train_batch_size)[0]
+    return _build(report, sweep, patched, train_batch_size, series)[0]
 
 
 # -- files -----------------------------------------------------------------------------------
@@ -170,6 +177,7 @@ def save_report(
     force: bool = False,
     formats: Iterable[str] = ("png", "svg"),
     train_batch_size: int | None = None,
+    series: Sequence[ScanReport] | None = None,
 ) -> Path:
     """Write ``out_dir/index.html`` (self-contained) and the figures as image files.
 
@@ -185,6 +193,9 @@ def save_report(
         formats: image files written beside the page: ``"png"`` and/or ``"svg"`` (the page
             itself always embeds PNG).
         train_batch_size: the batch size training used, if known (marked on the sweep).
+        series: scans of several checkpoints of one model, in training order, shown as drift
+            over the series; ``report`` is then the checkpoint the page details (the command
+            line passes the last one), and the page's header says so.
 
     Returns:
         The path of ``index.html``.
@@ -206,7 +217,7 @@ def save_report(
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"
     tmp.mkdir()
     try:
-        figs, skipped = _build(report, sweep, patched, train_batch_size)
+        figs, skipped = _build(report, sweep, patched, train_batch_size, series)
         shown = []
         for key, fig in figs.items():
             png = _render(fig, "png")
@@ -217,7 +228,13 @@ def save_report(
                 files.append(f"{key}.{fmt}")
             shown.append(_Shown(key, png, plots.headline(fig), plots.caption(fig), tuple(files)))
         page = _page(
-            report, shown=shown, skipped=skipped, sweep=sweep, patched=patched, command=command
+            report,
+            shown=shown,
+            skipped=skipped,
+            sweep=sweep,
+            patched=patched,
+            command=command,
+            series=series,
         )
         (tmp / "index.html").write_text(page, encoding="utf-8")
         _publish(tmp, out, force)
@@ -351,6 +368,35 @@ def _end_to_end_line(report: ScanReport) -> str:
         else "harm not judged"
     )
     return f"End to end, on {e.samples} samples: {'; '.join(parts)}: {judged}."
+
+
+def _series_line(report: ScanReport, series: Sequence[ScanReport], shown: list[_Shown]) -> str:
+    """Which checkpoint of the series this page details, and where drift was first flagged."""
+    models = [r.model for r in series]
+    n = len(models)
+    listed = ", ".join(models) if n <= 6 else f"{models[0]}, {models[1]}, … {models[-1]}"
+    pos = next((j for j, r in enumerate(series) if r is report), None)
+    if pos is None:
+        pos = next((j for j, r in enumerate(series) if r == report), None)
+    scanned = f"{n} checkpoint{'s' if n != 1 else ''} scanned ({listed})"
+    if pos == n - 1:
+        where = f"This page details {report.model}, the last of the {scanned}."
+    elif pos is not None:
+        where = f"This page details {report.model}, checkpoint {pos + 1} of the {scanned}."
+    else:
+        where = f"Also scanned: {scanned}."
+    first = next((r for r in series if r.flagged), None)
+    when = (
+        f" Drift was first flagged at {first.model}."
+        if first is not None
+        else " No checkpoint of the series was flagged."
+    )
+    link = (
+        f' <a href="#fig-series">{_e(FIGURE_NAMES["series"])}</a> shows every checkpoint.'
+        if any(s.key == "series" for s in shown)
+        else ""
+    )
+    return f'<p class="series">{_e(where + when)}{link}</p>'
 
 
 def _fix_lines(report: ScanReport, patched: ScanReport | None) -> list[str]:
@@ -568,6 +614,7 @@ def _page(
     sweep: Sweep | None = None,
     patched: ScanReport | None = None,
     command: str | None = None,
+    series: Sequence[ScanReport] | None = None,
 ) -> str:
     """The HTML text of the page (figures already rendered)."""
     verdict_items = _fix_lines(report, patched)
@@ -602,7 +649,9 @@ def _page(
             f"<style>{_CSS}</style>",
             "</head>",
             "<body><main>",
-            f'<header><p class="muted">normdoctor report</p><h1>{_e(report.model)}</h1>{verdict}</header>',
+            f'<header><p class="muted">normdoctor report</p><h1>{_e(report.model)}</h1>'
+            + (_series_line(report, series, shown) if series else "")
+            + f"{verdict}</header>",
             _composition_section(report, sweep),
             layers_top,
             _figure_section(shown, skipped),

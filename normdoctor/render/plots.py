@@ -34,6 +34,7 @@ __all__ = [
     "end_to_end_figure",
     "headline",
     "measured_layers",
+    "series_figure",
     "sweep_batch_size",
     "sweep_figure",
 ]
@@ -833,6 +834,470 @@ def sweep_figure(
             else "; drift always grows as batches shrink, so drift alone does not reveal the "
             "training batch size (labels would)."
         )
+    )
+    return fig
+
+
+# -- 3b. checkpoint series -------------------------------------------------------------------
+
+#: Checkpoints named on the series figure's axis; above, every n-th (first flagged and last kept).
+MAX_SERIES_TICKS = 24
+#: How far above a point its flag marker sits (points): the marker points down at the value.
+_FLAG_OFFSET_PT = 7.0
+
+
+def _series_first_flagged(reports: Sequence[ScanReport]) -> int | None:
+    return next((j for j, r in enumerate(reports) if r.flagged), None)
+
+
+def _series_effect(report: ScanReport) -> str:
+    """The end-to-end number of one checkpoint, for the title ("" when none was measured)."""
+    e = report.end_to_end
+    if e is None:
+        return ""
+    if e.agreement is not None:
+        return f"agreement {S.pct(e.agreement)}"
+    if e.acc_train is not None and e.acc_eval is not None:
+        return f"eval-mode accuracy {S.pct(e.acc_eval)}, {S.pct(e.acc_train)} with batch statistics"
+    if e.rel_divergence is not None:
+        return f"output divergence {S.num(e.rel_divergence)}"
+    return ""
+
+
+def _series_title(reports: Sequence[ScanReport], curves: Mapping[str, list[float]]) -> str:
+    first = _series_first_flagged(reports)
+    if first is None:
+        best = (-1.0, "", 0)
+        for name, ys in curves.items():
+            for j, y in enumerate(ys):
+                if math.isfinite(y) and y > best[0]:
+                    best = (y, name, j)
+        drift, name, j = best
+        text = (
+            f"No checkpoint flagged; worst drift {S.num(drift)} "
+            f"({S.named(name)}, {reports[j].model})"
+        )
+        worst = {layer.name: layer for layer in reports[j].layers}.get(name)
+        if worst is not None and worst.status is LayerStatus.HARMLESS:
+            text += ", harmless on that checkpoint's data"
+        return text
+    r = reports[first]
+    n_dep = sum(1 for layer in r.layers if layer.batch_dependent)
+    effect = _series_effect(r)
+    what = f"{len(r.flagged_layers)} of {n_dep} layers flagged" + (f" ({effect})" if effect else "")
+    if first == 0:
+        text = f"Drift already at the first checkpoint, {r.model}: {what}"
+    else:
+        text = f"Drift appeared at {r.model}: {what}"
+    last = reports[-1]
+    if not last.flagged:
+        text += f"; the last checkpoint, {last.model}, is not flagged"
+    return text
+
+
+def _common_affixes(names: Sequence[str]) -> tuple[str, str]:
+    """What every long name shares at the start and end, cut at a separator (``run3_``, ``.ckpt``).
+
+    ``("", "")`` when the names are short anyway, or stripping would leave a name empty.
+    """
+    if len(names) < 2 or max(len(x) for x in names) <= 14:
+        return "", ""
+    seps = "_-. /"
+
+    def shared(strings: Iterable[str]) -> str:
+        out = ""
+        for chars in zip(*strings, strict=False):
+            if len(set(chars)) > 1:
+                break
+            out += chars[0]
+        return out
+
+    head = shared(names)
+    prefix = head[: max(head.rfind(c) for c in seps) + 1]
+    tail = shared(x[::-1] for x in names)[::-1]
+    starts = [i for i, c in enumerate(tail) if c in seps]
+    suffix = tail[starts[0] :] if starts else ""
+    if any(len(x) <= len(prefix) + len(suffix) for x in names):
+        return "", ""
+    return prefix, suffix
+
+
+def _series_ticks(n: int, keep: Iterable[int]) -> list[int]:
+    """Positions to label: all of them, or every n-th plus ``keep`` (neighbours dropped)."""
+    if n <= MAX_SERIES_TICKS:
+        return list(range(n))
+    step = math.ceil(n / MAX_SERIES_TICKS)
+    must = set(keep)
+    ticks = {j for j in range(0, n, step) if all(abs(j - m) > step // 2 for m in must)}
+    return sorted(ticks | must)
+
+
+def series_figure(reports: Sequence[ScanReport], *, k: int = 6) -> Figure:
+    """Drift per layer over a series of checkpoints of one model, in the order given.
+
+    One line per batch-dependent layer (the ``k`` with the highest drift anywhere in the series
+    in colour with distinct markers, every other layer a thin grey line), against the position in
+    the series; the axis is labelled with each report's ``model`` (the checkpoint's file name).
+    A black triangle above a point marks a layer flagged in that checkpoint, a hollow circle one
+    that drifts harmlessly; the dashed line is the threshold and a dotted vertical line the first
+    flagged checkpoint.  When the end-to-end comparison was measured, a lower panel shows the
+    prediction agreement of the two paths per checkpoint, and the accuracy of both paths when
+    labels were given (the output divergence for models that are not classifiers).
+
+    Args:
+        reports: one scan per checkpoint, in training order (as ``normdoctor scan a.pt b.pt``
+            gives them).
+        k: layers singled out.
+
+    Raises:
+        NothingToPlot: fewer than two checkpoints, or no batch-dependent layer measured in any.
+    """
+    from matplotlib.lines import Line2D
+    from matplotlib.transforms import ScaledTranslation
+
+    reports = list(reports)
+    if len(reports) < 2:
+        raise NothingToPlot(
+            f"a checkpoint series needs at least two checkpoints (got {len(reports)})"
+        )
+    by_name = [{layer.name: layer for layer in r.layers} for r in reports]
+    names: dict[str, None] = {}
+    for r in reports:
+        for _, layer in measured_layers(r):
+            names.setdefault(layer.name)
+    if not names:
+        raise NothingToPlot(
+            f"none of the {len(reports)} checkpoints has a measured batch-dependent layer: "
+            + _why_nothing_measured(reports[-1])
+        )
+    n = len(reports)
+    xs = list(range(n))
+    at: dict[str, list[LayerReport | None]] = {
+        name: [layers.get(name) for layers in by_name] for name in names
+    }
+    curves: dict[str, list[float]] = {
+        name: [
+            float(layer.drift)
+            if layer is not None
+            and layer.batch_dependent
+            and layer.drift is not None
+            and math.isfinite(layer.drift)
+            else math.nan
+            for layer in row
+        ]
+        for name, row in at.items()
+    }
+    peak = {nm: max((y for y in ys if math.isfinite(y)), default=0.0) for nm, ys in curves.items()}
+    chosen = sorted(curves, key=lambda nm: -peak[nm])[: max(k, 0)]
+    others = [nm for nm in curves if nm not in chosen]
+    first = _series_first_flagged(reports)
+
+    e2e = [r.end_to_end for r in reports]
+    has_acc = any(e is not None and e.acc_train is not None and e.acc_eval is not None for e in e2e)
+    has_agree = any(e is not None and e.agreement is not None for e in e2e)
+    has_div = (
+        not has_acc
+        and not has_agree
+        and any(e is not None and e.rel_divergence is not None for e in e2e)
+    )
+    ticks = _series_ticks(n, [j for j in (first, n - 1) if j is not None])
+    prefix, suffix = _common_affixes([r.model for r in reports])
+    labels = [
+        S.esc(S.shorten(reports[j].model[len(prefix) : len(reports[j].model) - len(suffix)], 24))
+        for j in ticks
+    ]
+    # ~5 px a character at 8 pt over ~680 px of axis: rotate when names would run together,
+    # and make the figure taller by what the slanted names take.
+    longest = max(len(t) for t in labels)
+    rotate = longest * 5.0 > 0.9 * 680 / len(ticks)
+    extra = 0.045 * longest if rotate else 0.0
+    if has_acc or has_agree or has_div:
+        fig = S.new_figure(8.0, 6.8 + extra)
+        ax, ax2 = fig.subplots(2, 1, sharex=True, height_ratios=(2.2, 1))
+    else:
+        fig = S.new_figure(8.0, 5.0 + extra)
+        ax, ax2 = fig.add_subplot(), None
+
+    # -- upper panel: drift per layer
+    for nm in others:
+        ax.plot(xs, curves[nm], color=S.OTHER_COLOR, linewidth=0.7, alpha=0.8, zorder=1)
+    # The flag marker is a downward triangle: no series may use it as its own marker.
+    pairs = [p for p in S.SERIES if p[1] != S.FLAG_MARKER]
+    handles: list[Any] = []
+    for j, nm in enumerate(chosen):
+        color, marker = pairs[j % len(pairs)]
+        (line,) = ax.plot(
+            xs,
+            curves[nm],
+            color=color,
+            marker=marker,
+            markersize=5,
+            linewidth=1.5,
+            zorder=3,
+            label=S.esc(S.shorten(S.named(nm), 30)),
+        )
+        handles.append(line)
+    if others:
+        handles.append(
+            Line2D([], [], color=S.OTHER_COLOR, linewidth=0.7, label=f"{len(others)} other layers")
+        )
+    if len(curves) > k:
+        import statistics
+
+        median = [
+            statistics.median(v)
+            if (v := [ys[j] for ys in curves.values() if math.isfinite(ys[j])])
+            else math.nan
+            for j in xs
+        ]
+        (mline,) = ax.plot(
+            xs,
+            median,
+            color=S.EDGE_COLOR,
+            linestyle="-.",
+            linewidth=2,
+            zorder=2,
+            label=f"median of all {len(curves)} layers",
+        )
+        handles.append(mline)
+    # Status marks sit just above their points (offset in points, data offsets exact).
+    lift = ax.transData + ScaledTranslation(0, _FLAG_OFFSET_PT / 72, fig.dpi_scale_trans)
+    marks: dict[LayerStatus, list[tuple[float, float]]] = {
+        LayerStatus.FLAGGED: [],
+        LayerStatus.HARMLESS: [],
+    }
+    for nm, row in at.items():
+        for j, layer in enumerate(row):
+            y = curves[nm][j]
+            if layer is not None and math.isfinite(y) and layer.status in marks:
+                marks[layer.status].append((float(j), y))
+    for status, marker, fill, size, label in (
+        (
+            LayerStatus.FLAGGED,
+            S.FLAG_MARKER,
+            S.EDGE_COLOR,
+            30,
+            "flagged in that checkpoint (drifts and eval mode harms outputs)",
+        ),
+        (
+            LayerStatus.HARMLESS,
+            S.HARMLESS_MARKER,
+            "none",
+            22,
+            "drifts, harmless on that checkpoint's data",
+        ),
+    ):
+        if not marks[status]:
+            continue
+        px, py = zip(*marks[status], strict=True)
+        ax.scatter(
+            px,
+            py,
+            marker=marker,
+            s=size,
+            facecolors=fill,
+            edgecolors=S.EDGE_COLOR,
+            linewidths=0.8,
+            zorder=4,
+            transform=lift,
+            label=f"_{status.value}",  # found by tests; left out of the axes' own legend
+        )
+        handles.append(
+            Line2D(
+                [],
+                [],
+                marker=marker,
+                linestyle="",
+                markerfacecolor=fill,
+                markeredgecolor=S.EDGE_COLOR,
+                markersize=6,
+                label=label,
+            )
+        )
+    thresholds = [r.threshold for r in reports]
+    if len(set(thresholds)) == 1:
+        ax.axhline(thresholds[0], color=S.THRESHOLD_COLOR, linestyle="--", linewidth=1)
+    else:  # scanned with different thresholds: each checkpoint's own
+        ax.plot(
+            xs,
+            thresholds,
+            color=S.THRESHOLD_COLOR,
+            linestyle="--",
+            linewidth=1,
+            drawstyle="steps-mid",
+        )
+    top = max([*(peak.values()), *thresholds])
+    ax.set_ylim(0, top * 1.15 if top > 0 else 1.0)
+    ax.set_ylabel(S.DRIFT_LABEL.replace(", ", "\n", 1), fontsize=S.LABEL_SIZE)
+    S.style_axes(ax, grid="y")
+
+    # -- lower panel: what the drift does to the outputs
+    lower = ""
+    if ax2 is not None:
+        S.style_axes(ax2, grid="y")
+
+        def series_of(attr: str, scale: float) -> list[float]:
+            out = []
+            for e in e2e:
+                v = None if e is None else getattr(e, attr)
+                out.append(scale * v if v is not None and math.isfinite(v) else math.nan)
+            return out
+
+        if has_acc or has_agree:
+            if has_acc:
+                (lt,) = ax2.plot(
+                    xs,
+                    series_of("acc_train", 100),
+                    color=S.TRAIN_COLOR,
+                    marker="o",
+                    markersize=4.5,
+                    linewidth=1.8,
+                    zorder=3,
+                    label="accuracy with batch statistics (train path)",
+                )
+                (le,) = ax2.plot(
+                    xs,
+                    series_of("acc_eval", 100),
+                    color=S.EVAL_COLOR,
+                    marker="s",
+                    markersize=4.5,
+                    linestyle="--",
+                    linewidth=1.5,
+                    zorder=3,
+                    label="accuracy in eval mode (running statistics)",
+                )
+                handles += [lt, le]
+            if has_agree:
+                (la,) = ax2.plot(
+                    xs,
+                    series_of("agreement", 100),
+                    color=S.EDGE_COLOR,
+                    marker="D",
+                    markersize=4,
+                    linewidth=1.5,
+                    zorder=2,  # under eval-mode accuracy, which often runs alongside it
+                    label="predictions equal in both paths",
+                )
+                handles.append(la)
+                ax2.axhline(
+                    100 * reports[-1].agreement_threshold,
+                    color=S.THRESHOLD_COLOR,
+                    linestyle="--",
+                    linewidth=1,
+                )
+            ax2.set_ylim(0, 104)
+            ax2.set_ylabel(
+                "accuracy / agreement (%)"
+                if has_acc and has_agree
+                else "accuracy on the\nscanned data (%)"
+                if has_acc
+                else "predictions equal in\ntrain and eval path (%)",
+                fontsize=S.LABEL_SIZE,
+            )
+            lower = (
+                "the prediction agreement of the two paths and the accuracy of each"
+                if has_acc and has_agree
+                else "the accuracy of each path"
+                if has_acc
+                else "the prediction agreement of the two paths"
+            )
+        else:
+            (ld,) = ax2.plot(
+                xs,
+                series_of("rel_divergence", 1),
+                color=S.EDGE_COLOR,
+                marker="D",
+                markersize=4,
+                linewidth=1.5,
+                label="output divergence RMS(y_train − y_eval) / RMS(y_train)",
+            )
+            handles.append(ld)
+            ax2.axhline(
+                reports[-1].divergence_threshold,
+                color=S.THRESHOLD_COLOR,
+                linestyle="--",
+                linewidth=1,
+            )
+            ax2.set_ylim(bottom=0)
+            ax2.set_ylabel("output divergence", fontsize=S.LABEL_SIZE)
+            lower = "the output divergence of the two paths"
+
+    # -- thresholds, first flagged checkpoint, checkpoint names
+    drift_t = f"drift {thresholds[0]:g}" if len(set(thresholds)) == 1 else "drift (per checkpoint)"
+    harm_t = (
+        f", agreement {100 * reports[-1].agreement_threshold:g}% (bottom)"
+        if ax2 is not None and has_agree
+        else f", divergence {reports[-1].divergence_threshold:g} (bottom)"
+        if ax2 is not None and has_div
+        else ""
+    )
+    handles.append(
+        Line2D(
+            [],
+            [],
+            color=S.THRESHOLD_COLOR,
+            linestyle="--",
+            linewidth=1,
+            label=f"threshold: {drift_t}{' (top)' if harm_t else ''}{harm_t}",
+        )
+    )
+    if first is not None:
+        for a in (ax, ax2):
+            if a is not None:
+                a.axvline(first, color=S.EDGE_COLOR, linestyle=":", linewidth=1.4, zorder=0)
+        handles.append(
+            Line2D(
+                [],
+                [],
+                color=S.EDGE_COLOR,
+                linestyle=":",
+                linewidth=1.4,
+                label=S.esc(f"first flagged: {S.shorten(reports[first].model, 30)}"),
+            )
+        )
+    last = ax2 if ax2 is not None else ax
+    last.set_xticks(ticks, labels=labels)
+    last.set_xlim(-0.4, n - 0.6)
+    if rotate:
+        for t in last.get_xticklabels():
+            t.set_rotation(35)
+            t.set_horizontalalignment("right")
+            t.set_rotation_mode("anchor")
+    for t, j in zip(last.get_xticklabels(), ticks, strict=True):
+        if reports[j].flagged:
+            t.set_fontweight("bold")
+    common = f" ({prefix}*{suffix})" if prefix or suffix else ""
+    last.set_xlabel(
+        S.esc(
+            f"checkpoint{common}, in the order given"
+            + ("; flagged ones in bold" if first is not None else "")
+        ),
+        fontsize=S.LABEL_SIZE,
+    )
+    S.legend_below(fig, handles, ncols=2)
+    _title(fig, _series_title(reports, curves))
+    phrases = []
+    if marks[LayerStatus.FLAGGED]:
+        phrases.append("a triangle above a point marks a layer flagged in that checkpoint")
+    if marks[LayerStatus.HARMLESS]:
+        phrases.append(
+            "a circle one that drifts harmlessly"
+            if phrases
+            else "a circle above a point marks a layer that drifts harmlessly"
+        )
+    marks_text = "".join(f"{p}, " for p in phrases)
+    _CAPTIONS[fig] = (
+        f"Drift of every measured batch-dependent layer in each of the {n} checkpoints, in the "
+        f"order given"
+        + (
+            f" (the {len(chosen)} highest in colour, the other {len(others)} grey)"
+            if others
+            else ""
+        )
+        + f"; {marks_text}the dashed line is the threshold"
+        + (f" {thresholds[0]:g}" if len(set(thresholds)) == 1 else "")
+        + (f", with {lower} below" if lower else "")
+        + "."
     )
     return fig
 

@@ -3,12 +3,18 @@
 __version__ = "0.1.0"
 
 from .errors import ConversionError, DataError, LoadError, NormDoctorError, ScanError
+from .io import load_model
 from .layers import NormLayer, find_norm_layers
 from .metrics import Recommendation
+from .patch import autopatch, impact, patch, recalibrate, revert
+from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .report import LayerReport, ScanReport
 from .scan import scan, sweep_batch_sizes
 
 __all__ = [
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
     "ConversionError",
     "DataError",
     "LayerReport",
@@ -19,8 +25,13 @@ __all__ = [
     "ScanError",
     "ScanReport",
     "__version__",
+    "autopatch",
     "find_norm_layers",
+    "impact",
     "load_model",
+    "patch",
+    "recalibrate",
+    "revert",
     "scan",
     "sweep_batch_sizes",
 ]

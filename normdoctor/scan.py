@@ -15,7 +15,7 @@ from . import __version__
 from . import distributed as _dist
 from .batching import Batch, GroupBy, _first_tensor, plan_batches
 from .errors import DataError, ScanError
-from .layers import NormLayer, find_norm_layers
+from .layers import NormFamily, NormLayer, find_norm_layers
 from .metrics import (
     DEFAULT_NONIID_THRESHOLD,
     DEFAULT_THRESHOLD,
@@ -262,7 +262,11 @@ def _layer_report(
             status=LayerStatus.NOT_MEASURED,
             flagged=False,
             recommendation=Recommendation.OK,
-            reason="batch-independent: same statistics in train and eval mode",
+            reason=(
+                "uses batch statistics in train and eval mode: nothing to drift"
+                if layer.family is NormFamily.BATCH_STATS_ONLY
+                else "batch-independent: same statistics in train and eval mode"
+            ),
         )
     paths = {p: _path_report(m, layer.eps) for p, m in measured.items() if m is not None}
     if not paths:

@@ -1,0 +1,307 @@
+"""Recalibration: normdoctor.recalibrate against torch's update_bn and fvcore's precise BN.
+
+Same ResNet-18-shaped CNN (plain torch: BasicBlocks [2, 2, 2, 2], 20 BatchNorm layers), same
+data, CPU, 2 threads.  Timing: interleaved rounds (every method once per round, on a fresh copy
+of the model), medians.  Accuracy: max relative error of each layer's ``running_var`` against
+exact float64 population statistics of that layer's input (unbiased, as BatchNorm stores):
+
+* "train-path exact": every upstream BatchNorm normalizes with batch statistics, as during
+  training; this is what update_bn, precise BN and ``mode="single-pass"`` aim at;
+* "eval-path exact": upstream layers use their (recalibrated) running statistics, as at
+  inference; this is what ``mode="sequential"`` computes.
+
+Methods:
+
+* ``torch.optim.swa_utils.update_bn``: cumulative average (momentum=None) of per-batch
+  *unbiased* variances, so the between-batch spread of means is missing; it also puts the whole
+  model in train mode (dropout on) while it runs.
+* fvcore ``precise_bn.update_bn_stats`` (if ``fvcore`` imports; otherwise a re-implementation of
+  its published approach, labelled as such): float32 E[x^2] - E[x]^2 from per-batch moments.
+* ``normdoctor.recalibrate(mode="single-pass")``: one pass on the train path, exact float64 moments.
+* ``normdoctor.recalibrate(mode="sequential")``: layer by layer in eval mode (upstream layers
+  already recalibrated); each pass stops right after the measured layer's input.
+
+Inputs are raw 8-bit-range images (mean ~128, low contrast, not normalized): a common case
+that makes the first layer's channels ill-conditioned (mean >> std).
+
+Run: ``python benchmarks/bench_recalibrate.py [--width 64 --samples 512 --rounds 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from normdoctor.patch import recalibrate
+
+try:  # optional: pip install fvcore
+    from fvcore.nn.precise_bn import update_bn_stats as fvcore_update_bn_stats
+
+    HAVE_FVCORE = True
+except ImportError:  # pragma: no cover - depends on the environment
+    HAVE_FVCORE = False
+
+
+# ------------------------------------------------------------------------------- the model
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 topology (CIFAR stem: 3x3 conv, no max-pool), ``width`` channels in stage 1."""
+
+    def __init__(self, width: int = 64, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        layers, cin = [], width
+        for i, stride in enumerate((1, 2, 2, 2)):
+            cout = width * 2**i
+            layers.append(nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)))
+            cin = cout
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def make_model(width: int, warm: torch.Tensor) -> nn.Module:
+    """Random weights; running statistics moved by a few train-mode passes (then stale)."""
+    torch.manual_seed(0)
+    model = ResNet18(width)
+    model.train()
+    with torch.no_grad():
+        for chunk in warm.split(32):
+            model(chunk * 0.5)  # a different input distribution: the statistics are stale
+    return model.eval()
+
+
+def make_images(n: int, size: int, seed: int) -> torch.Tensor:
+    """Smooth random low-contrast images in raw 0-255 range (mean ~128, std ~6)."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, 3, size // 4, size // 4, generator=gen)
+    smooth = nn.functional.interpolate(
+        base, size=(size, size), mode="bilinear", align_corners=False
+    )
+    return (128 + 6 * smooth + 1.5 * torch.randn(n, 3, size, size, generator=gen)).clamp(0, 255)
+
+
+# --------------------------------------------------------------------------- the methods
+
+
+def run_update_bn(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
+    torch.optim.swa_utils.update_bn(batches, model)
+    return model.eval()
+
+
+def run_precise_bn(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    for bn in bns:
+        bn.train()  # fvcore leaves choosing the layers to the caller
+    if HAVE_FVCORE:
+        fvcore_update_bn_stats(model, batches, num_iters=len(batches))
+    else:
+        _precise_bn_reimplementation(model, bns, batches)
+    return model.eval()
+
+
+@torch.no_grad()
+def _precise_bn_reimplementation(
+    model: nn.Module, bns: list[nn.Module], batches: list[torch.Tensor]
+) -> None:
+    """RE-IMPLEMENTATION of fvcore's published population estimator (not fvcore's code): per
+    batch, BatchNorm's own float32 batch mean and unbiased variance (momentum 1), folded into
+    float32 running averages of E[x] and E[x^2]; variance = E[x^2] - E[x]^2."""
+    saved = [bn.momentum for bn in bns]
+    sizes: dict[nn.Module, int] = {}
+    hooks = [
+        bn.register_forward_pre_hook(
+            lambda m, a: sizes.__setitem__(m, a[0].numel() // a[0].shape[1])
+        )
+        for bn in bns
+    ]
+    mean = [torch.zeros_like(bn.running_mean) for bn in bns]
+    square = [torch.zeros_like(bn.running_var) for bn in bns]
+    total = [0] * len(bns)
+    for bn in bns:
+        bn.momentum = 1.0
+    try:
+        for x in batches:
+            model(x)
+            for i, bn in enumerate(bns):
+                n = sizes[bn]
+                total[i] += n
+                sq = bn.running_mean.square() + bn.running_var * ((n - 1) / n)
+                mean[i] += (bn.running_mean - mean[i]) * (n / total[i])
+                square[i] += (sq - square[i]) * (n / total[i])
+    finally:
+        for h in hooks:
+            h.remove()
+        for bn, m in zip(bns, saved, strict=True):
+            bn.momentum = m
+    for i, bn in enumerate(bns):
+        bn.running_mean.copy_(mean[i])
+        bn.running_var.copy_(square[i] - mean[i].square())
+
+
+def run_single_pass(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
+    return recalibrate(model, batches, inplace=True, mode="single-pass")
+
+
+def run_sequential(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
+    return recalibrate(model, batches, inplace=True, mode="sequential")
+
+
+# ---------------------------------------------------------------------- exact references
+
+
+@torch.no_grad()
+def exact_variances(
+    model: nn.Module, batches: list[torch.Tensor], path: str
+) -> dict[str, np.ndarray]:
+    """Unbiased variance of every BatchNorm input, float64, merged exactly over batches
+    (independent of normdoctor: NumPy two-pass per batch, Chan et al. merge)."""
+    model = copy.deepcopy(model).eval()
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
+    acc: dict[str, tuple[float, np.ndarray, np.ndarray]] = {}
+
+    def hook(name: str):
+        def fn(_m: nn.Module, args: tuple) -> None:
+            x = args[0].detach().double().numpy()
+            axes = (0, *range(2, x.ndim))
+            n = x.size / x.shape[1]
+            mu = x.mean(axis=axes)
+            m2 = ((x - mu.reshape(1, -1, *([1] * (x.ndim - 2)))) ** 2).sum(axis=axes)
+            if name not in acc:
+                acc[name] = (n, mu, m2)
+            else:
+                n0, mu0, m20 = acc[name]
+                tot = n0 + n
+                delta = mu - mu0
+                acc[name] = (tot, mu0 + delta * n / tot, m20 + m2 + delta**2 * n0 * n / tot)
+
+        return fn
+
+    if path == "train":
+        for m in bns.values():
+            m.train()
+            m.track_running_stats = False  # batch statistics, running ones untouched
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in bns.items()]
+    try:
+        for x in batches:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: m2 / (c - 1) for n, (c, _mu, m2) in acc.items()}
+
+
+def max_rel_error(model: nn.Module, reference: dict[str, np.ndarray]) -> float:
+    worst = 0.0
+    for n, m in model.named_modules():
+        if isinstance(m, _BatchNorm):
+            got = m.running_var.double().numpy()
+            worst = max(worst, float(np.max(np.abs(got - reference[n]) / reference[n])))
+    return worst
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--width", type=int, default=32, help="stage-1 channels (ResNet-18: 64)")
+    parser.add_argument("--size", type=int, default=32, help="image size")
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    data = make_images(args.samples, args.size, seed=1)
+    batches = list(data.split(args.batch_size))
+    base = make_model(args.width, make_images(64, args.size, seed=2))
+    fvcore_label = "fvcore precise BN" if HAVE_FVCORE else "precise BN (re-impl. of fvcore)"
+    methods = {
+        "torch update_bn": run_update_bn,
+        fvcore_label: run_precise_bn,
+        "normdoctor single-pass": run_single_pass,
+        "normdoctor sequential": run_sequential,
+    }
+    times: dict[str, list[float]] = {k: [] for k in methods}
+    results: dict[str, nn.Module] = {}
+    one_forward = []
+    for _ in range(args.rounds):
+        for name, fn in methods.items():
+            model = copy.deepcopy(base)
+            start = time.perf_counter()
+            results[name] = fn(model, batches)
+            times[name].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        with torch.no_grad():  # the unit of cost: one eval-mode pass over the data
+            for x in batches:
+                base(x)
+        one_forward.append(time.perf_counter() - start)
+
+    ref_train = exact_variances(base, batches, "train")
+    ref_eval = exact_variances(results["normdoctor sequential"], batches, "eval")
+
+    n_bn = sum(isinstance(m, _BatchNorm) for m in base.modules())
+    print(
+        f"ResNet-18-shaped CNN, width {args.width}, {n_bn} BatchNorm layers; {args.samples} "
+        f"images {args.size}x{args.size} (raw 0-255 range), batches of {args.batch_size}; "
+        f"torch {torch.__version__}, {args.threads} threads, {args.rounds} interleaved rounds"
+    )
+    print(f"one eval-mode pass over the data: {statistics.median(one_forward):.3f} s (median)")
+    ref = statistics.median(times["torch update_bn"])
+    unit = statistics.median(one_forward)
+    print(
+        f"{'method':32} {'median s':>9} {'x update_bn':>12} {'x eval pass':>12} "
+        f"{'max rel err of running_var vs exact':>36}"
+    )
+    print(f"{'':32} {'':>9} {'':>12} {'':>12} {'train path':>17} {'eval path':>18}")
+    for name in methods:
+        med = statistics.median(times[name])
+        print(
+            f"{name:32} {med:9.3f} {med / ref:12.2f} {med / unit:12.2f} "
+            f"{max_rel_error(results[name], ref_train):17.2e} "
+            f"{max_rel_error(results[name], ref_eval):18.2e}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -518,6 +518,169 @@ def scan(
     return EXIT_DRIFT if flagged and not exit_zero else EXIT_OK
 
 
+# -- patch ----------------------------------------------------------------------------------------
+
+
+class Fix(str, Enum):
+    auto = "auto"
+    recalibrate = "recalibrate"
+    instance = "instance"
+    batchstats = "batchstats"
+    renorm = "renorm"
+
+
+def _patch_torch(
+    net: Any, dataset: Any, to: Fix, layers: str | None, options: dict[str, Any], prior: float
+) -> tuple[Any, Any, Any]:
+    from .patch import autopatch, patch
+    from .scan import scan as run
+
+    scan_options = {k: v for k, v in options.items() if k != "paths"}
+    if to is Fix.auto:
+        if layers is not None:
+            raise click.BadParameter(
+                "--layers applies to an explicit --to fix", param_hint="--layers"
+            )
+        return autopatch(net, dataset, prior=prior, **scan_options)
+    before = run(net, dataset, **options)
+    extra: dict[str, Any] = {}
+    if to is Fix.recalibrate:
+        extra = {"data": dataset, "batch_size": options["batch_size"]}
+    elif to is Fix.batchstats and prior:
+        extra = {"prior": prior}
+    patched = patch(net, to=to.value, layers=layers, **extra)
+    return patched, before, run(patched, dataset, **options)
+
+
+def _patch_onnx(
+    net: Any, dataset: Any, to: Fix, layers: str | None, options: dict[str, Any]
+) -> tuple[Any, Any, Any]:
+    scan_options = {k: v for k, v in options.items() if k != "device"}
+    before = net.scan(dataset, **scan_options)
+    if to is Fix.auto:  # each flagged node gets its recommendation; renorm needs training
+        patched = net
+        groups: dict[str, list[str]] = {}
+        for layer in before.flagged_layers:
+            fix = (
+                "batchstats" if str(layer.recommendation) == "renorm" else str(layer.recommendation)
+            )
+            groups.setdefault(fix, []).append(layer.name)
+        for fix, names in groups.items():
+            patched = patched.patch(
+                fix, data=dataset, layers=names, batch_size=options["batch_size"]
+            )
+    else:
+        if to is Fix.renorm:
+            raise NormDoctorError(
+                "renorm needs fine-tuning, which an ONNX graph cannot do: "
+                "use batchstats or patch the PyTorch model"
+            )
+        patched = net.patch(to.value, data=dataset, layers=layers, batch_size=options["batch_size"])
+    return patched, before, patched.scan(dataset, **scan_options)
+
+
+@app.command(
+    epilog="Example: normdoctor patch sample_models/tiny-batch.pt --arch "
+    "sample_models.archs:DigitsCNN --data sample_models/data/test.npz -b 1 --to auto "
+    "-o tiny-fixed.pt"
+)
+def patch(
+    model: ModelArg,
+    data: Annotated[str, typer.Option("--data", "-d", help="Data, as for scan.")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Where to write the patched model "
+            "(never over the input; .pt for torch, .onnx for ONNX).",
+        ),
+    ],
+    to: Annotated[
+        Fix, typer.Option("--to", help="The fix: auto applies each flagged layer's recommendation.")
+    ] = Fix.auto,
+    layers: Annotated[
+        str | None,
+        typer.Option("--layers", help="Glob of layer names to change (explicit --to only)."),
+    ] = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwOpt = None,
+    trust_pickle: TrustOpt = False,
+    batch_size: Annotated[
+        int,
+        typer.Option("--batch-size", "-b", min=1, help="Batch size: use the one training used."),
+    ] = 32,
+    shuffle: Annotated[bool, typer.Option("--shuffle/--no-shuffle")] = True,
+    group_by_label: Annotated[bool, typer.Option("--group-by-label")] = False,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    max_batches: Annotated[int | None, typer.Option("--max-batches", min=1)] = None,
+    threshold: Annotated[float | None, typer.Option("--threshold", min=0.0)] = None,
+    prior: Annotated[
+        float,
+        typer.Option(
+            "--prior",
+            min=0.0,
+            help="batchstats: blend with the running statistics as N prior samples.",
+        ),
+    ] = 0.0,
+    report_dir: Annotated[
+        Path | None, typer.Option("--report", help="Also write the HTML report with before/after.")
+    ] = None,
+    json_out: JsonOpt = None,
+    exit_zero: ExitZeroOpt = False,
+    quiet: QuietOpt = False,
+) -> int:
+    """Apply a fix, scan again, and write the patched model if it was verified on the data.
+
+    Prints drift before/after per changed layer and, with labels, accuracy before/after. Exits 1
+    when layers are still flagged after the fix.
+    """
+    import torch
+
+    from .io import load_data
+
+    if out.exists() and out.resolve() == model.resolve():
+        raise NormDoctorError(f"refusing to overwrite the input file {model}")
+    net = _load(model, arch, arch_kwargs, trust_pickle)
+    dataset = load_data(data, seed=seed)
+    options = _scan_options(
+        batch_size, shuffle, seed, group_by_label, max_batches, "train,eval", threshold, Device.cpu
+    )
+    options["model_name"] = model.name
+    _stderr(quiet).print(f"patching {model.name}: --to {to.value}, batches of {batch_size}")
+    if isinstance(net, torch.nn.Module):
+        patched, before, after = _patch_torch(net, dataset, to, layers, options, prior)
+    else:
+        patched, before, after = _patch_onnx(net, dataset, to, layers, options)
+    from .render.console import print_patch
+
+    print_patch(before, after, _stdout())
+    if isinstance(patched, torch.nn.Module):
+        from .patch import save_patched
+
+        if not before.flagged:
+            _stderr(quiet).print("nothing flagged: the model is written unchanged")
+        written = save_patched(patched, out, source=model)
+    else:
+        written = patched.save(out)
+    _stderr(quiet).print(f"wrote {written}")
+    _write_json(
+        json_out,
+        {
+            "schema_version": 1,
+            "kind": "patch",
+            "before": before.to_dict(),
+            "after": after.to_dict(),
+        },
+        [model],
+    )
+    if report_dir is not None:
+        from .render import save_report
+
+        save_report(before, report_dir, patched=after)
+    return EXIT_DRIFT if after.flagged and not exit_zero else EXIT_OK
+
+
 # -- report ---------------------------------------------------------------------------------------
 
 

@@ -481,6 +481,8 @@ def folded_note(model: ModelProto) -> str | None:
     convs = [n for n in iter_nodes(model.graph) if n.op_type in ("Conv", "ConvTranspose")]
     if not convs:
         return None
+    if any(p.key == "normdoctor.patches" for p in model.metadata_props):
+        return "no BatchNormalization left: normdoctor rewrote them (see the model's metadata)"
     inits = {t.name for t in model.graph.initializer}
     evidence = [
         n.input[2]

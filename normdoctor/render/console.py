@@ -181,6 +181,51 @@ def print_series(reports: Sequence[ScanReport], console: Console) -> None:
         )
 
 
+def print_patch(before: ScanReport, after: ScanReport, console: Console) -> None:
+    """Drift before/after per layer, accuracy before/after, and the verdict after the fix."""
+    console.print(
+        f"[bold]{before.model}[/]  batches: {before.composition.description}", highlight=False
+    )
+    table = Table(box=None, pad_edge=False, header_style="bold", show_edge=False)
+    for col in ("layer", "fix", "drift before", "drift after", "status after"):
+        table.add_column(col, justify="right" if "drift" in col else "left")
+    after_layers = {layer.name: layer for layer in after.layers}
+    for layer in before.layers:
+        if not layer.batch_dependent:
+            continue
+        now = after_layers.get(layer.name)
+        fix = str(layer.recommendation) if layer.flagged else "-"
+        if now is None:
+            table.add_row(layer.name, fix, _num(layer.drift), "-", Text("replaced", style="dim"))
+        elif now.batch_dependent:
+            table.add_row(layer.name, fix, _num(layer.drift), _num(now.drift), _status(now))
+        else:
+            table.add_row(
+                layer.name,
+                fix,
+                _num(layer.drift),
+                "-",
+                Text(f"✓ {now.kind}", style="green"),
+            )
+    console.print(table)
+    b, a = before.end_to_end, after.end_to_end
+    if b is not None and a is not None and b.acc_eval is not None and a.acc_eval is not None:
+        console.print(
+            f"eval-mode accuracy: {b.acc_eval:.1%} before, {a.acc_eval:.1%} after "
+            f"(batch statistics: {b.acc_train:.1%})",
+            highlight=False,
+        )
+    elif b is not None and a is not None and b.agreement is not None and a.agreement is not None:
+        console.print(
+            f"prediction agreement with training behaviour: {b.agreement:.1%} before, "
+            f"{a.agreement:.1%} after",
+            highlight=False,
+        )
+    console.print("after: ", _verdict(after), highlight=False)
+    for note in after.notes:
+        console.print(f"note: {note}", style="dim", highlight=False, markup=False)
+
+
 def layers_table(
     layers: Sequence[NormLayer], findings: Sequence[Finding], running: dict[str, tuple]
 ) -> Group:

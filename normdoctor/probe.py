@@ -7,10 +7,11 @@ every norm buffer bit for bit.
 
 The hook is the hot path: it runs once per layer per batch.  It shifts the input by a per-layer
 constant (the first batch's channel means, so that ill-conditioned channels keep their digits),
-reduces it to per-sample channel sums and sums of squares in the input's dtype, and appends one
-small float64 row to a pending list.  It never synchronises with the host.  Every 64 rows the
-pending rows are folded, vectorised, into fixed-size float64 accumulators, so memory does not
-grow with the number of batches (apart from one float per batch: the per-batch score).
+reduces it to per-sample channel sums and sums of squares in the input's dtype, and writes one
+float64 row into a fixed-size buffer.  It never synchronises with the host.  Every 64 rows the
+buffer is folded, vectorised, into fixed-size float64 accumulators, so memory does not grow with
+the number of batches (apart from one float per batch: the per-batch score).  The shifted copy
+of the input goes into one scratch buffer that all layers reuse.
 """
 
 from __future__ import annotations
@@ -55,6 +56,22 @@ class LayerMeasurement:
     nonfinite_units: int
     per_sample: bool  # every unit held exactly one sample
     spatial: bool  # the input had dims beyond (N, C)
+
+
+class Scratch:
+    """One reusable buffer for the shifted copy of a layer's input (layers run one at a time)."""
+
+    def __init__(self) -> None:
+        self._flat: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    def like(self, x: torch.Tensor) -> torch.Tensor | None:
+        if not x.is_contiguous():
+            return None
+        key = (x.dtype, x.device)
+        flat = self._flat.get(key)
+        if flat is None or flat.numel() < x.numel():
+            flat = self._flat[key] = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
+        return flat[: x.numel()].view(x.shape)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +127,9 @@ class Recorder:
         self.safe_var = torch.where(valid, self.running_var, torch.ones_like(self.running_var))
         self.shift: torch.Tensor | None = None
         self.shift64: torch.Tensor | None = None
-        self.pending: list[torch.Tensor] = []
+        self._shift_view: dict[int, torch.Tensor] = {}
+        self.buf: torch.Tensor | None = None
+        self.nrows = 0
         self.meta: list[tuple[int, int, int]] = []  # (rows, elements per row, samples per row)
         c = self.running_mean.numel()
         z = torch.zeros(c, dtype=torch.float64, device=device)
@@ -135,47 +154,74 @@ class Recorder:
         return Recorder(layer, state.running_mean, state.running_var, state.weight)
 
     # -- hot path --------------------------------------------------------------------------
-    def observe(self, x: torch.Tensor) -> None:
+    def observe(self, x: torch.Tensor, scratch: Scratch | None = None) -> None:
+        """Record one call's input (N, C, *): the hot path, no host synchronisation."""
         x = x.detach()
+        if x.dim() < 2 or x.shape[1] != self.running_mean.numel():
+            return  # not what the layer takes: the layer itself raises the error
         if x.dtype not in (torch.float32, torch.float64):
             x = x.float()
         if self.shift is None:
-            dims = [d for d in range(x.dim()) if d != 1]
-            self.shift = torch.nan_to_num(x.mean(dim=dims), nan=0.0, posinf=0.0, neginf=0.0)
+            # Any value within a few standard deviations of the channel mean keeps the sums
+            # well conditioned: the first sample's channel means cost 1/N of a pass.
+            first = x[0].reshape(x.shape[1], -1).mean(dim=1)
+            self.shift = torch.nan_to_num(first, nan=0.0, posinf=0.0, neginf=0.0)
             self.shift64 = self.shift.to(torch.float64)
+            self._shift_view = {}
         n = x.shape[0]
+        shift = self._shift_view.get(x.dim())
+        if shift is None:
+            shift = self._shift_view[x.dim()] = self.shift.view(1, -1, *([1] * (x.dim() - 2)))
+        # x - K into a reused buffer: a fresh activation-sized temporary per call costs more
+        # than the arithmetic (page faults on large tensors).
+        out = scratch.like(x) if scratch is not None else None
+        xs = torch.sub(x, shift, out=out) if out is not None else x - shift
         if x.dim() == 2:
-            s1 = x - self.shift
-            s2 = s1 * s1
+            s1 = xs
+            s2 = xs * xs
             per_row = 1
         else:
             self.spatial = True
-            xs = (x - self.shift.view(1, -1, *([1] * (x.dim() - 2)))).flatten(2)
+            xs = xs.flatten(2)
             s1 = xs.sum(-1)
             s2 = torch.linalg.vector_norm(xs, dim=-1).square_()  # one pass, no temporary
             per_row = xs.shape[-1]
         rows = torch.stack((s1, s2, s1 * s1), 1)
         if self.per_unit_sample:
-            self.pending.append(rows.to(torch.float64))
-            self.meta.append((n, per_row, 1))
             self.rows_per_call.append(n)
+            for chunk in rows.split(_FLUSH_ROWS):
+                k = chunk.shape[0]
+                if self.nrows + k > _FLUSH_ROWS:
+                    self.flush()
+                self._buffer()[self.nrows : self.nrows + k].copy_(chunk)
+                self.nrows += k
+                self.meta.append((k, per_row, 1))
         else:
-            self.pending.append(rows.sum(0, dtype=torch.float64).unsqueeze(0))
-            self.meta.append((1, n * per_row, n))
             self.rows_per_call.append(1)
-        if len(self.pending) >= _FLUSH_ROWS:
+            buf = self.buf if self.buf is not None else self._buffer()
+            torch.sum(rows, 0, dtype=torch.float64, out=buf[self.nrows])
+            self.nrows += 1
+            self.meta.append((1, n * per_row, n))
+        if self.nrows >= _FLUSH_ROWS:
             self.flush()
+
+    def _buffer(self) -> torch.Tensor:
+        """Fixed-size float64 rows waiting to be folded: memory does not grow with batches."""
+        if self.buf is None:
+            c = self.running_mean.numel()
+            self.buf = torch.empty(_FLUSH_ROWS, 3, c, dtype=torch.float64, device=self.device)
+        return self.buf
 
     # -- folding rows into the accumulators ------------------------------------------------
     def flush(self) -> None:
-        if not self.pending:
+        if not self.nrows:
             return
-        rows = torch.cat(self.pending) if len(self.pending) > 1 else self.pending[0]
+        rows = self._buffer()[: self.nrows]
         elems, samples = [], []
         for k, per_row, s in self.meta:
             elems += [per_row] * k
             samples += [s] * k
-        self.pending, self.meta = [], []
+        self.nrows, self.meta = 0, []
         n = torch.tensor(elems, dtype=torch.float64, device=rows.device)[:, None]
         ns = torch.tensor(samples, dtype=torch.float64, device=rows.device)[:, None]
         per_sample_elems = n / ns
@@ -232,6 +278,7 @@ class Recorder:
             self.z1 += self.samples * d
         self.shift64 = shift
         self.shift = shift.to(torch.float32 if self.shift is None else self.shift.dtype)
+        self._shift_view = {}
 
     def packed(self) -> torch.Tensor:
         """Every additive accumulator in one flat float64 tensor (for one all_reduce)."""
@@ -337,6 +384,7 @@ class Probe:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._recorders: dict[Path, dict[str, Recorder]] = {}
         self._active: dict[str, Recorder] | None = None
+        self._scratch = Scratch()
         self.order: list[str] = []
         self._seen: set[str] = set()
         self.last_layer: str | None = None
@@ -402,6 +450,7 @@ class Probe:
             handle.remove()
         self._handles.clear()
         self._active = None
+        self._scratch = Scratch()  # let the buffer go
         self._restore()
 
     def _hook_for(self, name: str):
@@ -413,7 +462,7 @@ class Probe:
             if name not in self._seen:
                 self._seen.add(name)
                 self.order.append(name)
-            active[name].observe(args[0])
+            active[name].observe(args[0], self._scratch)
 
         return hook
 

@@ -173,6 +173,12 @@ class EndToEndMeter:
         )
 
 
+def _floats(t: torch.Tensor) -> tuple[float | None, ...]:
+    """A float64 tensor as a tuple of floats, non-finite values as None (fast when all finite)."""
+    values = t.tolist()
+    return tuple(values) if bool(torch.isfinite(t).all()) else floats(values)
+
+
 def _path_report(m: LayerMeasurement, eps: float) -> PathReport:
     w = m.weights
     drift = finite_or_none(layer_score(m.channel_m2, w))
@@ -203,12 +209,12 @@ def _path_report(m: LayerMeasurement, eps: float) -> PathReport:
         shift=shift,
         noise=noise,
         noniid=noniid,
-        pooled_mean=floats(pm.tolist()),
-        pooled_var=floats(pv.tolist()),
-        channel_drift=floats(m.channel_m2.sqrt().tolist()),
-        mean_shift=floats(((pm - rm) / s_r).tolist()),
-        var_log_ratio=floats((0.5 * torch.log((pv + eps) / (rv + eps))).tolist()),
-        batch_drift=floats(scores.tolist()),
+        pooled_mean=_floats(pm),
+        pooled_var=_floats(pv),
+        channel_drift=_floats(m.channel_m2.sqrt()),
+        mean_shift=_floats((pm - rm) / s_r),
+        var_log_ratio=_floats(0.5 * torch.log((pv + eps) / (rv + eps))),
+        batch_drift=_floats(scores),
     )
 
 
@@ -251,8 +257,8 @@ def _layer_report(
         order=order,
     )
     if state.running_mean is not None and state.running_var is not None:
-        base["running_mean"] = floats(state.running_mean.double().tolist())
-        base["running_var"] = floats(state.running_var.double().tolist())
+        base["running_mean"] = _floats(state.running_mean.detach().double())
+        base["running_var"] = _floats(state.running_var.detach().double())
     dead, degenerate = _static_channels(state)
     base["dead_channels"], base["degenerate_channels"] = dead, degenerate
     if not layer.batch_dependent:

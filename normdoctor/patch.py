@@ -50,6 +50,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from . import distributed as _dist
 from .batching import Batch, GroupBy, plan_batches
 from .errors import ConversionError, DataError, LoadError, NormDoctorError, ScanError
 from .layers import NormFamily, NormLayer, find_norm_layers
@@ -783,8 +784,10 @@ def _batches(
     seed: int,
     group_by: GroupBy,
     max_batches: int | None,
+    shard: tuple[int, int] | None = None,
 ) -> Callable[[], Iterator[Batch]]:
-    """A re-iterable source of batches (one-shot iterators are kept in memory)."""
+    """A re-iterable source of batches (one-shot iterators are kept in memory); ``shard``
+    (rank, world size) keeps this rank's share of the batches normdoctor forms."""
     opts = dict(
         batch_size=batch_size,
         shuffle=shuffle,
@@ -795,7 +798,14 @@ def _batches(
     if isinstance(data, Iterator):
         kept = list(plan_batches(data, **opts).batches)  # type: ignore[arg-type]
         return lambda: iter(kept)
-    plan_batches(data, **opts)  # validate now: DataError before any work
+    first = plan_batches(data, **opts)  # validate now: DataError before any work
+    if shard is not None and first.source != "batches":  # deal formed batches round-robin
+        rank, world = shard
+        return lambda: (
+            b
+            for i, b in enumerate(plan_batches(data, **opts).batches)  # type: ignore[arg-type]
+            if i % world == rank
+        )
     return lambda: iter(plan_batches(data, **opts).batches)  # type: ignore[arg-type]
 
 
@@ -1011,6 +1021,7 @@ def recalibrate(
     layers: str | Sequence[str] | ScanReport | None = None,
     inplace: bool = False,
     mode: str = "sequential",
+    distributed: bool = False,
     batch_size: int | None = 64,
     shuffle: bool = False,
     seed: int = 0,
@@ -1071,6 +1082,7 @@ def recalibrate(
         )
     if not names:
         raise ConversionError("no layer with running statistics to recalibrate")
+    sharded = distributed and _dist.is_distributed()
     batches = _batches(
         data,
         batch_size=batch_size,
@@ -1078,6 +1090,7 @@ def recalibrate(
         seed=seed,
         group_by=group_by,
         max_batches=max_batches,
+        shard=(_dist.dist.get_rank(), _dist.dist.get_world_size()) if sharded else None,
     )
     target = model if inplace else copy.deepcopy(model)
     modules = dict(target.named_modules())
@@ -1095,13 +1108,15 @@ def recalibrate(
         target.to(run_device)
     try:
         if mode == "single-pass":
-            results, counts, _ = _measure(target, chosen, batches, fwd, run_device, dtype, "train")
+            results, counts, _ = _measure(
+                target, chosen, batches, fwd, run_device, dtype, "train", sharded=sharded
+            )
             _require_reached(results, names)
             for n in names:
                 _write(modules[n], n, results[n])
         else:
             results, counts, order = _measure(
-                target, chosen, batches, fwd, run_device, dtype, "eval"
+                target, chosen, batches, fwd, run_device, dtype, "eval", sharded=sharded
             )
             _require_reached(results, names)
             ordered = [n for n in order if n in plan]
@@ -1119,6 +1134,7 @@ def recalibrate(
                     dtype,
                     "eval",
                     stop_at=n if stop else None,
+                    sharded=sharded,
                 )
                 _require_reached(res, [n])
                 _write(modules[n], n, res[n])
@@ -1143,8 +1159,10 @@ def _measure(
     dtype: torch.dtype | None,
     path: str,
     stop_at: str | None = None,
+    sharded: bool = False,
 ) -> tuple[dict[str, LayerMeasurement | None], dict[str, int], list[str]]:
-    """One pass over the data on ``path`` recording the inputs of ``layers``."""
+    """One pass over the data on ``path`` recording the inputs of ``layers`` (with ``sharded``,
+    this rank's share, merged exactly over all ranks)."""
     modules = dict(model.named_modules())
     counts: dict[str, int] = {"__batches__": 0}
     handles = []
@@ -1159,20 +1177,37 @@ def _measure(
 
                 # Registered after the probe's hook, so it runs after the input is recorded.
                 handles.append(modules[layer.name].register_forward_pre_hook(count))
-            for i, batch in enumerate(batches()):
-                batch = _to_device(batch, device, dtype)
-                counts["__batches__"] += 1
-                try:
-                    with probe.path(path):
-                        fwd(model, batch.inputs)
-                except _StopForward:
-                    pass
-                except Exception as exc:
-                    where = f" after norm layer {probe.last_layer!r}" if probe.last_layer else ""
-                    raise ScanError(
-                        f"forward failed on batch {i} while recalibrating{where}: "
-                        f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                    ) from exc
+            error: BaseException | None = None
+            try:
+                for i, batch in enumerate(batches()):
+                    batch = _to_device(batch, device, dtype)
+                    counts["__batches__"] += 1
+                    try:
+                        with probe.path(path):
+                            fwd(model, batch.inputs)
+                    except _StopForward:
+                        pass
+                    except Exception as exc:
+                        where = (
+                            f" after norm layer {probe.last_layer!r}" if probe.last_layer else ""
+                        )
+                        first = str(exc).splitlines()[0] if str(exc) else ""
+                        raise ScanError(
+                            f"forward failed on batch {i} while recalibrating{where}: "
+                            f"{type(exc).__name__}: {first}"
+                        ) from exc
+            except Exception as exc:
+                if not sharded:
+                    raise
+                error = exc
+            if sharded:
+                _dist.raise_if_any_failed(error)
+                _dist.merge_recorders(list(probe._recorders[path].values()))
+                keys = ["__batches__", *(layer.name for layer in layers)]  # same on every rank
+                summed = _dist.all_reduce_sums(
+                    {k: torch.tensor(float(v)) for k, v in counts.items()}, keys
+                )
+                counts = {k: int(v) for k, v in summed.items()}
             if counts["__batches__"] == 0:
                 raise DataError("the data yielded no batches")
             results = probe.results(path)

@@ -63,6 +63,17 @@ def run(rank: int, world: int, init_file: str, out_dir: str, mode: str) -> None:
                     shard[1][1],
                 )  # wrong channels: forward raises
             nd.scan(m, shard, distributed=True)
+        elif mode.startswith("recalibrate"):
+            fixed = nd.recalibrate(
+                m,
+                data(),
+                batch_size=8,
+                distributed=True,
+                mode=mode.split(":")[1],
+                layers=["1", "8"],
+            )
+            state = {k: v.tolist() for k, v in fixed.state_dict().items() if "running" in k}
+            (out / f"rank{rank}.json").write_text(json.dumps(state))
         else:
             report = nd.scan(m, data(), batch_size=8, distributed=True)  # 13 batches: 7 + 6
             (out / f"rank{rank}.json").write_text(report.to_json())

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
+import torch
 import torch.multiprocessing as mp
 from _dist_worker import data, model, run
 
@@ -67,3 +69,20 @@ def test_a_failing_rank_fails_every_rank_without_hanging(tmp_path):
     assert set(errors) == {"rank0.error", "rank1.error"}
     assert "rank 1 of 2 failed" in errors["rank0.error"]
     assert "forward failed on batch 1" in errors["rank1.error"]
+
+
+@pytest.mark.parametrize("mode", ["sequential", "single-pass"])
+def test_sharded_recalibrate_equals_one_process(tmp_path, mode):
+    _spawn(tmp_path, f"recalibrate:{mode}")
+    assert not list(tmp_path.glob("*.error")), [p.read_text() for p in tmp_path.glob("*.error")]
+    single = nd.recalibrate(model(), data(), batch_size=8, mode=mode, layers=["1", "8"])
+    expected = {k: v for k, v in single.state_dict().items() if "running" in k}
+    assert not torch.equal(expected["8.running_var"], model().state_dict()["8.running_var"])
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got.keys() == {k for k in expected}
+        for key in ("1.running_mean", "1.running_var", "8.running_mean", "8.running_var"):
+            # float64 model: only the summation order differs
+            torch.testing.assert_close(
+                torch.tensor(got[key], dtype=torch.float64), expected[key], rtol=1e-9, atol=1e-12
+            )

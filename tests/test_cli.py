@@ -284,7 +284,7 @@ def test_python_dash_m_is_the_same_command():
     )
     assert proc.returncode == 0
     assert "Exit codes" in proc.stdout and "scan" in proc.stdout
-    for sub in ("layers", "scan"):
+    for sub in ("layers", "scan", "patch", "report"):
         sub_help = subprocess.run(
             [sys.executable, "-m", "normdoctor", sub, "--help"],
             cwd=ROOT,

@@ -667,7 +667,9 @@ def _read_torch_file(
     # weights_only refused: the file names classes or functions outside torch's allowlist.
     if trust_pickle:
         try:
-            obj = torch.load(path, map_location=map_location, weights_only=False)
+            # as `python -m` would: classes of the user's own project import from the cwd
+            with _on_sys_path(os.getcwd()):
+                obj = torch.load(path, map_location=map_location, weights_only=False)
         except Exception as exc:
             raise LoadError(f"{path}: unpickling failed ({_one_line(exc)})") from None
         return _classify(obj, path)

@@ -238,7 +238,7 @@ def layers_table(
         ("running mean", {"justify": "right"}),
         ("running var", {"justify": "right"}),
         ("momentum", {"justify": "right"}),
-        ("drifts?", {}),
+        ("can drift", {}),
     ):
         table.add_column(col, **kw)
     for layer in layers:
@@ -250,7 +250,7 @@ def layers_table(
             mean or "-",
             var or "-",
             "-" if layer.momentum is None else f"{layer.momentum:g}",
-            "yes: batch-dependent" if layer.batch_dependent else "no",
+            "yes" if layer.batch_dependent else "no",
         )
     parts: list = [table]
     for f in findings:

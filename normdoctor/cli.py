@@ -232,7 +232,7 @@ def _scan_options(
         seed=seed,
         group_by="label" if group_by_label else None,
         max_batches=max_batches,
-        paths=tuple(p.strip() for p in paths.split(",") if p.strip()),
+        paths=_parse_paths(paths),
         threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
         device=_device(device),
     )
@@ -250,6 +250,15 @@ def run_scan(
         return scan(model, data, progress=progress, **options)
     options.pop("device", None)
     return model.scan(data, progress=progress, **options)
+
+
+def _parse_paths(text: str) -> tuple[str, ...]:
+    paths = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not paths or any(p not in ("train", "eval") for p in paths):
+        raise click.BadParameter(
+            f"expected train, eval or train,eval; got {text!r}", param_hint="--paths"
+        )
+    return paths
 
 
 def _parse_sizes(text: str) -> list[int]:

@@ -73,7 +73,7 @@ def channel_weights(weight: torch.Tensor | None, valid: torch.Tensor) -> torch.T
     valid = valid.to(torch.float64)
     if weight is None:
         return valid
-    w = weight.detach().to(torch.float64).square() * valid
+    w = weight.detach().to(device=valid.device, dtype=torch.float64).square() * valid
     w = torch.where(torch.isfinite(w), w, torch.zeros_like(w))
     if float(w.sum()) == 0.0:
         return valid

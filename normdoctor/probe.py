@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .layers import BATCH_DEPENDENT, NormFamily, NormLayer, _family
-from .metrics import layer_score, mismatch_sq, noise_sq_from_sums
+from .metrics import channel_weights, layer_score, mismatch_sq, noise_sq_from_sums
 from .stats import Moments
 
 __all__ = ["LayerMeasurement", "NormState", "Path", "Probe", "Recorder", "module_state"]
@@ -111,14 +111,7 @@ class Recorder:
         self.eps = float(layer.eps)
         valid = torch.isfinite(self.running_var + self.eps) & (self.running_var + self.eps > 0)
         valid &= torch.isfinite(self.running_mean)
-        w = (
-            torch.ones_like(self.running_var)
-            if weight is None
-            else weight.detach().double().square()
-        )
-        w = torch.where(valid & torch.isfinite(w), w, torch.zeros_like(w))
-        if float(w.sum()) == 0.0:  # no affine, or every gamma is zero: weigh channels equally
-            w = valid.to(torch.float64)
+        w = channel_weights(weight, valid)  # gamma^2 (ones without affine or all-zero gamma)
         total = float(w.sum())
         self.weights = w / total if total > 0 else w
         # Invalid running stats would turn every score into NaN: score those channels as if

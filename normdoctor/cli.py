@@ -121,12 +121,20 @@ def _arch_kwargs(text: str | None) -> dict[str, Any] | None:
     return value
 
 
+def _console(**kwargs: Any) -> Console:
+    # In a pipe or a CI log, a sentence hard-wrapped at Rich's default 80 columns
+    # breaks grep and line-oriented tools; only a terminal gets wrapped text.
+    console = Console(highlight=False, **kwargs)
+    console.soft_wrap = not console.is_terminal
+    return console
+
+
 def _stdout() -> Console:
-    return Console(highlight=False, soft_wrap=False)
+    return _console()
 
 
 def _stderr(quiet: bool = False) -> Console:
-    return Console(stderr=True, highlight=False, quiet=quiet)
+    return _console(stderr=True, quiet=quiet)
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import enum
 import math
+from typing import Any, TypeVar
 
+import numpy as np
 import torch
+
+Array = TypeVar("Array", torch.Tensor, np.ndarray)
 
 __all__ = [
     "DEFAULT_NONIID_THRESHOLD",
@@ -46,13 +50,18 @@ class Recommendation(enum.StrEnum):
     RENORM = "renorm"  # Batch Renormalization plus fine-tuning
 
 
+def _ns(x: Array) -> Any:
+    """The array namespace of ``x``: the fold math runs on torch tensors or NumPy arrays."""
+    return np if isinstance(x, np.ndarray) else torch
+
+
 def mismatch_sq(
-    batch_mean: torch.Tensor,
-    batch_var: torch.Tensor,
-    ref_mean: torch.Tensor,
-    ref_var: torch.Tensor,
+    batch_mean: Array,
+    batch_var: Array,
+    ref_mean: Array,
+    ref_var: Array,
     eps: float,
-) -> torch.Tensor:
+) -> Array:
     """Per-channel mean square of (y_batch - y_ref)/gamma when normalizing with either statistics.
 
     Args:
@@ -61,11 +70,13 @@ def mismatch_sq(
         eps: the layer's epsilon.
 
     Returns:
-        Tensor broadcast from the inputs, ``m^2`` per channel (and per batch if batched).
+        ``m^2`` per channel (and per batch if batched), broadcast from the inputs: a tensor for
+        tensors, an array for NumPy arrays.
     """
-    inv_b = torch.rsqrt(batch_var + eps)
-    inv_r = torch.rsqrt(ref_var + eps)
-    return batch_var * (inv_b - inv_r).square() + (batch_mean - ref_mean).square() * inv_r.square()
+    xp = _ns(batch_var)
+    inv_b = 1.0 / xp.sqrt(batch_var + eps)
+    inv_r = 1.0 / xp.sqrt(ref_var + eps)
+    return batch_var * (inv_b - inv_r) ** 2 + (batch_mean - ref_mean) ** 2 * inv_r**2
 
 
 def channel_weights(weight: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:
@@ -80,25 +91,28 @@ def channel_weights(weight: torch.Tensor | None, valid: torch.Tensor) -> torch.T
     return w
 
 
-def layer_score(m2: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def layer_score(m2: Array, weights: Array) -> Array:
     """sqrt(sum_c w_c m2_c / sum_c w_c) over the last dimension; NaN when no channel has weight."""
-    total = weights.sum()
-    if float(total) == 0.0:
-        return torch.full(m2.shape[:-1], float("nan"), dtype=torch.float64, device=m2.device)
-    m2 = torch.where(weights > 0, m2, torch.zeros_like(m2))
-    return ((m2 * weights).sum(-1) / total).clamp_min(0).sqrt()
+    xp = _ns(m2)
+    total = float(weights.sum())
+    if total == 0.0:
+        if xp is np:
+            return np.full(m2.shape[:-1], math.nan)
+        return torch.full(m2.shape[:-1], math.nan, dtype=torch.float64, device=m2.device)
+    m2 = xp.where(weights > 0, m2, 0.0)
+    return xp.sqrt(xp.clip((m2 * weights).sum(-1) / total, 0, None))
 
 
 def noise_sq_from_sums(
     *,
-    batches: torch.Tensor | float,
-    sum_r1: torch.Tensor,
-    sum_r2: torch.Tensor,
-    sum_var: torch.Tensor,
-    mean_dev_sq: torch.Tensor,
-    pooled_var: torch.Tensor,
+    batches: Array | float,
+    sum_r1: Array,
+    sum_r2: Array,
+    sum_var: Array,
+    mean_dev_sq: Array,
+    pooled_var: Array,
     eps: float,
-) -> torch.Tensor:
+) -> Array:
     """Batch-averaged ``m^2`` of each batch against the pooled statistics, from streaming sums.
 
     ``mismatch_sq(mu_b, var_b, mu_P, var_P)`` averaged over batches expands into sums that can be
@@ -107,9 +121,10 @@ def noise_sq_from_sums(
         sum_r1 = sum_b var_b / (var_b + eps),  sum_r2 = sum_b var_b / s_b,  sum_var = sum_b var_b,
         mean_dev_sq = sum_b (mu_b - mu_P)^2.
     """
-    inv_p = torch.rsqrt(pooled_var + eps)
-    total = sum_r1 - 2.0 * inv_p * sum_r2 + inv_p.square() * (sum_var + mean_dev_sq)
-    return (total / batches).clamp_min(0)
+    xp = _ns(pooled_var)
+    inv_p = 1.0 / xp.sqrt(pooled_var + eps)
+    total = sum_r1 - 2.0 * inv_p * sum_r2 + inv_p**2 * (sum_var + mean_dev_sq)
+    return xp.clip(total / batches, 0, None)
 
 
 def recommend(

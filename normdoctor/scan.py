@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils._pytree import tree_map
@@ -173,32 +174,44 @@ class EndToEndMeter:
         )
 
 
-def _floats(t: torch.Tensor) -> tuple[float | None, ...]:
-    """A float64 tensor as a tuple of floats, non-finite values as None (fast when all finite)."""
-    values = t.tolist()
-    return tuple(values) if bool(torch.isfinite(t).all()) else floats(values)
+def _floats(a: np.ndarray | torch.Tensor) -> tuple[float | None, ...]:
+    """A float64 vector as a tuple of floats, non-finite values as None (fast when all finite)."""
+    a = a.numpy() if isinstance(a, torch.Tensor) else a
+    values = a.tolist()
+    return tuple(values) if np.isfinite(a).all() else floats(values)
 
 
 def _path_report(m: LayerMeasurement, eps: float) -> PathReport:
-    w = m.weights
-    drift = finite_or_none(layer_score(m.channel_m2, w))
-    scores = m.unit_scores
-    finite = torch.isfinite(scores)
-    if bool(finite.any()):
-        worst_idx = int(torch.where(finite, scores, -math.inf).argmax())
+    # NumPy on CPU views: a few dozen operations on vectors of C floats per layer.  Degenerate
+    # running statistics (var < -eps, NaN) give NaN here, reported as null, not as warnings.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return _path_report_unchecked(m, eps)
+
+
+def _path_report_unchecked(m: LayerMeasurement, eps: float) -> PathReport:
+    w = m.weights.numpy()
+    rm, rv = m.running_mean.numpy(), m.running_var.numpy()
+    pm, pv = m.pooled.mean.numpy(), m.pooled.var.numpy()
+    channel_m2, scores = m.channel_m2.numpy(), m.unit_scores.numpy()
+    drift = finite_or_none(float(layer_score(channel_m2, w)))
+    finite = np.isfinite(scores)
+    if finite.any():
+        worst_idx = int(np.where(finite, scores, -math.inf).argmax())
         worst = float(scores[worst_idx])
     else:
         worst_idx, worst = None, None
-    rm, rv = m.running_mean, m.running_var
-    pm, pv = m.pooled.mean, m.pooled.var
-    s_r = torch.sqrt(rv + eps)
-    shift = finite_or_none(layer_score(mismatch_sq(pm, pv, rm, rv, eps), w))
-    noise = finite_or_none(layer_score(m.noise_m2, w))
+    s_r = np.sqrt(rv + eps)
+    shift = finite_or_none(float(layer_score(mismatch_sq(pm, pv, rm, rv, eps), w)))
+    noise = finite_or_none(float(layer_score(m.noise_m2.numpy(), w)))
     noniid = None
     if m.noniid is not None:
-        ok = torch.isfinite(m.noniid) & (w > 0)
-        if bool(ok.any()):
-            noniid = finite_or_none(m.noniid[ok].median())
+        ratio = m.noniid.numpy()
+        ok = np.isfinite(ratio) & (w > 0)
+        if ok.any():
+            values = np.sort(ratio[ok])
+            noniid = finite_or_none(float(values[(values.size - 1) // 2]))  # the lower median
+    mean_shift = (pm - rm) / s_r
+    var_log_ratio = 0.5 * np.log((pv + eps) / (rv + eps))
     return PathReport(
         batches=m.units,
         samples=m.samples,
@@ -211,9 +224,9 @@ def _path_report(m: LayerMeasurement, eps: float) -> PathReport:
         noniid=noniid,
         pooled_mean=_floats(pm),
         pooled_var=_floats(pv),
-        channel_drift=_floats(m.channel_m2.sqrt()),
-        mean_shift=_floats((pm - rm) / s_r),
-        var_log_ratio=_floats(0.5 * torch.log((pv + eps) / (rv + eps))),
+        channel_drift=_floats(np.sqrt(channel_m2)),
+        mean_shift=_floats(mean_shift),
+        var_log_ratio=_floats(var_log_ratio),
         batch_drift=_floats(scores),
     )
 
@@ -223,15 +236,21 @@ def _static_channels(state: NormState) -> tuple[tuple[int, ...], tuple[int, ...]
     dead: tuple[int, ...] = ()
     weight = state.weight
     if isinstance(weight, torch.Tensor) and weight.numel():
-        g = weight.detach().double().abs()
-        gmax = float(g.max())
-        dead = tuple(torch.nonzero(g <= 1e-6 * gmax if gmax > 0 else g >= 0).flatten().tolist())
+        g = np.abs(_numpy64(weight))
+        gmax = float(g.max()) if np.isfinite(g).all() else float(np.nanmax(g, initial=0.0))
+        dead = tuple(np.flatnonzero(g <= 1e-6 * gmax if gmax > 0 else g >= 0).tolist())
     degenerate: tuple[int, ...] = ()
     rm, rv = state.running_mean, state.running_var
     if isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor):
-        bad = ~torch.isfinite(rm.double()) | ~torch.isfinite(rv.double()) | (rv.double() <= 0)
-        degenerate = tuple(torch.nonzero(bad).flatten().tolist())
+        m, v = _numpy64(rm), _numpy64(rv)
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(m) | ~np.isfinite(v) | (v <= 0)
+        degenerate = tuple(np.flatnonzero(bad).tolist())
     return dead, degenerate
+
+
+def _numpy64(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float64).numpy()
 
 
 def _layer_report(
@@ -257,8 +276,8 @@ def _layer_report(
         order=order,
     )
     if state.running_mean is not None and state.running_var is not None:
-        base["running_mean"] = _floats(state.running_mean.detach().double())
-        base["running_var"] = _floats(state.running_var.detach().double())
+        base["running_mean"] = _floats(_numpy64(state.running_mean))
+        base["running_var"] = _floats(_numpy64(state.running_var))
     dead, degenerate = _static_channels(state)
     base["dead_channels"], base["degenerate_channels"] = dead, degenerate
     if not layer.batch_dependent:

@@ -44,7 +44,7 @@ def _assert_unchanged(model: nn.Module, before: tuple[dict, dict, list]) -> None
 @pytest.mark.parametrize(
     "shape", [(7, 5), (7, 5, 9), (7, 5, 4, 6), (7, 5, 2, 3, 4)], ids=["2d", "3d", "4d", "5d"]
 )
-def test_layer_mismatch_equals_direct_rms_difference(shape):
+def test_layer_mismatch_equals_direct_rms_difference(shape, hot_path):
     gen = torch.Generator().manual_seed(0)
     c = shape[1]
     bn = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[len(shape)](c)

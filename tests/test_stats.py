@@ -10,9 +10,10 @@ from torch import nn
 import normdoctor as nd
 from normdoctor.stats import Moments, channel_moments
 
-# A float32 model: inputs are float32 numbers, reduced in float32 per sample and accumulated in
+# A float32 model: on the torch path inputs are reduced in float32 per sample and accumulated in
 # float64; cascade summation keeps the relative error near a few float32 ulps (6e-8), so 1e-6
-# leaves an order of magnitude of room.  A float64 model must match to 1e-10: only the merge
+# leaves an order of magnitude of room.  The fused kernel accumulates in float64 throughout and
+# sits far below that; both paths must meet the same bound (the hot_path fixture runs each).  A float64 model must match to 1e-10: only the merge
 # order differs from NumPy, so anything worse would mean the merge itself loses digits.
 TOL = {torch.float32: 1e-6, torch.float64: 1e-10}
 
@@ -49,7 +50,7 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize(("bn_cls", "shape"), CASES)
-def test_pooled_stats_match_numpy_with_uneven_last_batch(bn_cls, shape, dtype):
+def test_pooled_stats_match_numpy_with_uneven_last_batch(bn_cls, shape, dtype, hot_path):
     gen = torch.Generator().manual_seed(0)
     c = shape[0]
     capture = Capture()
@@ -69,7 +70,7 @@ def test_pooled_stats_match_numpy_with_uneven_last_batch(bn_cls, shape, dtype):
     assert _rel_err(layer.pooled_var, var, var) < TOL[dtype]
 
 
-def test_ill_conditioned_channel_keeps_its_variance():
+def test_ill_conditioned_channel_keeps_its_variance(hot_path):
     # mean = 10,000 x std: E[x^2] - E[x]^2 in float32 loses every digit here.
     gen = torch.Generator().manual_seed(1)
     capture = Capture()
@@ -84,7 +85,7 @@ def test_ill_conditioned_channel_keeps_its_variance():
     assert _rel_err(layer.pooled_mean, mean, np.abs(mean)) < 1e-6
 
 
-def test_rebatching_gives_the_same_statistics():
+def test_rebatching_gives_the_same_statistics(hot_path):
     # fvcore's precise-BN test idea: the same data in other batch splits gives the same moments.
     gen = torch.Generator().manual_seed(2)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).double()
@@ -110,3 +111,62 @@ def test_chan_merge_is_exact():
         torch.testing.assert_close(m.mean, whole.mean, rtol=1e-14, atol=0)
         torch.testing.assert_close(m.m2, whole.m2, rtol=1e-12, atol=0)
     assert Moments.empty(3).merge(whole) is whole
+
+
+@pytest.mark.parametrize(
+    "shape", [(7, 3), (5, 4, 9), (6, 3, 5, 7), (4, 2, 3, 3, 3), (1, 5, 11, 11)], ids=str
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_fused_kernel_writes_the_sums_the_torch_path_writes(shape, dtype):
+    pytest.importorskip("numba")
+    from normdoctor import _fused
+    from normdoctor.layers import find_norm_layers
+    from normdoctor.probe import Recorder
+
+    gen = torch.Generator().manual_seed(3)
+    c = shape[1]
+    x = torch.randn(*shape, generator=gen, dtype=dtype) * 3 + 100
+    bn = nn.BatchNorm1d(c) if len(shape) <= 3 else nn.BatchNorm2d(c)
+    layer = find_norm_layers(nn.Sequential(bn))[0]
+    rows = {}
+    for choice in ("numba", "torch"):
+        _fused.use(choice)
+        try:
+            rec = Recorder.for_module(bn, layer)
+            rec.observe(x)
+            rec.observe(x.flip(0))
+            rows[choice] = rec.buf[: rec.nrows].clone()
+        finally:
+            _fused.use()
+    # float64 sums of the same shifted values: the torch path's float32 per-sample reduction
+    # is the only difference (a few ulps of float32 on each per-sample sum).
+    tol = 1e-5 if dtype is torch.float32 else 1e-12
+    scale = rows["torch"].abs().amax(dim=0, keepdim=True).clamp_min(1e-12)
+    assert float(((rows["numba"] - rows["torch"]).abs() / scale).max()) < tol
+
+
+def test_fused_kernel_propagates_nan_and_inf():
+    pytest.importorskip("numba")
+    from normdoctor import _fused
+
+    x = torch.randn(4, 3, 5, 5)
+    x[1, 2, 3, 3] = float("nan")
+    x[2, 0, 0, 0] = float("inf")
+    out = torch.zeros(3, 3, dtype=torch.float64)
+    _fused.use("numba")
+    try:
+        _fused.kernel()(x.view(4, 3, -1).numpy(), torch.zeros(3).numpy(), out.numpy())
+    finally:
+        _fused.use()
+    assert torch.isinf(out[0, 0]) and torch.isnan(out[:, 2]).all()
+    assert torch.isfinite(out[:, 1]).all()
+
+
+def test_kernel_choice_is_checked():
+    from normdoctor import _fused
+    from normdoctor.errors import NormDoctorError
+
+    with pytest.raises(NormDoctorError, match="expected one of"):
+        _fused.use("cuda-graphs")
+    assert _fused.use("torch") is False and _fused.kernel() is None
+    _fused.use()

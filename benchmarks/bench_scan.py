@@ -5,7 +5,9 @@
 
 Time: per round, interleaved, a plain ``torch.no_grad()`` forward over the same batches in the
 same mode (train-mode BatchNorm for the train path, eval for the eval path) and ``scan`` on that
-path alone; medians over rounds.  Memory: peak RSS of a fresh process scanning 1x and 8x as many
+path alone, once with the fused kernel (``normdoctor[fast]``, numba) and once with stock torch
+ops; medians over rounds.  "fixed ms" is what one scan costs beyond its forwards whatever the
+number of batches (hooks, accumulators, report), measured as scan minus plain on one batch.  Memory: peak RSS of a fresh process scanning 1x and 8x as many
 batches (generated on the fly, so the data itself takes no memory).
 """
 
@@ -24,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _resnet import resnet18
 
 import normdoctor as nd
+from normdoctor import _fused
 
 
 def plain(model: torch.nn.Module, batches: list[torch.Tensor], path: str) -> float:
@@ -43,7 +46,8 @@ def plain(model: torch.nn.Module, batches: list[torch.Tensor], path: str) -> flo
     return elapsed
 
 
-def scanned(model: torch.nn.Module, batches: list[torch.Tensor], path: str) -> float:
+def scanned(model: torch.nn.Module, batches: list[torch.Tensor], path: str, kernel: str) -> float:
+    _fused.use(kernel)
     start = time.perf_counter()
     nd.scan(model, batches, paths=(path,))
     return time.perf_counter() - start
@@ -78,20 +82,35 @@ def main() -> None:
     model = resnet18()
     print(f"ResNet-18-shaped CNN, 20 BatchNorm2d, CPU, {torch.get_num_threads()} threads, "
           f"{args.batches} batches per run, {args.rounds} interleaved rounds, medians")
-    print(f"{'batch':>5} {'input':>7}  {'path':5} {'plain ms':>9} {'scan ms':>9} {'ratio':>7}")
+    kernels = ["numba", "torch"] if _fused.use("auto") else ["torch"]
+    if kernels == ["torch"]:
+        print("numba is not installed: stock torch ops only (pip install 'normdoctor[fast]')")
+    head = "".join(f" {k + ' ms':>9} {'ratio':>7} {'fixed ms':>8}" for k in kernels)
+    print(f"{'batch':>5} {'input':>7}  {'path':5} {'plain ms':>9}{head}")
     for size in (int(v) for v in args.sizes.split(",")):
         for bs in (int(v) for v in args.batch_sizes.split(",")):
             gen = torch.Generator().manual_seed(0)
             batches = [torch.randn(bs, 3, size, size, generator=gen) for _ in range(args.batches)]
             for path in ("train", "eval"):
-                plain(model, batches[:2], path), scanned(model, batches[:2], path)  # warm-up
-                t_plain, t_scan = [], []
+                for k in kernels:  # warm-up (and the kernel's one-time compile or cache load)
+                    plain(model, batches[:2], path), scanned(model, batches[:2], path, k)
+                t_plain, t_one = [], []
+                t_scan: dict[str, list[float]] = {k: [] for k in kernels}
+                t_fixed: dict[str, list[float]] = {k: [] for k in kernels}
                 for _ in range(args.rounds):
                     t_plain.append(plain(model, batches, path))
-                    t_scan.append(scanned(model, batches, path))
-                p, s = statistics.median(t_plain), statistics.median(t_scan)
-                print(f"{bs:5d} {size:3d}x{size:<3d}  {path:5} {p * 1e3:9.1f} {s * 1e3:9.1f} {s / p:6.3f}x",
-                      flush=True)
+                    t_one.append(plain(model, batches[:1], path))
+                    for k in kernels:
+                        t_scan[k].append(scanned(model, batches, path, k))
+                        t_fixed[k].append(scanned(model, batches[:1], path, k))
+                p, p1 = statistics.median(t_plain), statistics.median(t_one)
+                cells = ""
+                for k in kernels:
+                    s_k = statistics.median(t_scan[k])
+                    fixed = statistics.median(t_fixed[k]) - p1
+                    cells += f" {s_k * 1e3:9.1f} {s_k / p:6.3f}x {fixed * 1e3:8.1f}"
+                print(f"{bs:5d} {size:3d}x{size:<3d}  {path:5} {p * 1e3:9.1f}{cells}", flush=True)
+    _fused.use()
     if not args.no_memory:
         bs, size = int(args.batch_sizes.split(",")[0]), int(args.sizes.split(",")[0])
         m1 = peak_rss_mib(args.batches, bs, size)

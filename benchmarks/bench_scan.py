@@ -5,8 +5,9 @@
 
 Time: per round, interleaved, a plain ``torch.no_grad()`` forward over the same batches in the
 same mode (train-mode BatchNorm for the train path, eval for the eval path) and ``scan`` on that
-path alone, once with the fused kernel (``normdoctor[fast]``, numba) and once with stock torch
-ops; medians over rounds.  "fixed ms" is what one scan costs beyond its forwards whatever the
+path alone, once with the fused kernel (numba) and once with stock torch
+ops.  Each scan sits between two plain runs and its ratio is to their mean; the table shows the
+median ratio over rounds (and median times).  "fixed ms" is what one scan costs beyond its forwards whatever the
 number of batches (hooks, accumulators, report), measured as scan minus plain on one batch.  Memory: peak RSS of a fresh process scanning 1x and 8x as many
 batches (generated on the fly, so the data itself takes no memory).
 """
@@ -84,7 +85,7 @@ def main() -> None:
           f"{args.batches} batches per run, {args.rounds} interleaved rounds, medians")
     kernels = ["numba", "torch"] if _fused.use("auto") else ["torch"]
     if kernels == ["torch"]:
-        print("numba is not installed: stock torch ops only (pip install 'normdoctor[fast]')")
+        print("numba does not import here: stock torch ops only")
     head = "".join(f" {k + ' ms':>9} {'ratio':>7} {'fixed ms':>8}" for k in kernels)
     print(f"{'batch':>5} {'input':>7}  {'path':5} {'plain ms':>9}{head}")
     for size in (int(v) for v in args.sizes.split(",")):
@@ -94,21 +95,29 @@ def main() -> None:
             for path in ("train", "eval"):
                 for k in kernels:  # warm-up (and the kernel's one-time compile or cache load)
                     plain(model, batches[:2], path), scanned(model, batches[:2], path, k)
-                t_plain, t_one = [], []
+                # Each scan is paired with the plain forwards just before and after it, and the
+                # ratio is taken per round: the machine's speed drifts between rounds (shared
+                # cores), which a ratio of medians over the whole run would fold in.
+                t_plain: list[float] = []
+                ratio: dict[str, list[float]] = {k: [] for k in kernels}
                 t_scan: dict[str, list[float]] = {k: [] for k in kernels}
-                t_fixed: dict[str, list[float]] = {k: [] for k in kernels}
+                fixed: dict[str, list[float]] = {k: [] for k in kernels}
                 for _ in range(args.rounds):
-                    t_plain.append(plain(model, batches, path))
-                    t_one.append(plain(model, batches[:1], path))
                     for k in kernels:
-                        t_scan[k].append(scanned(model, batches, path, k))
-                        t_fixed[k].append(scanned(model, batches[:1], path, k))
-                p, p1 = statistics.median(t_plain), statistics.median(t_one)
+                        before = plain(model, batches, path)
+                        t = scanned(model, batches, path, k)
+                        after = plain(model, batches, path)
+                        t_plain += [before, after]
+                        t_scan[k].append(t)
+                        ratio[k].append(2 * t / (before + after))
+                        one = plain(model, batches[:1], path)
+                        fixed[k].append(scanned(model, batches[:1], path, k) - one)
+                p = statistics.median(t_plain)
                 cells = ""
                 for k in kernels:
-                    s_k = statistics.median(t_scan[k])
-                    fixed = statistics.median(t_fixed[k]) - p1
-                    cells += f" {s_k * 1e3:9.1f} {s_k / p:6.3f}x {fixed * 1e3:8.1f}"
+                    s_k, r_k = statistics.median(t_scan[k]), statistics.median(ratio[k])
+                    f_k = statistics.median(fixed[k])
+                    cells += f" {s_k * 1e3:9.1f} {r_k:6.3f}x {f_k * 1e3:8.1f}"
                 print(f"{bs:5d} {size:3d}x{size:<3d}  {path:5} {p * 1e3:9.1f}{cells}", flush=True)
     _fused.use()
     if not args.no_memory:

@@ -1,4 +1,4 @@
-"""An optional fused CPU kernel for the probe's hot path (``pip install normdoctor[fast]``).
+"""A fused CPU kernel (numba) for the probe's hot path, with the stock torch ops as fallback.
 
 With stock PyTorch ops the hook needs three passes over a layer's input and one write: the
 shifted copy x - K, its per-sample sums, and its per-sample sums of squares (a float64 reduction
@@ -11,7 +11,8 @@ of (x - K)^2, and sum over samples of the squared per-sample sum.  Measured on t
 ResNet-18, it costs one to two plain ``Tensor.sum`` calls, where the torch path costs four to
 seven (``benchmarks/bench_scan.py`` prints both).
 
-numba is imported on first use only, so commands that never scan do not pay for it.  Set
+numba is a dependency but imported on first use only, so commands that never scan do not pay
+for it; where it cannot be imported the torch path runs.  Set
 ``NORMDOCTOR_KERNEL=torch`` to force the stock-op path (``numba`` to require the kernel).
 """
 
@@ -90,7 +91,7 @@ def use(choice: str | None = None) -> bool:
         except ImportError:
             if choice == "numba":
                 raise NormDoctorError(
-                    "the fused kernel needs numba: pip install 'normdoctor[fast]'"
+                    "the fused kernel needs numba, which does not import here: pip install numba"
                 ) from None
     return _kernel is not None
 

@@ -9,7 +9,7 @@ from normdoctor import _fused
 
 @pytest.fixture(params=["numba", "torch"])
 def hot_path(request):
-    """Run the test once with the fused kernel (normdoctor[fast]) and once with stock torch ops."""
+    """Run the test once with the fused kernel (numba) and once with stock torch ops."""
     if request.param == "numba":
         pytest.importorskip("numba")
     _fused.use(request.param)

@@ -1109,7 +1109,15 @@ def recalibrate(
     try:
         if mode == "single-pass":
             results, counts, _ = _measure(
-                target, chosen, batches, fwd, run_device, dtype, "train", sharded=sharded
+                target,
+                chosen,
+                batches,
+                fwd,
+                run_device,
+                dtype,
+                "train",
+                sharded=sharded,
+                reuse_stats=True,
             )
             _require_reached(results, names)
             for n in names:
@@ -1160,13 +1168,19 @@ def _measure(
     path: str,
     stop_at: str | None = None,
     sharded: bool = False,
+    reuse_stats: bool = False,
 ) -> tuple[dict[str, LayerMeasurement | None], dict[str, int], list[str]]:
     """One pass over the data on ``path`` recording the inputs of ``layers`` (with ``sharded``,
-    this rank's share, merged exactly over all ranks)."""
+    this rank's share, merged exactly over all ranks).
+
+    With ``reuse_stats`` (train path), plain BatchNorm layers normalize with the batch
+    statistics the probe has just measured instead of computing them again (see
+    :func:`_normalize_with_measured`)."""
     modules = dict(model.named_modules())
     counts: dict[str, int] = {"__batches__": 0}
     handles = []
     with Probe(model, layers, paths=(path,)) as probe, torch.no_grad():
+        swapped = _normalize_with_measured(probe, path, modules) if reuse_stats else []
         try:
             for layer in layers:
 
@@ -1215,7 +1229,52 @@ def _measure(
         finally:
             for h in handles:
                 h.remove()
+            for module in swapped:
+                del module.forward
     return results, counts, order
+
+
+_PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _normalize_with_measured(probe: Probe, path: str, modules: dict[str, nn.Module]) -> list:
+    """On the train path, let plain BatchNorm layers reuse the probe's batch statistics.
+
+    The probe's pre-hook has just reduced the layer's input to its exact batch mean and biased
+    variance; normalizing with them through the inference kernel gives what train mode gives
+    (up to float32 rounding of the normalized values) without BatchNorm's own training
+    kernel, which on CPU costs several times the inference one.  Only exact BatchNorm1d/2d/3d
+    types are swapped (a subclass keeps its own forward); anything the probe did not record
+    (a batch of one value per channel, other dtypes) goes through the layer's own forward, so
+    its errors stay its own.  Returns the modules whose ``forward`` was replaced (the caller
+    deletes the instance attribute again).
+    """
+    swapped = []
+    recorders = probe._recorders[path]
+    for name, rec in recorders.items():
+        module = modules[name]
+        if type(module) not in _PLAIN_BN or "forward" in module.__dict__:
+            continue
+
+        def forward(x: torch.Tensor, module: nn.Module = module, rec: Any = rec) -> torch.Tensor:
+            stats = rec.last_batch_stats() if module.training else None
+            if stats is None or stats[2] < 2 or x.dtype not in (torch.float32, torch.float64):
+                return type(module).forward(module, x)
+            mean, var, _ = stats
+            return F.batch_norm(
+                x,
+                mean.to(x.dtype),
+                var.to(x.dtype),
+                module.weight,
+                module.bias,
+                False,
+                0.0,
+                module.eps,
+            )
+
+        module.forward = forward
+        swapped.append(module)
+    return swapped
 
 
 def _require_reached(results: dict[str, LayerMeasurement | None], names: Sequence[str]) -> None:

@@ -127,6 +127,7 @@ class Recorder:
         self._shift_view: dict[int, torch.Tensor] = {}
         self.buf: torch.Tensor | None = None
         self.nrows = 0
+        self.last: tuple[int, int] | None = None  # (buffer row, elements per channel)
         self.meta: list[tuple[int, int, int]] = []  # (rows, elements per row, samples per row)
         c = self.running_mean.numel()
         # Sums over units (rows), names in SCALARS and VECTORS (DESIGN.md): one tensor each, so
@@ -146,6 +147,7 @@ class Recorder:
     # -- hot path --------------------------------------------------------------------------
     def observe(self, x: torch.Tensor, scratch: Scratch | None = None) -> None:
         """Record one call's input (N, C, *): the hot path, no host synchronisation."""
+        self.last = None
         x = x.detach()
         if x.dim() < 2 or x.shape[1] != self.running_mean.numel():
             return  # not what the layer takes: the layer itself raises the error
@@ -212,11 +214,26 @@ class Recorder:
         per_row = x.numel() // (n * x.shape[1]) if n else 1
         if x.dim() > 2:
             self.spatial = True
+        self.last = (self.nrows, n * per_row)  # the row stays in the buffer until the next call
         self.rows_per_call.append(1)
         self.nrows += 1
         self.meta.append((1, n * per_row, n))
         if self.nrows >= _FLUSH_ROWS:
             self.flush()
+
+    def last_batch_stats(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """(mean, biased variance, elements per channel) of the batch just observed, float64.
+
+        ``None`` when the last call recorded no batch row (an input the layer does not take,
+        or per-sample rows).
+        """
+        if self.last is None or self.buf is None:
+            return None
+        row, count = self.last
+        t1, t2 = self.buf[row, 0], self.buf[row, 1]
+        e = t1 / count
+        assert self.shift64 is not None
+        return self.shift64 + e, (t2 / count - e * e).clamp_min(0), count
 
     def _buffer(self) -> torch.Tensor:
         """Fixed-size float64 rows waiting to be folded: memory does not grow with batches."""

@@ -352,6 +352,51 @@ def test_recalibrate_is_exact_on_ill_conditioned_channels():
     assert ((naive - exact).abs() / exact).max() > 1e-2
 
 
+def test_single_pass_equals_float64_statistics_of_train_path_inputs(hot_path):
+    # ScaledBN (a subclass with its own forward) must keep it.
+    # Reference: what each layer sees when every upstream BatchNorm runs in train mode (batch
+    # statistics), captured from real train-mode layers, then float64 NumPy over all batches.
+    # single-pass normalizes plain BatchNorm layers with its own exact batch statistics through
+    # the inference kernel instead; upstream outputs then differ from train mode by float32
+    # rounding (~1e-7 relative), well inside RECAL_RTOL after three layers.
+    gen = torch.Generator().manual_seed(4)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, 5, 3), ScaledBN(5), nn.ReLU(),
+        nn.Conv2d(5, 4, 3), nn.BatchNorm2d(4),
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1, generator=gen)
+                m.running_var.uniform_(0.5, 2, generator=gen)
+    x = torch.randn(70, 3, 12, 12, generator=gen) * 4 + 3
+    names = ["1", "4", "7"]
+    ref_model = copy.deepcopy(model)
+    for m in ref_model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.train()
+            m.track_running_stats = False
+    modules = dict(ref_model.named_modules())
+    chunks: dict[str, list] = {n: [] for n in names}
+    for n in names:
+        modules[n].register_forward_pre_hook(
+            lambda _m, args, n=n: chunks[n].append(args[0].double().numpy())
+        )
+    with torch.no_grad():
+        for batch in x.split(16):
+            ref_model(batch)
+    seen = {n: np.concatenate(v) for n, v in chunks.items()}
+    snap = snapshot(model)
+    recal = recalibrate(model, x, batch_size=16, shuffle=False, mode="single-pass")
+    assert_untouched(model, snap)
+    for n in names:
+        assert_exact_statistics(dict(recal.named_modules())[n], seen[n])
+    # Layer 7 sees ScaledBN's doubled output: had its forward been replaced, its statistics
+    # would be off by a factor of 4 in variance.  No replacement is left behind.
+    assert all("forward" not in m.__dict__ for m in recal.modules())
+
+
 def test_recalibrate_recovers_the_stale_model(test_split, calib_split):
     model = load_sample("stale")
     acc_before = accuracy(model, *test_split)

@@ -1048,9 +1048,12 @@ def recalibrate(
         pass on the train path (every norm layer normalizes with batch statistics, dropout off),
         like ``torch.optim.swa_utils.update_bn`` and fvcore's precise BN but exact: one forward
         pass, but each layer sees inputs normalized upstream by *batch* statistics, which differ
-        from inference when batches are small or correlated.  Measured on a ResNet-18-shaped CNN
-        (``benchmarks/bench_recalibrate.py``): single-pass costs about 1.1x
-        ``torch.optim.swa_utils.update_bn``, sequential about 10x.
+        from inference when batches are small or correlated.  In that pass plain BatchNorm
+        layers normalize with the batch statistics normdoctor has just measured (exactly, in
+        float64), through the inference kernel, instead of recomputing them in BatchNorm's
+        training kernel; subclasses keep their own forward.  Measured on a ResNet-18-shaped CNN
+        (``benchmarks/bench_recalibrate.py``): single-pass costs about 0.95-1.0x
+        ``torch.optim.swa_utils.update_bn``, sequential about 11x.
 
     Args:
         model: the model (deep-copied first unless ``inplace``).

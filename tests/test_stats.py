@@ -170,3 +170,23 @@ def test_kernel_choice_is_checked():
         _fused.use("cuda-graphs")
     assert _fused.use("torch") is False and _fused.kernel() is None
     _fused.use()
+
+
+def test_channels_last_inputs_give_the_same_statistics(hot_path):
+    # channels_last activations are not contiguous in NCHW order: the fused kernel steps aside
+    # and the torch path measures them; either way the statistics must not depend on layout.
+    gen = torch.Generator().manual_seed(5)
+    capture = Capture()
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), capture, nn.BatchNorm2d(6))
+    x = torch.randn(40, 3, 9, 9, generator=gen) * 2 + 1
+    plain = nd.scan(model, x, batch_size=8, shuffle=False, paths=("train",)).layer("2")
+    model_cl = model.to(memory_format=torch.channels_last)
+    capture.seen.clear()
+    cl = nd.scan(
+        model_cl, x.to(memory_format=torch.channels_last), batch_size=8, shuffle=False,
+        paths=("train",),
+    ).layer("2")
+    mean, var = _reference(capture.seen)
+    for layer in (plain, cl):
+        assert _rel_err(layer.pooled_var, var, var) < TOL[torch.float32]
+        assert _rel_err(layer.pooled_mean, mean, np.sqrt(var)) < TOL[torch.float32]

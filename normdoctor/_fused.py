@@ -19,6 +19,7 @@ for it; where it cannot be imported the torch path runs.  Set
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -40,12 +41,31 @@ def _build() -> Callable[..., None]:
 
 
 def _compile() -> Callable[..., None]:
+    """Compile for float32 and float64 now, so that a failure shows here, not mid-scan."""
+    try:
+        fn = _define(cache=True)
+        _warm(fn)
+    except RuntimeError:  # numba found no writable cache location: compile in memory
+        fn = _define(cache=False)
+        _warm(fn)
+    return fn
+
+
+def _warm(fn: Callable[..., None]) -> None:
+    out = np.zeros((3, 2))
+    for dtype in (np.float32, np.float64):
+        fn(np.ones((2, 2, 3), dtype=dtype), np.zeros(2, dtype=dtype), out)
+    if not np.allclose(out, [[6.0, 6.0], [6.0, 6.0], [18.0, 18.0]]):
+        raise RuntimeError(f"fused kernel self-check failed: {out.tolist()}")
+
+
+def _define(cache: bool) -> Callable[..., None]:
     import numba
 
     # reassoc lets LLVM vectorise the float64 sums; no nnan/ninf: NaN and Inf must propagate.
     fast = {"reassoc", "contract"}
 
-    @numba.njit(parallel=True, fastmath=fast, cache=True, nogil=True, boundscheck=False)
+    @numba.njit(parallel=True, fastmath=fast, cache=cache, nogil=True, boundscheck=False)
     def batch_sums(x, k, out):  # pragma: no cover - compiled, tested through its results
         n_samples, channels, length = x.shape
         for c in numba.prange(channels):
@@ -93,6 +113,15 @@ def use(choice: str | None = None) -> bool:
                 raise NormDoctorError(
                     "the fused kernel needs numba, which does not import here: pip install numba"
                 ) from None
+        except Exception as exc:  # a numba/LLVM failure must not stop a scan
+            if choice == "numba":
+                raise NormDoctorError(f"the fused kernel failed to compile: {exc}") from exc
+            warnings.warn(
+                f"normdoctor: fused kernel unavailable ({type(exc).__name__}: {exc}); "
+                "using stock torch ops (slower, same results)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     return _kernel is not None
 
 

@@ -190,3 +190,28 @@ def test_channels_last_inputs_give_the_same_statistics(hot_path):
     for layer in (plain, cl):
         assert _rel_err(layer.pooled_var, var, var) < TOL[torch.float32]
         assert _rel_err(layer.pooled_mean, mean, np.sqrt(var)) < TOL[torch.float32]
+
+
+def test_a_failing_kernel_build_falls_back_to_torch_ops(monkeypatch):
+    pytest.importorskip("numba")
+    from normdoctor import _fused
+    from normdoctor.errors import NormDoctorError
+
+    def broken() -> None:
+        raise RuntimeError("LLVM said no")
+
+    monkeypatch.setattr(_fused, "_built", None)
+    monkeypatch.setattr(_fused, "_compile", broken)
+    try:
+        with pytest.warns(RuntimeWarning, match="LLVM said no"):
+            assert _fused.use("auto") is False
+        gen = torch.Generator().manual_seed(6)
+        x = torch.randn(30, 3, 4, 4, generator=gen) + 5
+        layer = nd.scan(nn.Sequential(nn.BatchNorm2d(3)), x, paths=("train",)).layer("0")
+        ref = x.double().var(dim=(0, 2, 3), unbiased=False).numpy()
+        np.testing.assert_allclose(layer.pooled_var, ref, rtol=1e-6)
+        with pytest.raises(NormDoctorError, match="failed to compile"):
+            _fused.use("numba")
+    finally:
+        monkeypatch.undo()
+        _fused.use()

@@ -151,6 +151,8 @@ class Recorder:
         x = x.detach()
         if x.dim() < 2 or x.shape[1] != self.running_mean.numel():
             return  # not what the layer takes: the layer itself raises the error
+        if x.numel() == 0:
+            return  # an empty batch holds no statistics (and would divide 0 by 0)
         if x.dtype not in (torch.float32, torch.float64):
             x = x.float()
         if self.shift is None:

@@ -351,3 +351,14 @@ def test_bad_arguments_fail_before_any_forward():
         nd.scan(model, torch.randn(4, 3), group_by="label")
     with pytest.raises(nd.ScanError, match="batch 0"):
         nd.scan(model, torch.randn(4, 5))  # wrong width
+
+
+def test_an_empty_batch_adds_nothing():
+    gen = torch.Generator().manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)).eval()
+    x = torch.randn(24, 2, 6, 6, generator=gen)
+    batches = [x[:12], x[:0], x[12:]]
+    with_empty = nd.scan(model, batches, paths=("eval",)).layer("1")
+    without = nd.scan(model, [x[:12], x[12:]], paths=("eval",)).layer("1")
+    assert with_empty.eval.samples == 24
+    assert with_empty.eval.pooled_var == pytest.approx(without.eval.pooled_var, rel=1e-12)

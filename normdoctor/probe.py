@@ -418,6 +418,9 @@ class Recorder:
         )
 
 
+_set = object.__setattr__  # plain attributes (bools), never tensors or modules
+
+
 class Probe:
     """Context manager that records the inputs of batch-dependent norm layers.
 
@@ -548,10 +551,12 @@ class Probe:
         if path not in self._recorders:
             raise ValueError(f"path {path!r} not recorded by this probe (paths: {self.paths})")
         train = path == "train"
+        # object.__setattr__: nn.Module.__setattr__ checks its parameter, buffer and submodule
+        # dicts on every call, which at batch size 1 costs more than the layer itself.
         if train:
             for module, family, _track, _buffers in self._switch:
-                module.training = True
-                module.track_running_stats = False
+                _set(module, "training", True)
+                _set(module, "track_running_stats", False)
                 if family is NormFamily.INSTANCE_TRACKED:
                     # InstanceNorm updates running stats whenever it is handed them.
                     module._buffers["running_mean"] = None
@@ -563,8 +568,8 @@ class Probe:
             self._active = None
             if train:
                 for module, family, track, buffers in self._switch:
-                    module.training = False
-                    module.track_running_stats = track
+                    _set(module, "training", False)
+                    _set(module, "track_running_stats", track)
                     if family is NormFamily.INSTANCE_TRACKED:
                         module._buffers["running_mean"] = buffers["running_mean"]
                         module._buffers["running_var"] = buffers["running_var"]

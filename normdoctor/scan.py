@@ -81,18 +81,23 @@ def _output_tensor(out: Any) -> torch.Tensor | None:
 
 
 class EndToEndMeter:
-    """Device-side sums comparing the outputs of both paths."""
+    """Device-side sums comparing the outputs of both paths (one small tensor, one add a batch)."""
+
+    KEYS = ("nonfinite", "diff", "norm", "agree", "correct_t", "correct_e")
 
     def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
+        self._acc: torch.Tensor | None = None
+        self._present = 0  # how many of KEYS every update so far has given (a prefix)
         self.batches = 0
         self.samples = 0
         self.classifier = True
         self.labelled = True
 
-    def _add(self, key: str, value: torch.Tensor) -> None:
-        value = value.detach().to(torch.float64)
-        self.sums[key] = self.sums[key] + value if key in self.sums else value
+    @property
+    def sums(self) -> dict[str, torch.Tensor]:
+        if self._acc is None:
+            return {}
+        return dict(zip(self.KEYS[: self._present], self._acc[: self._present], strict=True))
 
     def update(self, out_t: Any, out_e: Any, labels: torch.Tensor | None, size: int) -> None:
         t, e = _output_tensor(out_t), _output_tensor(out_e)
@@ -103,14 +108,14 @@ class EndToEndMeter:
         self.samples += size
         t64, e64 = t.detach().double(), e.detach().double()
         finite = torch.isfinite(t64) & torch.isfinite(e64)
-        self._add("nonfinite", (~finite).sum())
-        t64 = torch.where(finite, t64, 0.0)
-        e64 = torch.where(finite, e64, 0.0)
-        self._add("diff", (t64 - e64).square().sum())
-        self._add("norm", t64.square().sum())
+        parts = [
+            (~finite).sum(),
+            torch.where(finite, t64 - e64, 0.0).square().sum(),
+            torch.where(finite, t64, 0.0).square().sum(),
+        ]
         if t.dim() == 2 and t.shape[1] > 1 and t.shape[0] == size:
             pt, pe = t.argmax(1), e.argmax(1)
-            self._add("agree", (pt == pe).sum())
+            parts.append((pt == pe).sum())
             if (
                 labels is not None
                 and labels.dim() == 1
@@ -118,12 +123,17 @@ class EndToEndMeter:
                 and not labels.is_floating_point()
             ):
                 labels = labels.to(pt.device)
-                self._add("correct_t", (pt == labels).sum())
-                self._add("correct_e", (pe == labels).sum())
+                parts += [(pt == labels).sum(), (pe == labels).sum()]
             else:
                 self.labelled = False
         else:
             self.classifier = self.labelled = False
+        values = torch.stack(parts).to(torch.float64)  # the keys are always a prefix of KEYS
+        if self._acc is None:
+            self._acc = torch.zeros(len(self.KEYS), dtype=torch.float64, device=values.device)
+            self._present = len(parts)
+        self._present = min(self._present, len(parts))
+        self._acc[: len(parts)] += values
 
     def all_reduce(self) -> None:
         """Sum the comparison over ranks (torch.distributed)."""
@@ -151,7 +161,13 @@ class EndToEndMeter:
         self.samples = int(merged.pop("samples"))
         self.classifier = float(merged.pop("classifier", 0)) == 0  # no rank said "not a classifier"
         self.labelled = float(merged.pop("labelled", 0)) == 0
-        self.sums = merged
+        present = [k for k in self.KEYS if k in merged]
+        self._present = len(present)
+        self._acc = (
+            torch.stack([merged[k].to(torch.float64).reshape(()) for k in present])
+            if present
+            else None
+        )
 
     def result(self) -> EndToEnd | None:
         if self.batches == 0:

@@ -87,7 +87,7 @@ class EndToEndMeter:
 
     def __init__(self) -> None:
         self._acc: torch.Tensor | None = None
-        self._present = 0  # how many of KEYS every update so far has given (a prefix)
+        self._present = len(self.KEYS)  # how many of KEYS every update so far gave (a prefix)
         self.batches = 0
         self.samples = 0
         self.classifier = True
@@ -131,7 +131,6 @@ class EndToEndMeter:
         values = torch.stack(parts).to(torch.float64)  # the keys are always a prefix of KEYS
         if self._acc is None:
             self._acc = torch.zeros(len(self.KEYS), dtype=torch.float64, device=values.device)
-            self._present = len(parts)
         self._present = min(self._present, len(parts))
         self._acc[: len(parts)] += values
 

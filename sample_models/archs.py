@@ -11,9 +11,9 @@ Inputs are digits from ``sklearn.datasets.load_digits``: float32 tensors of shap
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor, cat, nn
 
-__all__ = ["DigitsCNN", "DigitsMLP"]
+__all__ = ["DigitsCNN", "DigitsMLP", "DigitsUNet"]
 
 
 def _norm2d(kind: str, channels: int, spatial: int, groups: int) -> nn.Module:
@@ -96,3 +96,52 @@ class DigitsMLP(nn.Module):
         x = self.relu1(self.bn1(self.fc1(x)))
         x = self.relu2(self.bn2(self.fc2(x)))
         return self.fc3(x)
+
+
+class DigitsUNet(nn.Module):
+    """Small BatchNorm UNet for 8x8 image-to-image tasks: (N, C, 8, 8) -> (N, C_out, 8, 8).
+
+    Encoder (3x3 convs, padding 1, no bias; each followed by BatchNorm2d and ReLU)::
+
+        enc1: conv(in -> w)                8x8
+        enc2: conv(w -> 2w, stride 2)      4x4
+        enc3: conv(2w -> 2w, stride 2)     2x2   (bottleneck)
+
+    Decoder (ConvTranspose2d(k=2, stride=2) upsampling, skip connections by concatenation;
+    every conv / transposed conv followed by BatchNorm2d and ReLU)::
+
+        up2:  convT(2w -> w)               4x4, concat enc2 -> 3w, dec2: conv(3w -> w)
+        up1:  convT(w -> w)                8x8, concat enc1 -> 2w, dec1: conv(2w -> w)
+        out:  conv 1x1 (w -> out), with bias, no norm, no activation
+
+    ``width=16`` gives 28,865 parameters and 7 BatchNorm2d layers.
+    """
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 1, width: int = 16) -> None:
+        super().__init__()
+        w = width
+        self.enc1 = nn.Conv2d(in_channels, w, 3, padding=1, bias=False)
+        self.bn_enc1 = nn.BatchNorm2d(w)
+        self.enc2 = nn.Conv2d(w, 2 * w, 3, stride=2, padding=1, bias=False)
+        self.bn_enc2 = nn.BatchNorm2d(2 * w)
+        self.enc3 = nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1, bias=False)
+        self.bn_enc3 = nn.BatchNorm2d(2 * w)
+        self.up2 = nn.ConvTranspose2d(2 * w, w, 2, stride=2, bias=False)
+        self.bn_up2 = nn.BatchNorm2d(w)
+        self.dec2 = nn.Conv2d(3 * w, w, 3, padding=1, bias=False)
+        self.bn_dec2 = nn.BatchNorm2d(w)
+        self.up1 = nn.ConvTranspose2d(w, w, 2, stride=2, bias=False)
+        self.bn_up1 = nn.BatchNorm2d(w)
+        self.dec1 = nn.Conv2d(2 * w, w, 3, padding=1, bias=False)
+        self.bn_dec1 = nn.BatchNorm2d(w)
+        self.out = nn.Conv2d(w, out_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        e1 = nn.functional.relu(self.bn_enc1(self.enc1(x)))
+        e2 = nn.functional.relu(self.bn_enc2(self.enc2(e1)))
+        e3 = nn.functional.relu(self.bn_enc3(self.enc3(e2)))
+        d2 = nn.functional.relu(self.bn_up2(self.up2(e3)))
+        d2 = nn.functional.relu(self.bn_dec2(self.dec2(cat([d2, e2], dim=1))))
+        d1 = nn.functional.relu(self.bn_up1(self.up1(d2)))
+        d1 = nn.functional.relu(self.bn_dec1(self.dec1(cat([d1, e1], dim=1))))
+        return self.out(d1)

@@ -231,3 +231,90 @@ def measure_truth(
     if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
         out["acc_instancenorm"] = acc_eval(to_instancenorm(model), x, y)
     return out
+
+
+# ------------------------------------------------------------ image-to-image (issue 12)
+#
+# The pix2pix-style pair (``pix2pix-b1``, ``pix2pix-b32``) predicts images, so its truth is a
+# mean squared error instead of an accuracy: the mean over all N x C x H x W output values of
+# (output - target)^2, computed on a float64 copy of the model on one thread, like above.
+#
+# * ``mse_eval``: ``model.eval()``, whole split in one forward pass.
+# * ``mse_batchstats_bs1``: BatchNorm layers in train mode, one sample per forward pass: every
+#   norm layer uses the statistics of a one-sample batch (for BatchNorm2d that is exactly
+#   InstanceNorm with the same affine).
+# * ``mse_batchstats_bs32``: the same with shuffled batches of 32
+#   (``np.random.default_rng(RANDOM_BATCH_SEED).permutation(N)``, consecutive chunks).
+# * ``mse_recalibrated``: eval mode after :func:`recalibrate_exact` on the calib inputs.
+# * ``mse_instancenorm``: eval mode after :func:`to_instancenorm`.
+
+
+def load_pairs(name: str, data_dir: Path = DATA_DIR) -> tuple[np.ndarray, np.ndarray]:
+    """Load ``data/<name>.npz`` of an image-to-image split -> (x, y), float32 (N,1,8,8)."""
+    with np.load(data_dir / f"{name}.npz") as z:
+        return z["x"], z["y"]
+
+
+def _mse(out: torch.Tensor, y: np.ndarray) -> float:
+    return float(((out - torch.from_numpy(y).double()) ** 2).mean())
+
+
+@torch.no_grad()
+def mse_eval(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    """Eval-mode MSE (float64 copy, one thread, whole split at once)."""
+    with one_thread():
+        return _mse(_f64(model)(torch.from_numpy(x).double()), y)
+
+
+@torch.no_grad()
+def mse_batchstats(
+    model: nn.Module, x: np.ndarray, y: np.ndarray, batches: Sequence[np.ndarray]
+) -> float:
+    """MSE with batch statistics: BN layers in train mode on a float64 deep copy."""
+    with one_thread():
+        m = _f64(model)
+        for _, bn in bn_layers(m):
+            bn.train()
+        xt = torch.from_numpy(x).double()
+        out = torch.empty(xt.shape[:1] + tuple(y.shape[1:]), dtype=torch.float64)
+        for b in batches:
+            bt = torch.from_numpy(np.asarray(b, dtype=np.int64))
+            out[bt] = m(xt[bt])
+        return _mse(out, y)
+
+
+def measure_image_truth(
+    model: nn.Module, test: tuple[np.ndarray, np.ndarray], calib_x: np.ndarray
+) -> dict:
+    """All MSE truths of an image-to-image model on ``test`` (see the comment above)."""
+    x, y = test
+    n = len(x)
+    return {
+        "mse_eval": mse_eval(model, x, y),
+        "mse_batchstats_bs1": mse_batchstats(model, x, y, make_batches(np.zeros(n), 1, "keep")),
+        "mse_batchstats_bs32": mse_batchstats(
+            model, x, y, make_batches(np.zeros(n), 32, "shuffle")
+        ),
+        "mse_recalibrated": mse_eval(recalibrate_exact(model, calib_x), x, y),
+        "mse_instancenorm": mse_eval(to_instancenorm(model), x, y),
+    }
+
+
+# -------------------------------------------------------------- shifted data (issue 12)
+
+
+def measure_shifted_truth(model: nn.Module, shifted: tuple[np.ndarray, np.ndarray]) -> dict:
+    """A classifier on shifted inputs (``data/shifted.npz``).
+
+    * ``acc_eval``: eval mode (the shipped running statistics).
+    * ``acc_recalibrated``: eval mode after :func:`recalibrate_exact` on the shifted inputs
+      themselves (all of them).
+    * ``acc_batchstats_random64``: BN layers in train mode, shuffled batches of 64
+      (``np.random.default_rng(RANDOM_BATCH_SEED)``), as :func:`measure_truth`.
+    """
+    x, y = shifted
+    return {
+        "acc_eval": acc_eval(model, x, y),
+        "acc_recalibrated": acc_eval(recalibrate_exact(model, x), x, y),
+        "acc_batchstats_random64": acc_batchstats(model, x, y, make_batches(y, 64, "shuffle")),
+    }

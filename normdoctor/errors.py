@@ -12,6 +12,7 @@ __all__ = [
     "LoadError",
     "NormDoctorError",
     "ScanError",
+    "UnsafeFileError",
 ]
 
 
@@ -21,6 +22,11 @@ class NormDoctorError(Exception):
 
 class LoadError(NormDoctorError):
     """A model or checkpoint file could not be opened or rebuilt."""
+
+
+class UnsafeFileError(LoadError):
+    """A model file was refused: reading it could run code stored in it, or its structure is
+    ambiguous (two readers could see different contents)."""
 
 
 class DataError(NormDoctorError):

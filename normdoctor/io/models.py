@@ -11,35 +11,33 @@ Formats are recognised by content first (the extension only breaks ties):
 * an 8-byte header length then ``{``: safetensors;
 * ``.onnx`` (or an ONNX protobuf): handed to :mod:`normdoctor.onnx_backend`.
 
-Safety: no stream that ``torch.load(weights_only=True)`` refuses is ever unpickled with the full
-Python unpickler unless ``trust_pickle`` is set.  ``torch.load`` always runs with
-``weights_only=True`` first.  When that refuses, the file's pickle is read by an *inert*
-unpickler that never imports or calls anything the file names: every class or function it
-references becomes a stand-in that only records its arguments, and tensors are rebuilt by
-normdoctor from the raw storage bytes.  That is enough to recover the weights of a pickled
-module, of a checkpoint that also holds arbitrary training objects, and of a TorchScript archive,
-for the static checks or to load into ``arch``.  ``torch.jit.load`` is never called: it runs
-TorchScript code stored in the archive (``__setstate__``) while loading, and PyTorch does not
-treat TorchScript loading as a security boundary.  ``torch.export.load`` is only called after
-every entry it would unpickle has been checked to load with ``weights_only=True`` (see
-:func:`_check_pt2`): on its own it falls back to the full unpickler for pickled weights,
-constants and example inputs, and loads AOTInductor native libraries.
+Safety: nothing read from a file is unpickled with the full Python unpickler, and no loader
+that runs code stored in a file is called, unless ``trust_pickle`` is set.  Zip archives are
+first checked to have a single reading (:mod:`normdoctor.io.archive`: no duplicate names, no
+stray bytes, one top folder), so that PyTorch's zip reader and Python's see the same entries.
+``torch.load`` always runs with ``weights_only=True`` (on an open file: by name torch would send
+``*.safetensors`` to safetensors whatever it holds).  When that refuses, the file's pickle is read
+by the *inert* unpickler of :mod:`normdoctor.io.unpickle`, which never imports or calls anything
+the file names: every class or function it references becomes a stand-in that only records its
+arguments, and tensors are rebuilt by normdoctor from the raw storage bytes.  That is enough to
+recover the weights of a pickled module, of a checkpoint that also holds arbitrary training
+objects, and of a TorchScript archive, for the static checks or to load into ``arch``.
+``torch.jit.load`` is never called: it runs TorchScript code stored in the archive
+(``__setstate__``) while loading, and PyTorch does not treat TorchScript loading as a security
+boundary.  ``torch.export.load`` is only called with ``trust_pickle``: without it
+:mod:`normdoctor.io.pt2` reads the archive itself and hands torch's deserializer only checked
+objects (see there for what ``torch.export.load`` would run).
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import enum
 import hashlib
 import importlib
 import importlib.util
-import io
-import json
-import logging
 import os
 import pickle
-import pickletools
 import re
 import struct
 import sys
@@ -48,12 +46,15 @@ import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import LoadError
+from ..errors import LoadError, UnsafeFileError
+from .archive import CheckedZip
+from .pt2 import quiet_torch_export_logs, read_exported_program
+from .unpickle import InertUnpickler, Opaque, pickle_globals, unsafe_names
 
 __all__ = [
     "Checkpoint",
@@ -175,19 +176,9 @@ class _Sniffed:
 
 
 def _zip_layout(path: Path) -> tuple[str, tuple[str, ...]]:
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise LoadError(
-            f"{path} starts like a zip archive (torch.save / torch.export / TorchScript) but "
-            f"cannot be read: truncated or corrupt ({_one_line(exc)})"
-        ) from None
-    tops = {n.split("/", 1)[0] for n in names if "/" in n}
-    if len(tops) == 1 and all("/" in n for n in names):
-        prefix = tops.pop() + "/"
-        return prefix, tuple(n[len(prefix) :] for n in names)
-    return "", tuple(names)
+    """(top folder, entry names below it), after refusing an ambiguous archive."""
+    with CheckedZip(path, flat_ok=True) as archive:
+        return archive.prefix, archive.names
 
 
 def _looks_like_text(head: bytes) -> bool:
@@ -209,13 +200,22 @@ def _sniff(path: Path) -> _Sniffed:
         prefix, names = _zip_layout(path)
         name_set = set(names)
         if "archive_format" in name_set or any(n.startswith("models/") for n in names):
+            kind = _Kind.EXPORT
+        elif "serialized_exported_program.json" in name_set:  # torch.export before 2.8: flat
             return _Sniffed(_Kind.EXPORT, prefix, names)
-        if "serialized_exported_program.json" in name_set:  # torch.export before 2.8
-            return _Sniffed(_Kind.EXPORT, prefix, names)
-        if "constants.pkl" in name_set or any(n.startswith("code/") for n in names):
-            return _Sniffed(_Kind.TORCHSCRIPT, prefix, names)
-        if "data.pkl" in name_set:
-            return _Sniffed(_Kind.TORCH_ZIP, prefix, names)
+        elif "constants.pkl" in name_set or any(n.startswith("code/") for n in names):
+            kind = _Kind.TORCHSCRIPT
+        elif "data.pkl" in name_set:
+            kind = _Kind.TORCH_ZIP
+        else:
+            kind = None
+        if kind is not None and prefix:
+            return _Sniffed(kind, prefix, names)
+        if kind is not None:  # PyTorch's reader finds entries only inside the top folder
+            raise UnsafeFileError(
+                f"{path}: refused, the zip archive is ambiguous (entries outside one top folder): "
+                "PyTorch's reader and Python's could read different contents from it"
+            )
         raise LoadError(
             f"{path} is a zip archive but not one PyTorch writes (no data.pkl, code/ or "
             "archive_format entry)"
@@ -244,228 +244,6 @@ def _sniff(path: Path) -> _Sniffed:
         f"{path}: unrecognised file format (not a torch.save, torch.export, TorchScript, "
         "safetensors or ONNX file)"
     )
-
-
-# ------------------------------------------------------------------------ inert unpickling
-
-
-class _Opaque:
-    """Stand-in for a class or function a pickle names; never imports or runs anything."""
-
-    _nd_qualname = "?"
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> _Opaque:
-        self = object.__new__(cls)
-        self._nd_args = args
-        self._nd_state: Any = None
-        self._nd_items: list[Any] = []
-        return self
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        self._nd_state = state
-
-    def append(self, item: Any) -> None:
-        self._nd_items.append(item)
-
-    def extend(self, items: Any) -> None:
-        self._nd_items.extend(items)
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self._nd_items.append((key, value))
-
-    def __repr__(self) -> str:
-        return f"<pickled {self._nd_qualname}>"
-
-
-@dataclass(frozen=True, slots=True)
-class _StorageType:
-    dtype: torch.dtype
-
-
-@dataclass(slots=True)
-class _RawStorage:
-    flat: torch.Tensor  # 1-D tensor of the storage's dtype over a private copy of its bytes
-
-
-def _storage_dtypes() -> dict[str, torch.dtype]:
-    out: dict[str, torch.dtype] = {"UntypedStorage": torch.uint8, "ByteStorage": torch.uint8}
-    with warnings.catch_warnings():  # the legacy storage classes warn that they are deprecated
-        warnings.simplefilter("ignore")
-        for name in dir(torch):
-            if name.endswith("Storage") and name not in out:
-                cls = getattr(torch, name, None)
-                dtype = getattr(cls, "dtype", None)
-                if isinstance(dtype, torch.dtype):
-                    out[name] = dtype
-    return out
-
-
-def _rebuild_tensor(
-    storage: Any,
-    storage_offset: int,
-    size: Any,
-    stride: Any,
-    requires_grad: bool = False,
-    backward_hooks: Any = None,
-    metadata: Any = None,
-) -> Any:
-    if not isinstance(storage, _RawStorage):
-        return _Opaque()
-    return storage.flat.as_strided(tuple(size), tuple(stride), int(storage_offset))
-
-
-def _rebuild_tensor_v1(storage: Any, storage_offset: int, size: Any, stride: Any) -> Any:
-    return _rebuild_tensor(storage, storage_offset, size, stride)
-
-
-def _rebuild_parameter(data: Any, requires_grad: Any = False, backward_hooks: Any = None) -> Any:
-    return data
-
-
-def _rebuild_parameter_with_state(data: Any, *args: Any) -> Any:
-    return data
-
-
-_SAFE_REBUILDERS = (_rebuild_tensor, _rebuild_tensor_v1, _rebuild_parameter)
-
-
-def _rebuild_from_type(func: Any, new_type: Any, args: Any, state: Any) -> Any:
-    if func in _SAFE_REBUILDERS and isinstance(args, tuple):
-        return func(*args)
-    return _Opaque()
-
-
-def _first_item(values: Any, *rest: Any) -> Any:
-    return values
-
-
-def _as_list(values: Any = (), *rest: Any) -> Any:
-    return list(values)
-
-
-class _InertUnpickler(pickle.Unpickler):
-    """Unpickles a ``torch.save`` / TorchScript ``data.pkl`` without importing or calling anything
-    the file names (see the module docstring)."""
-
-    _DTYPES = _storage_dtypes()
-    _ALLOWED: ClassVar[dict[tuple[str, str], Any]] = {
-        ("collections", "OrderedDict"): collections.OrderedDict,
-        ("builtins", "set"): set,
-        ("builtins", "frozenset"): frozenset,
-        ("__builtin__", "set"): set,
-        ("__builtin__", "frozenset"): frozenset,
-        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-        ("torch._utils", "_rebuild_tensor"): _rebuild_tensor_v1,
-        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
-        ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
-        ("torch", "Size"): tuple,
-        ("torch.jit._pickle", "build_intlist"): _as_list,
-        ("torch.jit._pickle", "build_doublelist"): _as_list,
-        ("torch.jit._pickle", "build_boollist"): _as_list,
-        ("torch.jit._pickle", "build_tensorlist"): _as_list,
-        ("torch.jit._pickle", "restore_type_tag"): _first_item,
-    }
-
-    def __init__(self, data: bytes, read_record: Callable[[str], bytes]) -> None:
-        super().__init__(io.BytesIO(data))
-        self._read_record = read_record
-        self._storages: dict[str, _RawStorage] = {}
-        self._stubs: dict[str, type[_Opaque]] = {}
-        self.foreign: list[str] = []  # qualified names replaced by stand-ins, in order seen
-
-    def find_class(self, module: str, name: str) -> Any:
-        allowed = self._ALLOWED.get((module, name))
-        if allowed is not None:
-            return allowed
-        if module == "torch":
-            if name in self._DTYPES:
-                return _StorageType(self._DTYPES[name])
-            value = getattr(torch, name, None)
-            if isinstance(value, torch.dtype):
-                return value
-        qualname = f"{module}.{name}"
-        stub = self._stubs.get(qualname)
-        if stub is None:
-            stub = type(name, (_Opaque,), {"_nd_qualname": qualname, "__slots__": ()})
-            self._stubs[qualname] = stub
-            self.foreign.append(qualname)
-        return stub
-
-    def persistent_load(self, pid: Any) -> Any:
-        if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage"):
-            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r:.80}")
-        storage_type, key = pid[1], str(pid[2])
-        cached = self._storages.get(key)
-        if cached is not None:
-            return cached
-        dtype = storage_type.dtype if isinstance(storage_type, _StorageType) else torch.uint8
-        if isinstance(storage_type, torch.dtype):
-            dtype = storage_type
-        raw = bytearray(self._read_record(f"data/{key}"))
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        if len(raw) % itemsize:
-            raise pickle.UnpicklingError(f"storage {key} holds {len(raw)} bytes, not {dtype}")
-        flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-        storage = _RawStorage(flat)
-        self._storages[key] = storage
-        return storage
-
-
-def _inert_load(path: Path, prefix: str, names: tuple[str, ...]) -> tuple[Any, list[str]]:
-    """(root object, foreign qualified names) of a torch zip archive, read inertly."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            byteorder = prefix + "byteorder"
-            if byteorder in zf.namelist() and zf.read(byteorder).strip() not in (b"", b"little"):
-                raise LoadError(f"{path}: big-endian archives are not supported")
-
-            def read_record(name: str) -> bytes:
-                return zf.read(prefix + name)
-
-            unpickler = _InertUnpickler(zf.read(prefix + "data.pkl"), read_record)
-            root = unpickler.load()
-    except LoadError:
-        raise
-    except (pickle.UnpicklingError, EOFError, KeyError, zipfile.BadZipFile, ValueError) as exc:
-        raise LoadError(f"{path}: truncated or corrupt archive ({_one_line(exc)})") from None
-    except RuntimeError as exc:
-        raise LoadError(f"{path}: corrupt tensor data ({_one_line(exc)})") from None
-    return root, unpickler.foreign
-
-
-def _pickle_globals(data: bytes, pickles: int = 6) -> list[str]:
-    """Qualified names the first ``pickles`` back-to-back pickles in ``data`` would import,
-    read with pickletools (nothing executed); legacy torch files hold several in a row."""
-    found: list[str] = []
-    strings: list[str] = []
-    stream = io.BytesIO(data)
-    try:
-        for _ in range(pickles):
-            if stream.tell() >= len(data):
-                break
-            for opcode, arg, _pos in pickletools.genops(stream):
-                if opcode.name in ("GLOBAL", "INST") and isinstance(arg, str):
-                    found.append(arg.replace(" ", "."))
-                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-                    found.append(f"{strings[-2]}.{strings[-1]}")
-                elif isinstance(arg, str):
-                    strings.append(arg)
-    except Exception:  # raw storage bytes or a damaged stream: report what was readable
-        pass
-    return list(dict.fromkeys(found))
-
-
-_SAFE_GLOBAL_PREFIXES = ("torch.", "collections.", "__builtin__.set", "builtins.set")
-
-
-def _unsafe_names(names: list[str]) -> list[str]:
-    return [
-        n for n in names if not n.startswith(_SAFE_GLOBAL_PREFIXES) or "__torch__" in n
-    ] or names
 
 
 # ---------------------------------------------------------- from unpickled objects to weights
@@ -502,7 +280,7 @@ _INFO_ATTRS = ("eps", "momentum", "track_running_stats", "affine", "num_features
 
 
 def _flatten_opaque_module(
-    root: _Opaque,
+    root: Opaque,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
     """Weights and per-module attributes of an inertly unpickled module tree.
 
@@ -513,7 +291,7 @@ def _flatten_opaque_module(
     info: dict[str, dict[str, Any]] = {}
     seen: set[int] = set()
 
-    def visit(obj: _Opaque, prefix: str) -> None:
+    def visit(obj: Opaque, prefix: str) -> None:
         if id(obj) in seen:
             return
         seen.add(id(obj))
@@ -544,7 +322,7 @@ def _flatten_opaque_module(
             children = state.get("_modules") or {}
             if isinstance(children, Mapping):
                 for name, child in children.items():
-                    if isinstance(child, _Opaque):
+                    if isinstance(child, Opaque):
                         visit(child, f"{prefix}{name}.")
             return
         for name, value in state.items():  # TorchScript: attributes are the state
@@ -552,7 +330,7 @@ def _flatten_opaque_module(
                 continue
             if isinstance(value, torch.Tensor):
                 state_dict[prefix + name] = value
-            elif isinstance(value, _Opaque) and value._nd_qualname.startswith("__torch__."):
+            elif isinstance(value, Opaque) and value._nd_qualname.startswith("__torch__."):
                 visit(value, f"{prefix}{name}.")
 
     visit(root, "")
@@ -560,7 +338,7 @@ def _flatten_opaque_module(
 
 
 def _is_module_like(obj: Any) -> bool:
-    if not isinstance(obj, _Opaque):
+    if not isinstance(obj, Opaque):
         return False
     state = obj._nd_state
     if isinstance(state, tuple) and state:
@@ -588,7 +366,7 @@ def _describe(obj: Any) -> str:
     if isinstance(obj, Mapping):
         keys = [str(k) for k in obj]
         return f"a dict with keys {_listing(keys)}" if keys else "an empty dict"
-    if isinstance(obj, _Opaque):
+    if isinstance(obj, Opaque):
         return f"a pickled {obj._nd_qualname}"
     return f"a {type(obj).__name__}"
 
@@ -643,12 +421,47 @@ def _patched_contents(obj: Mapping[str, Any], path: Path) -> _Contents:
 
 
 def _refusal(path: Path, names: list[str]) -> LoadError:
-    shown = _listing(_unsafe_names(names)) if names else "unknown objects"
-    return LoadError(
+    shown = _listing(unsafe_names(names)) if names else "unknown objects"
+    return UnsafeFileError(
         f"{path} holds pickled Python objects ({shown}): unpickling them runs code from the "
         "file; pass --trust-pickle (trust_pickle=True) only if you trust its source, or --arch "
         "to load just its tensors"
     )
+
+
+def _torch_load(path: Path, *, weights_only: bool, map_location: Any, zipped: bool) -> Any:
+    """``torch.load`` of a file whose format normdoctor recognised by content.
+
+    torch picks a loader by the name first (a path ending in ``.safetensors`` goes to
+    safetensors, whatever it holds), so torch gets an open file, and a path only to memory-map a
+    zip under a name it cannot misread.
+    """
+    if zipped and weights_only and not os.fspath(path).endswith(".safetensors"):
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+    with open(path, "rb") as fh:
+        return torch.load(fh, map_location=map_location, weights_only=weights_only)
+
+
+def _inert_load(path: Path) -> tuple[Any, list[str]]:
+    """(root object, foreign qualified names) of a torch zip archive, read inertly."""
+    try:
+        with CheckedZip(path) as archive:
+            if archive.has("byteorder") and archive.read("byteorder").strip() not in (
+                b"",
+                b"little",
+            ):
+                raise LoadError(f"{path}: big-endian archives are not supported")
+            if not archive.has("data.pkl"):
+                raise LoadError(f"{path}: truncated or corrupt archive (no data.pkl)")
+            unpickler = InertUnpickler(archive.read("data.pkl"), archive.read)
+            root = unpickler.load()
+    except LoadError:
+        raise
+    except RuntimeError as exc:
+        raise LoadError(f"{path}: corrupt tensor data ({_one_line(exc)})") from None
+    except Exception as exc:  # whatever a malformed pickle makes the inert unpickler raise
+        raise LoadError(f"{path}: truncated or corrupt archive ({_one_line(exc)})") from None
+    return root, unpickler.foreign
 
 
 def _read_torch_file(
@@ -656,7 +469,7 @@ def _read_torch_file(
 ) -> _Contents:
     zipped = sniffed.kind is _Kind.TORCH_ZIP
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True, mmap=zipped)
+        obj = _torch_load(path, weights_only=True, map_location=map_location, zipped=zipped)
     except pickle.UnpicklingError as exc:
         if "weights only" not in str(exc).lower() and "weights_only" not in str(exc):
             raise LoadError(f"{path}: truncated or corrupt checkpoint ({_one_line(exc)})") from None
@@ -669,14 +482,16 @@ def _read_torch_file(
         try:
             # as `python -m` would: classes of the user's own project import from the cwd
             with _on_sys_path(os.getcwd()):
-                obj = torch.load(path, map_location=map_location, weights_only=False)
+                obj = _torch_load(
+                    path, weights_only=False, map_location=map_location, zipped=zipped
+                )
         except Exception as exc:
             raise LoadError(f"{path}: unpickling failed ({_one_line(exc)})") from None
         return _classify(obj, path)
     if not zipped:
         with open(path, "rb") as fh:
-            raise _refusal(path, _pickle_globals(fh.read()))
-    root, foreign = _inert_load(path, sniffed.prefix, sniffed.names)
+            raise _refusal(path, pickle_globals(fh.read()))
+    root, foreign = _inert_load(path)
     try:
         contents = _classify(root, path)
     except LoadError:
@@ -711,7 +526,7 @@ def _read_safetensors(path: Path, map_location: Any) -> _Contents:
 
 
 def _read_torchscript(path: Path, sniffed: _Sniffed) -> _Contents:
-    root, _foreign = _inert_load(path, sniffed.prefix, sniffed.names)
+    root, _foreign = _inert_load(path)
     if not _is_module_like(root):
         raise LoadError(f"{path}: a TorchScript archive without a module")
     sd, info = _flatten_opaque_module(root)
@@ -724,73 +539,6 @@ def _read_torchscript(path: Path, sniffed: _Sniffed) -> _Contents:
 
 
 # ------------------------------------------------------------------------- torch.export files
-
-
-_PT2_PICKLED_DIRS = ("data/weights/", "data/constants/")
-_PT2_NATIVE_DIRS = ("data/aotinductor/", "data/mtia", "data/executorch/")
-
-
-def _weights_only_ok(blob: bytes) -> bool:
-    if not blob:
-        return True
-    try:
-        torch.load(io.BytesIO(blob), weights_only=True)
-    except Exception:
-        return False
-    return True
-
-
-def _check_pt2(path: Path, sniffed: _Sniffed) -> None:
-    """Refuse a .pt2 archive that ``torch.export.load`` could not load without running code.
-
-    ``torch.export.load`` unpickles pickled weights and constants and the example inputs with
-    the full unpickler (after a failed ``weights_only`` attempt), unpickles opaque constants with
-    ``pickle.loads`` and loads AOTInductor native libraries.  Every such entry must pass
-    ``torch.load(weights_only=True)`` here: a stream the restricted unpickler accepts only calls
-    torch's allowlisted functions, whichever unpickler reads it afterwards.
-    """
-    prefix, names = sniffed.prefix, sniffed.names
-    suspicious: list[str] = []
-    with zipfile.ZipFile(path) as zf:
-
-        def read(name: str) -> bytes:
-            return zf.read(prefix + name)
-
-        for name in names:
-            if name.startswith(_PT2_NATIVE_DIRS):
-                raise LoadError(
-                    f"{path} holds compiled native code ({name}): AOTInductor packages cannot be "
-                    "scanned; save the program with torch.export.save (pass --trust-pickle to load "
-                    "it anyway)"
-                )
-        to_check: set[str] = set()
-        for name in names:
-            if name.startswith(_PT2_PICKLED_DIRS) and name.endswith(".json"):
-                try:
-                    config = json.loads(read(name)).get("config", {})
-                except (ValueError, AttributeError):
-                    suspicious.append(name)
-                    continue
-                folder = name.rsplit("/", 1)[0] + "/"
-                for meta in config.values():
-                    file = str(meta.get("path_name", ""))
-                    if file.startswith(("custom_obj_", "opaque_obj_")):
-                        suspicious.append(folder + file)
-                    elif meta.get("use_pickle"):
-                        to_check.add(folder + file)
-            elif name.startswith(_PT2_PICKLED_DIRS) and name.endswith(".pt"):
-                to_check.add(name)  # weights/constants in the pre-2.8 layout
-            elif name.startswith("data/sample_inputs/"):
-                to_check.add(name)
-            elif name.startswith("serialized_") and name != "serialized_exported_program.json":
-                to_check.add(name)  # the 2.7 layout: torch.save bytes behind a .json name
-        suspicious += [name for name in sorted(to_check) if not _weights_only_ok(read(name))]
-    if suspicious:
-        raise LoadError(
-            f"{path} holds pickled objects that are not plain tensors ({_listing(suspicious)}): "
-            "torch.export.load would unpickle them and run code from the file; pass "
-            "--trust-pickle (trust_pickle=True) only if you trust its source"
-        )
 
 
 class ExportedBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -1015,29 +763,19 @@ def _rebuild_norm_modules(root: nn.Module) -> tuple[list[str], list[str]]:
     return notes, caveats
 
 
-@contextlib.contextmanager
-def _quiet_torch_export_logs() -> Iterator[None]:
-    """torch.export.load logs (and, in torch 2.13, fails to format) warnings about fallbacks."""
-    loggers = [logging.getLogger(n) for n in ("torch._export", "torch.export")]
-    saved = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, saved, strict=True):
-            lg.setLevel(level)
-
-
-def _read_export(path: Path, sniffed: _Sniffed, *, trust_pickle: bool) -> _Contents:
-    if not trust_pickle:
-        _check_pt2(path, sniffed)
-    try:
-        with warnings.catch_warnings(), _quiet_torch_export_logs(), open(path, "rb") as fh:
-            warnings.simplefilter("ignore")
-            program = torch.export.load(fh)
-    except Exception as exc:
-        raise LoadError(f"{path}: cannot load the exported program ({_one_line(exc)})") from None
+def _read_export(path: Path, *, trust_pickle: bool) -> _Contents:
+    read_notes: list[str] = []
+    if trust_pickle:  # the user vouches for the file: torch's own loader, pickles and all
+        try:
+            with warnings.catch_warnings(), quiet_torch_export_logs(), open(path, "rb") as fh:
+                warnings.simplefilter("ignore")
+                program = torch.export.load(fh)
+        except Exception as exc:
+            raise LoadError(
+                f"{path}: cannot load the exported program ({_one_line(exc)})"
+            ) from None
+    else:
+        program, read_notes = read_exported_program(path)
     state_dict = {k: v.detach() for k, v in program.state_dict.items()}
     try:
         with warnings.catch_warnings():
@@ -1053,7 +791,7 @@ def _read_export(path: Path, sniffed: _Sniffed, *, trust_pickle: bool) -> _Conte
         CheckpointFormat.EXPORT,
         state_dict=state_dict,
         module=module,
-        notes=notes + caveats,
+        notes=read_notes + notes + caveats,
         caveats=caveats,
     )
 
@@ -1069,9 +807,13 @@ def _read_onnx_static(path: Path) -> _Contents:
     except ImportError:
         raise LoadError("ONNX support needs `pip install normdoctor[onnx]`") from None
     try:
-        proto = onnx.load(str(path))
+        # protobuf whatever the name says; external data only through the backend's loader,
+        # which refuses locations outside the model's folder
+        proto = onnx.load(str(path), format="protobuf", load_external_data=False)
     except Exception as exc:
         raise LoadError(f"{path}: not a readable ONNX model ({_one_line(exc)})") from None
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+        proto = _load_onnx_model(path).proto
     inits = {t.name: t for t in proto.graph.initializer}
     sd: dict[str, torch.Tensor] = {}
     info: dict[str, dict[str, Any]] = {}
@@ -1334,7 +1076,7 @@ def _read(path: Path, sniffed: _Sniffed, *, trust_pickle: bool, map_location: An
     elif sniffed.kind is _Kind.TORCHSCRIPT:
         contents = _read_torchscript(path, sniffed)
     elif sniffed.kind is _Kind.EXPORT:
-        contents = _read_export(path, sniffed, trust_pickle=trust_pickle)
+        contents = _read_export(path, trust_pickle=trust_pickle)
     else:
         contents = _read_onnx_static(path)
     return contents

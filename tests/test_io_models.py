@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -15,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _malicious import CodeLoadingGuard
 from safetensors.torch import save_file
 from torch import nn
 
-from normdoctor import LoadError, scan
+from normdoctor import LoadError, _fused, scan
 from normdoctor.checks import static_checks_for
 from normdoctor.io import CheckpointFormat, load_checkpoint, load_model
 from sample_models.archs import DigitsCNN, DigitsMLP
@@ -43,6 +45,20 @@ pytestmark = [
 
 
 # ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(autouse=True)
+def guard(monkeypatch):
+    """Every unrestricted unpickler and code loader fails the test, except inside
+    ``guard.allowed()`` around the calls that pass ``trust_pickle=True``."""
+    _fused.use()  # numba reads its compilation cache with pickle: done before the guard is up
+    guard = CodeLoadingGuard(monkeypatch)
+    yield guard
+    assert guard.calls == [], f"reached {guard.calls}"
+
+
+def _trusting(guard: CodeLoadingGuard, kwargs: dict) -> contextlib.AbstractContextManager:
+    return guard.allowed() if kwargs.get("trust_pickle") else contextlib.nullcontext()
 
 
 def _trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -227,11 +243,11 @@ FORMATS: dict[str, tuple[Writer, dict]] = {
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
-def test_every_format_scans_like_the_original(fmt, cnn, cnn_stats, digits, tmp_path):
+def test_every_format_scans_like_the_original(fmt, cnn, cnn_stats, digits, tmp_path, guard):
     writer, tol = FORMATS[fmt]
     path, kwargs = writer(cnn, tmp_path)
     before = _snapshot(tmp_path)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _trusting(guard, kwargs):
         warnings.simplefilter("ignore", UserWarning)  # e.g. "ignored 1 checkpoint keys"
         model = load_model(path, **kwargs)
     assert isinstance(model, nn.Module)
@@ -280,13 +296,14 @@ def test_export_rebuilt_layers_switch_modes_like_torch(cnn, tmp_path):
                 mod.eval()
 
 
-def test_load_model_does_not_call_eval(cnn, tmp_path):
+def test_load_model_does_not_call_eval(cnn, tmp_path, guard):
     torch.save(_sd(cnn), tmp_path / "m.pt")
     model = load_model(tmp_path / "m.pt", ARCH)
     assert model.training, "a freshly built architecture is in train mode: left as built"
     assert model.normdoctor_source == str((tmp_path / "m.pt").resolve())  # the patcher's guard
     torch.save(cnn.eval(), tmp_path / "whole.pt")
-    assert not load_model(tmp_path / "whole.pt", trust_pickle=True).training
+    with guard.allowed():
+        assert not load_model(tmp_path / "whole.pt", trust_pickle=True).training
 
 
 def test_arch_kwargs_are_passed(tmp_path):
@@ -379,13 +396,9 @@ def test_onnx_routes_to_the_backend_or_says_what_to_install(monkeypatch):
         ("export-eval", CheckpointFormat.EXPORT),
     ],
 )
-def test_load_checkpoint_reads_weights_without_arch(fmt, expected, cnn, tmp_path, monkeypatch):
-    def no_jit_load(*args, **kwargs):
-        raise AssertionError("torch.jit.load must never be called")
-
-    monkeypatch.setattr(torch.jit, "load", no_jit_load)
+def test_load_checkpoint_reads_weights_without_arch(fmt, expected, cnn, tmp_path, guard):
     path, _ = FORMATS[fmt][0](cnn, tmp_path)
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path)  # no trust_pickle: the guard fails torch.jit.load and the like
     assert ckpt.format is expected
     assert ckpt.state_dict is not None
     reference = _sd(cnn)
@@ -440,7 +453,7 @@ def _malicious_module_file(folder: Path, marker: Path) -> Path:
     return folder / "model.pt"
 
 
-def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
+def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, guard):
     marker = tmp_path / "pwned"
     path = _malicious_module_file(tmp_path, marker)
     assert not marker.exists()
@@ -456,7 +469,8 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
     assert ckpt.layer_info["1"]["kind"] == "BatchNorm2d"
     assert not marker.exists()
     # The flag is what gates it: with it, the payload runs.
-    model = load_model(path, trust_pickle=True)
+    with guard.allowed():
+        model = load_model(path, trust_pickle=True)
     try:
         assert marker.exists()
         assert isinstance(model, nn.Sequential)
@@ -476,7 +490,7 @@ def test_malicious_legacy_pickle_is_refused(tmp_path):
     assert not marker.exists()
 
 
-def test_malicious_export_archive_is_refused(cnn, tmp_path):
+def test_malicious_export_archive_is_refused(cnn, tmp_path, guard):
     """torch.export.load falls back to the full unpickler: the gate must catch that first."""
     ep = torch.export.export(cnn.eval(), (torch.zeros(2, 1, 8, 8),))
     torch.export.save(ep, str(tmp_path / "good.pt2"))
@@ -494,7 +508,7 @@ def test_malicious_export_archive_is_refused(cnn, tmp_path):
         with pytest.raises(LoadError, match=r"sample_inputs.*--trust-pickle"):
             loader(evil)
         assert not marker.exists()
-    with pytest.raises(LoadError):  # the payload is not valid example inputs
+    with guard.allowed(), pytest.raises(LoadError):  # the payload is not valid example inputs
         load_model(evil, trust_pickle=True)
     assert marker.exists(), "with trust_pickle the archive is handed to torch.export.load"
 

@@ -1,0 +1,138 @@
+"""The process is left as found: thread counts, default dtype, grad mode, random generators."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import normdoctor as nd
+from normdoctor import _fused
+from normdoctor._globals import preserved_globals
+from normdoctor.io import load_data, load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SM = ROOT / "sample_models"
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    model = load_model(SM / "stale.pt", f"{SM / 'archs.py'}:DigitsCNN")
+    return model, load_data(SM / "data" / "test.npz")
+
+
+def test_the_first_kernel_use_leaves_torch_threads_alone():
+    """In a fresh process: starting numba's pool used to reset torch to all cores."""
+    script = textwrap.dedent(
+        f"""
+        import torch
+        torch.set_num_threads(1)
+        import normdoctor as nd
+        from normdoctor import _fused
+        from normdoctor.io import load_data, load_model
+        model = load_model({str(SM / "healthy.pt")!r}, {str(SM / "archs.py") + ":DigitsCNN"!r})
+        data = load_data({str(SM / "data" / "test.npz")!r})
+        nd.scan(model, data, max_batches=2)
+        print(torch.get_num_threads(), _fused.kernel() is not None)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr
+    threads, _ = proc.stdout.split()
+    assert threads == "1"
+
+
+@pytest.mark.parametrize("entry", ["scan", "recalibrate", "patch"])
+def test_torch_threads_unchanged(one_thread, digits, hot_path, entry):
+    model, data = digits
+    if entry == "scan":
+        nd.scan(model, data, max_batches=2)
+    elif entry == "recalibrate":
+        nd.recalibrate(model, data, max_batches=2)
+    else:
+        nd.patch(model, "batchstats")
+    assert torch.get_num_threads() == 1
+
+
+@pytest.mark.parametrize("entry", ["recalibrate", "patch"])
+def test_numba_threads_unchanged(digits, entry):
+    numba = pytest.importorskip("numba")
+    if _fused.kernel() is None:
+        pytest.skip("the fused kernel is not available")
+    model, data = digits
+    threads = torch.get_num_threads()
+    numba.set_num_threads(1)  # the kernel would match torch's count
+    try:
+        if entry == "recalibrate":
+            nd.recalibrate(model, data, max_batches=2)
+        else:
+            nd.patch(model, "recalibrate", data=data, max_batches=2)
+        assert numba.get_num_threads() == 1
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        torch.set_num_threads(threads)
+
+
+def test_preserved_globals_restores_everything():
+    threads = torch.get_num_threads()
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    with torch.no_grad():
+        with preserved_globals():
+            torch.set_num_threads(max(1, threads - 1) if threads > 1 else 2)
+            torch.set_default_dtype(torch.float64)
+            torch.set_grad_enabled(True)
+            torch.manual_seed(99)
+            torch.rand(10)
+            np.random.seed(99)
+            random.seed(99)
+        assert not torch.is_grad_enabled()
+    assert torch.get_num_threads() == threads
+    assert torch.get_default_dtype() == torch.float32
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1])
+    assert random.random() == expected[2]
+
+
+def test_preserved_globals_restores_on_error_and_as_a_decorator():
+    @preserved_globals()
+    def fails() -> None:
+        torch.set_default_dtype(torch.float64)
+        raise ValueError("inside")
+
+    with pytest.raises(ValueError, match="inside"):
+        fails()
+    assert torch.get_default_dtype() == torch.float32
+
+
+def test_forwards_stay_bit_identical_around_a_scan(digits):
+    model, data = digits
+    x = torch.as_tensor(np.load(SM / "data" / "test.npz")["inputs"][:64]).float()
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    nd.scan(model, data, max_batches=2)
+    with torch.no_grad():
+        after = model(x)
+    assert torch.equal(before, after)

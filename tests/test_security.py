@@ -396,3 +396,23 @@ def test_index_json_with_duplicate_keys_is_refused(assets, tmp_path):
     )
     with pytest.raises(UnsafeFileError, match=r"not plain JSON.*twice"):
         load_model(tmp_path / "twice.pt2")
+
+
+def test_the_guard_stops_what_it_should(assets, tmp_path, guard):
+    import pickle
+
+    torch.save({"state_dict": assets.state_dict}, tmp_path / "ok.pt")
+    assert torch.load(tmp_path / "ok.pt", weights_only=True)["state_dict"]
+    for call in (
+        lambda: torch.load(tmp_path / "ok.pt", weights_only=False),
+        lambda: torch.load(tmp_path / "ok.pt"),
+        lambda: pickle.loads(pickle.dumps(1)),
+        lambda: pickle.Unpickler(io.BytesIO(pickle.dumps(1))).load(),
+        lambda: torch.export.load(io.BytesIO(assets.pt2)),
+        lambda: torch.jit.load(io.BytesIO(assets.torchscript)),
+    ):
+        with pytest.raises(AssertionError):
+            call()
+    assert len(guard.calls) == 6
+    guard.calls.clear()
+    assert load_checkpoint(tmp_path / "ok.pt").format is CheckpointFormat.STATE_DICT

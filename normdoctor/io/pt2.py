@@ -94,6 +94,8 @@ _SYM_CONSTANTS = frozenset({"oo", "zoo", "nan", "true", "false", "int_oo"})
 _SYMBOL = re.compile(r"[a-z]{1,6}[0-9]+")
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 _OPERATOR = re.compile(r"torch\.ops\.([A-Za-z_]\w*)\.([A-Za-z_]\w*)(?:\.([A-Za-z_]\w*))?")
+# Operators that reach outside the process: a program has no business reading files.
+_DENIED_OPERATORS = frozenset({("aten", "from_file")})
 _MAX_EXPR = 4096
 _MAX_DEPTH = 200
 
@@ -211,6 +213,8 @@ class _ProgramCheck:
         if match is None or any(p and p.startswith("__") for p in match.groups()):
             raise self.fail(where, f"calls {value[:80]!r}, which is not an operator")
         namespace, op, overload = match.groups()
+        if (namespace, op) in _DENIED_OPERATORS:
+            raise self.fail(where, f"calls {value}, which reads files")
         try:
             resolved = getattr(torch.ops, namespace)
             if not isinstance(
@@ -275,7 +279,7 @@ class _ProgramCheck:
     def treespec(self, value: str, where: tuple[Any, ...]) -> None:
         try:
             protocol, spec = _strict_json(value.encode())
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):
             raise self.fail(where, "is not an input/output structure") from None
         if protocol != 1:
             raise self.fail(where, f"uses structure protocol {protocol!r}")
@@ -294,7 +298,7 @@ class _ProgramCheck:
                 raise self.fail(where, "is not an input/output structure")
             try:
                 decoded = _strict_json(context.encode())
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise self.fail(where, "is not an input/output structure") from None
             self.spec_context(decoded, where)
         if not isinstance(children, list):
@@ -345,7 +349,7 @@ class _Reader:
     def json(self, name: str) -> Any:
         try:
             return _strict_json(self.bytes(name))
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise UnsafeFileError(
                 f"{self.path}: refused, {name} is not plain JSON ({str(exc)[:120]})"
             ) from None

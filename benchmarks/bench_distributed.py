@@ -40,13 +40,30 @@ if not sharded or torch.distributed.get_rank() == 0:
 
 
 def run(procs: int, args: argparse.Namespace, out: Path) -> dict:
-    code = WORKER.format(here=str(HERE), threads=1, n=args.batches * args.batch_size,
-                         size=args.size, bs=args.batch_size, out=str(out))
+    code = WORKER.format(
+        here=str(HERE),
+        threads=1,
+        n=args.batches * args.batch_size,
+        size=args.size,
+        bs=args.batch_size,
+        out=str(out),
+    )
     script = out.with_suffix(".py")
     script.write_text(code)
-    cmd = [sys.executable, str(script)] if procs == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs),
-        "--master-port", "29517", str(script)]
+    cmd = (
+        [sys.executable, str(script)]
+        if procs == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(procs),
+            "--master-port",
+            "29517",
+            str(script),
+        ]
+    )
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return json.loads(out.read_text())
 
@@ -70,12 +87,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         one = run(1, args, Path(tmp) / "one.json")
         two = run(2, args, Path(tmp) / "two.json")
-    same_flags = [l["flagged"] for l in one["report"]["layers"]] == [l["flagged"] for l in two["report"]["layers"]]
-    print(f"ResNet-18-shaped CNN, {args.batches} batches of {args.batch_size}x3x{args.size}x{args.size}")
-    print(f"1 process: {one['seconds']:.2f} s   2 processes (gloo): "
-          f"{two['seconds']:.2f} s   speedup {one['seconds'] / two['seconds']:.2f}x")
-    print(f"pooled statistics: max relative difference (means relative to the std) {max_rel_diff(one['report'], two['report']):.1e}; "
-          f"same flags: {same_flags}")
+    same_flags = [l["flagged"] for l in one["report"]["layers"]] == [
+        l["flagged"] for l in two["report"]["layers"]
+    ]
+    print(
+        f"ResNet-18-shaped CNN, {args.batches} batches of {args.batch_size}x3x{args.size}x{args.size}"
+    )
+    print(
+        f"1 process: {one['seconds']:.2f} s   2 processes (gloo): "
+        f"{two['seconds']:.2f} s   speedup {one['seconds'] / two['seconds']:.2f}x"
+    )
+    print(
+        f"pooled statistics: max relative difference (means relative to the std) {max_rel_diff(one['report'], two['report']):.1e}; "
+        f"same flags: {same_flags}"
+    )
 
 
 if __name__ == "__main__":

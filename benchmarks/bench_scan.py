@@ -81,8 +81,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     model = resnet18()
-    print(f"ResNet-18-shaped CNN, 20 BatchNorm2d, CPU, {torch.get_num_threads()} threads, "
-          f"{args.batches} batches per run, {args.rounds} interleaved rounds, medians")
+    print(
+        f"ResNet-18-shaped CNN, 20 BatchNorm2d, CPU, {torch.get_num_threads()} threads, "
+        f"{args.batches} batches per run, {args.rounds} interleaved rounds, medians"
+    )
     kernels = ["numba", "torch"] if _fused.use("auto") else ["torch"]
     if kernels == ["torch"]:
         print("numba does not import here: stock torch ops only")
@@ -124,8 +126,10 @@ def main() -> None:
         bs, size = int(args.batch_sizes.split(",")[0]), int(args.sizes.split(",")[0])
         m1 = peak_rss_mib(args.batches, bs, size)
         m8 = peak_rss_mib(8 * args.batches, bs, size)
-        print(f"peak RSS: {args.batches} batches {m1:.0f} MiB, {8 * args.batches} batches {m8:.0f} MiB, "
-              f"growth {100 * (m8 - m1) / m1:+.1f}%")
+        print(
+            f"peak RSS: {args.batches} batches {m1:.0f} MiB, {8 * args.batches} batches {m8:.0f} MiB, "
+            f"growth {100 * (m8 - m1) / m1:+.1f}%"
+        )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ class SmallCNN(nn.Module):
             nn.Conv2d(width, 2 * width, 3, padding=1),
             nn.BatchNorm2d(2 * width),
             nn.ReLU(),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1),  # no norm: pooled features vary per sample
+            nn.Conv2d(
+                2 * width, 2 * width, 3, padding=1
+            ),  # no norm: pooled features vary per sample
             nn.ReLU(),
         )
         self.head = nn.Linear(2 * width, 10)
@@ -43,8 +45,16 @@ def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return x[:1400], y[:1400], x[1400:], y[1400:]
 
 
-def train(model: nn.Module, batch_size: int, epochs: int = 1, lr: float = 0.05, seed: int = 0,
-          order: str = "shuffle", samples: int | None = None, momentum: float = 0.9) -> nn.Module:
+def train(
+    model: nn.Module,
+    batch_size: int,
+    epochs: int = 1,
+    lr: float = 0.05,
+    seed: int = 0,
+    order: str = "shuffle",
+    samples: int | None = None,
+    momentum: float = 0.9,
+) -> nn.Module:
     """SGD with momentum; ``order="class-sorted"`` gives one-class batches (non-i.i.d.)."""
     torch.manual_seed(seed)
     x, y, _, _ = digits()
@@ -54,7 +64,9 @@ def train(model: nn.Module, batch_size: int, epochs: int = 1, lr: float = 0.05, 
     model.train()
     for _ in range(epochs):
         if order == "class-sorted":
-            batches = [idx for c in range(10) for idx in torch.nonzero(y == c).flatten().split(batch_size)]
+            batches = [
+                idx for c in range(10) for idx in torch.nonzero(y == c).flatten().split(batch_size)
+            ]
             batches = [batches[i] for i in torch.randperm(len(batches), generator=gen)]
         else:
             batches = list(torch.randperm(len(x), generator=gen).split(batch_size))

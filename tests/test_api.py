@@ -17,7 +17,9 @@ def test_everything_in_all_is_importable():
 
 
 def test_import_does_not_load_matplotlib_onnx_or_rich():
-    code = ("import sys, normdoctor; "
-            "print(sorted(m for m in ('matplotlib', 'onnx', 'onnxruntime', 'rich', 'PIL') if m in sys.modules))")
+    code = (
+        "import sys, normdoctor; "
+        "print(sorted(m for m in ('matplotlib', 'onnx', 'onnxruntime', 'rich', 'PIL') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

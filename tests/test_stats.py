@@ -183,7 +183,10 @@ def test_channels_last_inputs_give_the_same_statistics(hot_path):
     model_cl = model.to(memory_format=torch.channels_last)
     capture.seen.clear()
     cl = nd.scan(
-        model_cl, x.to(memory_format=torch.channels_last), batch_size=8, shuffle=False,
+        model_cl,
+        x.to(memory_format=torch.channels_last),
+        batch_size=8,
+        shuffle=False,
         paths=("train",),
     ).layer("2")
     mean, var = _reference(capture.seen)

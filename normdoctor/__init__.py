@@ -2,13 +2,20 @@
 
 __version__ = "0.1.0"
 
-from .errors import ConversionError, DataError, LoadError, NormDoctorError, ScanError
+from .errors import (
+    ConversionError,
+    DataError,
+    LoadError,
+    NormDoctorError,
+    ScanError,
+    UnsafeFileError,
+)
 from .io import load_model
 from .layers import NormLayer, find_norm_layers
 from .metrics import Recommendation
 from .patch import autopatch, impact, patch, recalibrate, revert
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
-from .report import LayerReport, ScanReport
+from .report import LayerReport, ScanReport, Verdict
 from .scan import scan, sweep_batch_sizes
 
 __all__ = [
@@ -24,6 +31,8 @@ __all__ = [
     "Recommendation",
     "ScanError",
     "ScanReport",
+    "UnsafeFileError",
+    "Verdict",
     "__version__",
     "autopatch",
     "find_norm_layers",

@@ -36,6 +36,7 @@ class Batch:
     inputs: Any
     labels: torch.Tensor | None
     size: int
+    index: torch.Tensor | None = None  # sample indices, when normdoctor formed the batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +133,8 @@ def _sample_level(data: Any) -> tuple[str, Any, torch.Tensor | None] | None:
         return "tensor", data, None
     if isinstance(data, tuple) and len(data) == 2:
         x, y = (_as_tensor(v) for v in data)
-        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and y.dim() == 1:
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and y.dim() >= 1:
+            # labels (N,) or targets shaped like the output (N, ...): per-sample, either way
             if x.dim() == 0 or x.shape[0] != y.shape[0]:
                 raise DataError(
                     f"inputs hold {x.shape[0] if x.dim() else 0} samples "
@@ -169,19 +171,41 @@ def _group_keys(group_by: GroupBy, n: int, labels: torch.Tensor | None) -> list[
     return keys
 
 
+def _split(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Chunks of ``batch_size``; a last chunk of one sample joins the one before it.
+
+    In train mode BatchNorm over (N, C) features cannot normalize one sample (torch raises
+    "Expected more than 1 value per channel"), and a one-sample batch among larger ones is not
+    what training saw either: 171 samples in batches of 2 give 84 batches of 2 and one of 3.
+    """
+    chunks = list(order.split(batch_size))
+    if batch_size > 1 and len(chunks) > 1 and chunks[-1].numel() == 1:
+        chunks[-2:] = [torch.cat(chunks[-2:])]
+    return chunks
+
+
 def _index_batches(
-    n: int, batch_size: int, shuffle: bool, seed: int, keys: list[Hashable] | None
+    n: int,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    keys: list[Hashable] | None,
+    subset: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+    if subset is not None:  # the samples to use, in the order just drawn
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[subset] = True
+        order = order[keep[order]]
     if keys is None:
-        return list(order.split(batch_size))
+        return _split(order, batch_size)
     groups: dict[Hashable, list[int]] = {}
     for i in order.tolist():
         groups.setdefault(keys[i], []).append(i)
     if not shuffle:
         groups = dict(sorted(groups.items(), key=lambda kv: min(kv[1])))
-    batches = [chunk for idx in groups.values() for chunk in torch.tensor(idx).split(batch_size)]
+    batches = [chunk for idx in groups.values() for chunk in _split(torch.tensor(idx), batch_size)]
     if shuffle:
         batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
     return batches
@@ -195,8 +219,13 @@ def plan_batches(
     seed: int,
     group_by: GroupBy,
     max_batches: int | None,
+    subset: torch.Tensor | None = None,
 ) -> BatchPlan:
-    """Batches from any supported source; raises :class:`DataError` with a one-line reason."""
+    """Batches from any supported source; raises :class:`DataError` with a one-line reason.
+
+    ``subset``: sample-level data only, the indices of the samples to batch (the others are
+    left out); every batch normdoctor forms carries its samples' indices.
+    """
     if batch_size is not None and batch_size < 1:
         raise DataError(f"batch_size must be at least 1, got {batch_size}")
     if max_batches is not None and max_batches < 1:
@@ -237,7 +266,7 @@ def plan_batches(
                 [_split_batch(default_collate([inputs[i]]))[1].item() for i in range(n)]
             )
         keys = _group_keys(group_by, n, labels)
-    index_batches = _index_batches(n, size, shuffle, seed, keys)
+    index_batches = _index_batches(n, size, shuffle, seed, keys, subset)
     if max_batches is not None:
         index_batches = index_batches[:max_batches]
     group_name = None if group_by is None else ("label" if isinstance(group_by, str) else "key")
@@ -245,9 +274,10 @@ def plan_batches(
     def formed() -> Iterator[Batch]:
         for idx in index_batches:
             if source == "tensor":
-                yield _batch(inputs[idx], None if labels is None else labels[idx])
+                batch = _batch(inputs[idx], None if labels is None else labels[idx])
             else:
-                yield _batch(*_split_batch(default_collate([inputs[i] for i in idx.tolist()])))
+                batch = _batch(*_split_batch(default_collate([inputs[i] for i in idx.tolist()])))
+            yield Batch(batch.inputs, batch.labels, batch.size, idx)
 
     return BatchPlan(
         source,

@@ -135,7 +135,7 @@ def gather_in_batch_order(items: list[Any]) -> list[Any]:
 
 
 def all_reduce_sums(sums: dict[str, torch.Tensor], keys: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Sum scalar tensors over ranks; keys missing on a rank count as 0."""
+    """Sum scalar tensors over ranks; only the keys every rank has are returned."""
     device = _device_for_collectives()
     values = torch.tensor(
         [float(sums[k]) if k in sums else 0.0 for k in keys], dtype=torch.float64, device=device
@@ -145,4 +145,5 @@ def all_reduce_sums(sums: dict[str, torch.Tensor], keys: Sequence[str]) -> dict[
     )
     dist.all_reduce(values)
     dist.all_reduce(present)
-    return {k: values[i].cpu() for i, k in enumerate(keys) if present[i] > 0}
+    world = dist.get_world_size()
+    return {k: values[i].cpu() for i, k in enumerate(keys) if present[i] >= world}

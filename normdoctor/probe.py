@@ -55,6 +55,9 @@ class LayerMeasurement:
     channel_m2: torch.Tensor  # per-channel m^2 averaged over units, against running stats
     unit_scores: torch.Tensor  # per-unit layer mismatch D_b (NaN for non-finite units)
     noise_m2: torch.Tensor  # per-channel m^2 of units against pooled stats, averaged
+    # per-channel m^2 of the average unit statistics (mean of unit means, mean of unbiased unit
+    # variances: what BatchNorm's running estimates average in training) against running stats
+    fit_m2: torch.Tensor
     noniid: torch.Tensor | None  # per channel: between-unit spread over i.i.d. prediction
     nonfinite_units: int
     per_sample: bool  # every unit held exactly one sample
@@ -388,6 +391,15 @@ class Recorder:
                 pooled_var=pooled_var,
                 eps=self.eps,
             )
+            per_unit = count / units if units > 0 else math.nan
+            unbiased = per_unit / (per_unit - 1) if per_unit > 1 else math.nan
+            fit = mismatch_sq(
+                k + u1 / max(units, 1.0),
+                rv / max(units, 1.0) * unbiased,
+                self.safe_mean.cpu().numpy(),
+                self.safe_var.cpu().numpy(),
+                self.eps,
+            )
             noniid = None
             if not self.per_unit_sample and units >= 2 and samples > units:
                 total = z2 - z1**2 / samples
@@ -411,6 +423,7 @@ class Recorder:
             channel_m2=torch.from_numpy(sum_m2 / max(units, 1.0)),
             unit_scores=scores,
             noise_m2=torch.from_numpy(np.asarray(noise)),
+            fit_m2=torch.from_numpy(np.asarray(fit, dtype=np.float64)),
             noniid=noniid,
             nonfinite_units=int(nonfinite),
             per_sample=per_sample,

@@ -20,12 +20,15 @@ from .metrics import Recommendation
 
 __all__ = [
     "SCHEMA_VERSION",
+    "Candidate",
     "Composition",
     "EndToEnd",
+    "Evidence",
     "LayerReport",
     "LayerStatus",
     "PathReport",
     "ScanReport",
+    "Verdict",
     "finite_or_none",
     "floats",
 ]
@@ -37,8 +40,39 @@ class LayerStatus(enum.StrEnum):
     OK = "ok"
     HARMLESS = "drifts-harmless"  # drifts, but the model's outputs do not change on this data
     FLAGGED = "flagged"
+    DRIFTS = (
+        "drifts"  # drifts; whether that harms is undetermined (no evidence which path is right)
+    )
     NOT_EXECUTED = "not-executed"  # batch-dependent, but no batch reached it
     NOT_MEASURED = "not-measured"  # batch-independent (GroupNorm, LayerNorm, ...): cannot drift
+
+
+class Verdict(enum.StrEnum):
+    """What a scan concludes about the model as a whole: one vocabulary for every surface."""
+
+    OK = "ok"  # no layer drifts, or nothing can drift
+    HARMLESS = "drifts-harmless"  # layers drift, but eval mode is not measurably worse
+    HARMFUL = "harmful"  # eval mode is measurably worse; the drifting layers are flagged
+    COMPOUNDING = "harmful-compounding"  # eval mode is worse, no single layer over the threshold
+    UNDETERMINED = "undetermined"  # the paths disagree and nothing says which one is right
+    CANNOT_CHECK = "cannot-check"  # BatchNorm folded at export: nothing left to measure
+    NOT_MEASURABLE = "not-measurable"  # batch-dependent layers, but none could be measured
+
+    @property
+    def symbol(self) -> str:
+        return {
+            Verdict.OK: "✓",
+            Verdict.HARMLESS: "~",
+            Verdict.HARMFUL: "✗",
+            Verdict.COMPOUNDING: "✗",
+            Verdict.UNDETERMINED: "?",
+            Verdict.CANNOT_CHECK: "?",
+            Verdict.NOT_MEASURABLE: "?",
+        }[self]
+
+    @property
+    def harmful(self) -> bool:
+        return self in (Verdict.HARMFUL, Verdict.COMPOUNDING)
 
 
 def finite_or_none(x: float | None) -> float | None:
@@ -78,6 +112,9 @@ class PathReport:
     mean_shift: tuple[float | None, ...]  # (mu_P - mu_R) / s_R
     var_log_ratio: tuple[float | None, ...]  # log(s_P / s_R)
     batch_drift: tuple[float | None, ...]  # D_b for every batch, in scan order
+    # Running statistics against the average batch statistics (mean of batch means, mean of
+    # unbiased batch variances: what BatchNorm's running estimates average in training).
+    fit: float | None = None
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> PathReport:
@@ -205,6 +242,13 @@ class EndToEnd:
     acc_train: float | None  # accuracy with batch statistics (labels given)
     acc_eval: float | None  # accuracy in eval mode (labels given)
     nonfinite_outputs: int = 0
+    # With targets shaped like the output (or a loss function): mean per-sample loss per path.
+    metric: str | None = None  # "accuracy", "mse" or "loss"; None without labels or targets
+    loss_train: float | None = None
+    loss_eval: float | None = None
+    # Paired test of the eval path against the train path on the same samples (McNemar on the
+    # samples only one path gets right; a z-test of per-sample loss differences).
+    p_value: float | None = None
 
     def describe(self) -> list[str]:
         """The measured comparisons as short phrases, for people."""
@@ -216,6 +260,11 @@ class EndToEnd:
         if self.acc_train is not None and self.acc_eval is not None:
             parts.append(
                 f"accuracy {self.acc_train:.1%} with batch statistics, {self.acc_eval:.1%} in eval mode"
+            )
+        if self.loss_train is not None and self.loss_eval is not None:
+            parts.append(
+                f"{self.metric or 'loss'} {self.loss_train:.4g} with batch statistics, "
+                f"{self.loss_eval:.4g} in eval mode"
             )
         return parts
 
@@ -262,6 +311,61 @@ class Composition:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Candidate:
+    """One batch composition tried as training's: how the train path did under it.
+
+    ``quality`` is the train path's accuracy (labels) or mean per-sample loss (targets), on the
+    same samples as the eval path's ``Evidence.eval_quality``; ``p_value`` is the paired test of
+    the eval path against this train path (McNemar on discordant samples for accuracy, a paired
+    z-test of per-sample loss differences otherwise).  ``fit`` is the RMS over layers of the
+    running statistics against the average batch statistics under this composition.
+    """
+
+    description: str
+    batch_size: int | None
+    group_by: str | None
+    measurable: bool = True
+    reason: str | None = None  # why not measurable
+    samples: int = 0
+    quality: float | None = None
+    agreement: float | None = None
+    rel_divergence: float | None = None
+    fit: float | None = None
+    p_value: float | None = None
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Candidate:
+        return Candidate(
+            **{f.name: d[f.name] for f in dataclasses.fields(Candidate) if f.name in d}
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Evidence:
+    """What decides which path is right: labels or targets, and the compositions tried."""
+
+    kind: str  # "labels", "targets" or "none"
+    metric: str | None  # "accuracy", "mse" or "loss" (a user's loss function); None without
+    higher_is_better: bool = True
+    eval_quality: float | None = None  # the eval path on the reference's samples
+    reference: int | None = None  # index into candidates: the composition judged against
+    stated: bool = False  # the user stated training's composition (no search)
+    searched: bool = False  # the candidates were searched
+    p_value: float | None = None  # eval path against the reference (paired)
+    candidates: tuple[Candidate, ...] = ()
+
+    @property
+    def reference_candidate(self) -> Candidate | None:
+        return None if self.reference is None else self.candidates[self.reference]
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Evidence:
+        kwargs = {f.name: d[f.name] for f in dataclasses.fields(Evidence) if f.name in d}
+        kwargs["candidates"] = tuple(Candidate.from_dict(c) for c in d.get("candidates", ()))
+        return Evidence(**kwargs)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ScanReport:
     """Everything one scan measured: layers in execution order, the composition, the verdict."""
 
@@ -275,8 +379,11 @@ class ScanReport:
     divergence_threshold: float
     layers: tuple[LayerReport, ...]
     end_to_end: EndToEnd | None = None
-    harmful: bool | None = None  # the eval path changes outputs (None: not measured)
+    harmful: bool | None = None  # eval mode is measurably worse (None: undetermined)
     notes: tuple[str, ...] = field(default=())
+    status: Verdict = Verdict.OK  # the judgement, in one word of the verdict vocabulary
+    reason: str = ""  # the judgement's evidence, in one sentence
+    evidence: Evidence | None = None
 
     # -- derived -----------------------------------------------------------------------------
     @property
@@ -295,20 +402,16 @@ class ScanReport:
 
     @property
     def verdict(self) -> str:
-        """One line: healthy / drifts harmlessly / N layers drift, with the fixes."""
-        measured = [l for l in self.layers if l.batch_dependent]
-        if not self.layers:
-            return "no normalization layers: nothing can drift"
-        if not measured:
-            return "healthy: no batch-dependent normalization layers (nothing can drift)"
+        """One line: the verdict word, its evidence and, when harmful, the fixes."""
+        text = f"{self.status}: {self.reason}" if self.reason else str(self.status)
         if self.flagged:
             fixes = sorted({str(l.recommendation) for l in self.flagged_layers})
-            return f"{len(self.flagged_layers)} of {len(measured)} layers drift; recommended fix: {', '.join(fixes)}"
-        if self.drifting_layers:
-            return f"{len(self.drifting_layers)} of {len(measured)} layers drift, harmless on this data"
-        return (
-            f"healthy: {len(measured)} batch-dependent layers within threshold {self.threshold:g}"
-        )
+            measured = [l for l in self.layers if l.batch_dependent]
+            text += (
+                f"; {len(self.flagged_layers)} of {len(measured)} layers flagged, "
+                f"recommended fix: {', '.join(fixes)}"
+            )
+        return text
 
     def layer(self, name: str) -> LayerReport:
         for layer in self.layers:
@@ -349,6 +452,10 @@ class ScanReport:
         kwargs["notes"] = tuple(d.get("notes", ()))
         if d.get("end_to_end") is not None:
             kwargs["end_to_end"] = EndToEnd.from_dict(d["end_to_end"])
+        if "status" in kwargs:
+            kwargs["status"] = Verdict(kwargs["status"])
+        if d.get("evidence") is not None:
+            kwargs["evidence"] = Evidence.from_dict(d["evidence"])
         return ScanReport(**kwargs)
 
     @staticmethod

@@ -149,9 +149,17 @@ def test_image_folder_with_classes(tmp_path):
     x, label = data[2]
     assert x.shape == (3, 5, 6) and x.dtype == torch.float32 and label == 1
     pixels = torch.from_numpy(expected[("dog", 2)]).permute(2, 0, 1).double() / 255.0
+    # Pixels in [0, 1], not normalized unless asked (a model trained on [0, 1] pixels given
+    # ImageNet-normalized ones reads as stale).
+    torch.testing.assert_close(x.double(), pixels, **PIXEL_TOL)
+    assert data.normalization == "pixels in [0, 1], not normalized"
+    asked = load_data(tmp_path, normalize="imagenet")
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(3, 1, 1)
-    torch.testing.assert_close(x.double(), (pixels - mean) / std, **PIXEL_TOL)
+    torch.testing.assert_close(asked[2][0].double(), (pixels - mean) / std, **PIXEL_TOL)
+    assert "normalized with mean" in asked.normalization
+    custom = load_data(tmp_path, normalize="0.5,0.25")
+    torch.testing.assert_close(custom[2][0].double(), (pixels - 0.5) / 0.25, **PIXEL_TOL)
     _scans(_TinyCNN(), data)
     report = scan(_TinyCNN().eval(), data, batch_size=2, group_by="label", shuffle=False)
     assert report.composition.group_by == "label"
@@ -172,7 +180,11 @@ def test_image_folder_without_classes_resized_grayscale_custom_norm(tmp_path):
 def test_grayscale_defaults(tmp_path):
     _write_image(tmp_path / "a.png", 0, mode="L")
     data = load_data(tmp_path, grayscale=True)
-    assert data.mean == GRAYSCALE_MEAN and data.std == GRAYSCALE_STD
+    assert data.mean == (0.0,) and data.std == (1.0,)
+    asked = load_data(tmp_path, grayscale=True, normalize="imagenet")
+    assert asked.mean == GRAYSCALE_MEAN and asked.std == GRAYSCALE_STD
+    with pytest.raises(DataError, match="--normalize"):
+        load_data(tmp_path, normalize="1,2,3")
 
 
 def test_image_folder_tensors(tmp_path):

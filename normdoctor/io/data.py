@@ -35,6 +35,8 @@ __all__ = [
     "load_data",
 ]
 
+_IMAGE_FORMATS = ["PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF", "PPM"]
+
 #: Per-channel mean and std of ImageNet (RGB, pixel values in [0, 1]): torchvision's defaults.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,6 +61,7 @@ def load_data(
     std: Sequence[float] | None = None,
     seed: int = 0,
     grayscale: bool = False,
+    normalize: str | None = None,
 ) -> Any:
     """Data for :func:`normdoctor.scan` from a file, a folder, a Python callable or ``random``.
 
@@ -81,8 +84,10 @@ def load_data(
         image_size: image folders: resize every image to ``size`` x ``size`` (an int) or
             ``(height, width)``; without it all images must share one size.
         mean, std: image folders: per-channel normalization of pixel values in [0, 1]; default
-            :data:`IMAGENET_MEAN`/:data:`IMAGENET_STD` (:data:`GRAYSCALE_MEAN`/``_STD`` with
-            ``grayscale``).
+            none (pixels stay in [0, 1]).
+        normalize: image folders, as the CLI's ``--normalize``: ``"imagenet"``
+            (:data:`IMAGENET_MEAN`/:data:`IMAGENET_STD`; :data:`GRAYSCALE_MEAN`/``_STD`` with
+            ``grayscale``), ``"MEAN,STD"`` or per channel ``"M1,M2,M3,S1,S2,S3"``.
         seed: seed of ``random`` data.
         grayscale: image folders: load images as one channel instead of RGB.
 
@@ -95,8 +100,12 @@ def load_data(
     if text == "random" or text.startswith("random:"):
         return _random(text, input_shape, seed)
     path = Path(text)
+    if normalize is not None:
+        mean, std = _parse_normalize(normalize, grayscale)
     if path.is_dir():
         return ImageFolderData(path, image_size=image_size, mean=mean, std=std, grayscale=grayscale)
+    if normalize is not None:
+        raise DataError("--normalize applies to image folders only")
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".npy":
@@ -112,6 +121,23 @@ def load_data(
     if ":" in text and not text.startswith("random"):
         return _from_callable(text)
     raise DataError(f"{text}: no such file or folder")
+
+
+def _parse_normalize(text: str, grayscale: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``imagenet``, ``MEAN,STD`` or ``M1,...,Mc,S1,...,Sc`` as (mean, std)."""
+    if text.strip().lower() == "imagenet":
+        return (GRAYSCALE_MEAN, GRAYSCALE_STD) if grayscale else (IMAGENET_MEAN, IMAGENET_STD)
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or len(values) % 2:
+        raise DataError(
+            f"--normalize {text!r}: expected 'imagenet', 'MEAN,STD' or per channel "
+            "'M1,M2,M3,S1,S2,S3'"
+        )
+    half = len(values) // 2
+    return values[:half], values[half:]
 
 
 # ---------------------------------------------------------------------------------- random
@@ -286,8 +312,8 @@ class ImageFolderData(Dataset):
 
     Every image is decoded once, up front (EXIF orientation applied, converted to RGB or to
     one channel with ``grayscale``, resized to ``image_size`` with bilinear filtering, no crop)
-    and kept as ``uint8``; items are scaled to [0, 1] and normalized with ``mean``/``std`` when
-    read.
+    and kept as ``uint8``; items are scaled to [0, 1] and, only when ``mean``/``std`` are
+    given, normalized with them when read (:attr:`normalization` says which).
 
     A file with an image extension that cannot be decoded is refused (:class:`DataError` naming
     it), not skipped: skipping would silently change the samples, and so the batches and
@@ -314,10 +340,10 @@ class ImageFolderData(Dataset):
             raise DataError("image folders need Pillow: `pip install normdoctor[images]`") from None
         self.root = Path(root)
         channels = 1 if grayscale else 3
-        self.mean = tuple(
-            float(m) for m in (mean or (GRAYSCALE_MEAN if grayscale else IMAGENET_MEAN))
-        )
-        self.std = tuple(float(s) for s in (std or (GRAYSCALE_STD if grayscale else IMAGENET_STD)))
+        # No normalization unless asked: a model trained on [0, 1] pixels given ImageNet-
+        # normalized ones reads as "stale statistics" (issue 12).
+        self.mean = tuple(float(m) for m in (mean if mean is not None else (0.0,)))
+        self.std = tuple(float(s) for s in (std if std is not None else (1.0,)))
         if len(self.mean) == 1:
             self.mean *= channels
         if len(self.std) == 1:
@@ -329,6 +355,11 @@ class ImageFolderData(Dataset):
             )
         if any(s <= 0 for s in self.std):
             raise DataError(f"std must be positive, got {self.std}")
+        self.normalization = (
+            "pixels in [0, 1], not normalized"
+            if mean is None and std is None
+            else f"pixels in [0, 1] normalized with mean {self.mean}, std {self.std}"
+        )
         size = _image_size(image_size)
         self.files, self.classes, labels = _list_images(self.root)
         self.labels = torch.tensor(labels, dtype=torch.long) if labels is not None else None
@@ -336,7 +367,9 @@ class ImageFolderData(Dataset):
         first: tuple[Path, tuple[int, int]] | None = None
         for file in self.files:
             try:
-                with Image.open(file) as img:
+                # Only the common raster decoders: Pillow picks one by content, and a ".png"
+                # that is really EPS would otherwise reach Ghostscript.
+                with Image.open(file, formats=_IMAGE_FORMATS) as img:
                     img = ImageOps.exif_transpose(img)
                     img = img.convert("L" if grayscale else "RGB")
                     if size is not None and img.size != (size[1], size[0]):

@@ -36,7 +36,14 @@ def _build() -> Callable[..., None]:
     """Compile (or load from numba's cache) once per process."""
     global _built
     if _built is None:
-        _built = _compile()
+        # The first parallel run starts numba's thread pool, which resets torch's (OpenMP)
+        # thread count to all cores: put back what the user set.
+        threads = torch.get_num_threads()
+        try:
+            _built = _compile()
+        finally:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
     return _built
 
 
@@ -132,11 +139,24 @@ def kernel() -> Callable[..., None] | None:
     return _kernel
 
 
-def match_threads() -> None:
-    """Run the kernel on as many threads as torch uses (call on the scanning thread)."""
+def match_threads() -> int:
+    """Run the kernel on as many threads as torch uses (call on the scanning thread).
+
+    Returns numba's thread count before, for :func:`restore_threads`.
+    """
     import numba  # already imported by kernel()
 
+    before = numba.get_num_threads()
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    return before
 
 
-__all__ = ["CHOICES", "kernel", "match_threads", "use"]
+def restore_threads(before: int) -> None:
+    """Undo :func:`match_threads` (numba's count is per thread: call on the same thread)."""
+    import numba
+
+    if numba.get_num_threads() != before:
+        numba.set_num_threads(before)
+
+
+__all__ = ["CHOICES", "kernel", "match_threads", "restore_threads", "use"]

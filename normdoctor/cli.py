@@ -4,7 +4,12 @@ Exit codes, as linters taught CI users (ruff, ESLint):
 
 * 0: no layer flagged (``--exit-zero``: also when layers are flagged);
 * 1: drift found (``scan``, ``patch``), or an error-level static finding (``layers``);
-* 2: usage, input or internal error: one line on stderr, no traceback (``--debug`` shows it).
+* 2: usage, input or internal error: one line on stderr, no traceback (``--debug`` shows it);
+* 130: interrupted (SIGINT or SIGTERM): ``normdoctor: interrupted``, no output written, no
+  temporary file left (the shell's convention for Ctrl-C).
+
+Outputs (``--json``, ``-o``, ``--report``) are declared and checked before any work and written
+together at the end (:mod:`normdoctor.outputs`): a failing command writes nothing.
 
 Findings go to stdout (or ``--json``); progress and notes go to stderr.
 """
@@ -12,10 +17,8 @@ Findings go to stdout (or ``--json``); progress and notes go to stderr.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from enum import Enum
 from pathlib import Path
@@ -27,13 +30,16 @@ from rich.console import Console
 
 from . import __version__
 from .errors import NormDoctorError
+from .outputs import Interrupted, Outputs, interrupt_on_signals, remove_temporaries
 
 EXIT_OK, EXIT_DRIFT, EXIT_ERROR = 0, 1, 2
+EXIT_INTERRUPTED = 130
 
 app = typer.Typer(
     name="normdoctor",
     help="Find and fix the train/inference mismatch of normalization layers.\n\n"
-    "Exit codes: 0 no layer flagged, 1 drift found, 2 usage, input or internal error.",
+    "Exit codes: 0 no layer flagged, 1 drift found, 2 usage, input or internal error, "
+    "130 interrupted.",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -107,6 +113,43 @@ QuietOpt = Annotated[
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Reasons for every layer.")]
 ExitZeroOpt = Annotated[bool, typer.Option("--exit-zero", help="Exit 0 even when drift is found.")]
+TrainBatchOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--train-batch-size",
+        min=1,
+        help="The batch size training used, when known: scanned as training's (no search).",
+    ),
+]
+TrainGroupOpt = Annotated[
+    bool,
+    typer.Option(
+        "--train-group-by-label",
+        help="Training's batches each held one label (class-sorted), when known: no search.",
+    ),
+]
+SearchOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--search/--no-search",
+        help="Try batch sizes 1-128 and one-label batches to find the composition that "
+        "reproduces training (default: on unless training's composition is given).",
+    ),
+]
+StrictOpt = Annotated[
+    bool,
+    typer.Option(
+        "--strict", help="Exit 1 also when the verdict is undetermined or nothing is measurable."
+    ),
+]
+NormalizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--normalize",
+        help="Image folders: normalize pixels ([0, 1] by default) with 'imagenet' or "
+        "'MEAN,STD' (per channel: 'M1,M2,M3,S1,S2,S3').",
+    ),
+]
 
 
 def _arch_kwargs(text: str | None) -> dict[str, Any] | None:
@@ -137,31 +180,26 @@ def _stderr(quiet: bool = False) -> Console:
     return _console(stderr=True, quiet=quiet)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(
-        dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _plan(
+    models: Sequence[Path] = (),
+    *,
+    data: str | None = None,
+    arch: str | None = None,
+    label: str = "input model",
+) -> Outputs:
+    """An output plan that knows every input of the command: no output may replace one."""
+    plan = Outputs()
+    for model in models:
+        plan.add_input(model, label if len(models) == 1 else "series member")
+    plan.add_input_spec(data, "data")
+    plan.add_input_spec(arch, "--arch source")
+    return plan
 
 
-def _write_json(target: Path | None, payload: dict[str, Any], inputs: Sequence[Path]) -> None:
-    if target is None:
-        return
-    text = json.dumps(payload, indent=1, allow_nan=False) + "\n"
-    if str(target) == "-":
-        sys.stdout.write(text)
-        return
-    if any(target.resolve() == p.resolve() for p in inputs if p.exists()):
-        raise NormDoctorError(f"refusing to overwrite the input file {target}")
-    write_atomic(target, text)
+def _write_json(plan: Outputs, target: Path | None, payload: dict[str, Any]) -> None:
+    """Stage ``payload`` for ``--json`` (declared in ``plan``); the plan's commit writes it."""
+    if target is not None:
+        plan.write_text(target, json.dumps(payload, indent=1, allow_nan=False) + "\n")
 
 
 def _load(model: Path, arch: str | None, arch_kwargs: str | None, trust_pickle: bool) -> Any:
@@ -223,7 +261,7 @@ class _Progress:
 
 
 def _scan_options(
-    batch_size: int,
+    batch_size: int | None,
     shuffle: bool,
     seed: int,
     group_by_label: bool,
@@ -231,10 +269,13 @@ def _scan_options(
     paths: str,
     threshold: float | None,
     device: Device,
+    train_batch_size: int | None = None,
+    train_group_by_label: bool = False,
+    search: bool | None = None,
 ) -> dict[str, Any]:
     from .metrics import DEFAULT_THRESHOLD
 
-    return dict(
+    options: dict[str, Any] = dict(
         batch_size=batch_size,
         shuffle=shuffle,
         seed=seed,
@@ -243,7 +284,22 @@ def _scan_options(
         paths=_parse_paths(paths),
         threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
         device=_device(device),
+        search=search,
     )
+    if train_batch_size is not None or train_group_by_label:
+        options["train_batch_size"] = train_batch_size
+        options["train_group_by"] = "label" if train_group_by_label else None
+    return options
+
+
+def _exit_code(reports: Sequence[Any], exit_zero: bool, strict: bool) -> int:
+    """1 when eval mode is harmful (or, with --strict, when nothing decided or nothing was
+    measurable), else 0; --exit-zero always 0."""
+    from .report import Verdict
+
+    unsure = (Verdict.UNDETERMINED, Verdict.CANNOT_CHECK, Verdict.NOT_MEASURABLE)
+    bad = any(r.status.harmful or (strict and r.status in unsure) for r in reports)
+    return EXIT_DRIFT if bad and not exit_zero else EXIT_OK
 
 
 def run_scan(
@@ -256,8 +312,20 @@ def run_scan(
 
     if isinstance(model, torch.nn.Module):
         return scan(model, data, progress=progress, **options)
-    options.pop("device", None)
-    return model.scan(data, progress=progress, **options)
+    return model.scan(data, progress=progress, **_onnx_options(options))
+
+
+def _onnx_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``scan`` options as the ONNX backend takes them: it scans the composition given (no
+    search yet) and runs on onnxruntime's own device."""
+    options = {k: v for k, v in options.items() if k not in ("device", "search")}
+    if "train_batch_size" in options:
+        options["batch_size"] = options.pop("train_batch_size") or options["batch_size"]
+        options["group_by"] = options.pop("train_group_by") or options["group_by"]
+        options["stated"] = True
+    if options.get("batch_size") is None:
+        options["batch_size"] = 32
+    return options
 
 
 def _parse_paths(text: str) -> tuple[str, ...]:
@@ -305,6 +373,9 @@ def layers(
     from .io import load_checkpoint
     from .layers import find_norm_layers
 
+    plan = _plan([model], arch=arch)
+    plan.file(json_out, "--json", stdout=True)
+    plan.check()
     module = None
     if arch is not None:
         module = _load(model, arch, arch_kwargs, trust_pickle)
@@ -347,16 +418,18 @@ def layers(
         f"{sum(layer.batch_dependent for layer in found)} batch-dependent"
     )
     out.print(layers_table(found, findings, running))
-    _write_json(
-        json_out,
-        {
-            "schema_version": 1,
-            "model": str(model),
-            "layers": [_layer_dict(layer) for layer in found],
-            "findings": [f.to_dict() for f in findings],
-        },
-        [model],
-    )
+    with plan:
+        _write_json(
+            plan,
+            json_out,
+            {
+                "schema_version": 1,
+                "model": str(model),
+                "layers": [_layer_dict(layer) for layer in found],
+                "findings": [f.to_dict() for f in findings],
+            },
+        )
+        plan.commit()
     errors = any(f.severity == Severity.ERROR for f in findings)
     return EXIT_DRIFT if errors and not exit_zero else EXIT_OK
 
@@ -434,9 +507,15 @@ def scan(
     arch_kwargs: ArchKwOpt = None,
     trust_pickle: TrustOpt = False,
     batch_size: Annotated[
-        int,
-        typer.Option("--batch-size", "-b", min=1, help="Batch size: use the one training used."),
-    ] = 32,
+        int | None,
+        typer.Option(
+            "--batch-size",
+            "-b",
+            min=1,
+            help="Batch size of the scan (default: the composition search picks the one that "
+            "reproduces training best).",
+        ),
+    ] = None,
     batch_sizes: Annotated[
         str | None,
         typer.Option(
@@ -444,6 +523,11 @@ def scan(
             help="Scan once per batch size, e.g. 1,2,8,32: how drift grows as batches shrink.",
         ),
     ] = None,
+    train_batch_size: TrainBatchOpt = None,
+    train_group_by_label: TrainGroupOpt = False,
+    search: SearchOpt = None,
+    strict: StrictOpt = False,
+    normalize: NormalizeOpt = None,
     shuffle: Annotated[
         bool,
         typer.Option(
@@ -486,23 +570,41 @@ def scan(
     sharded = distributed.init_from_env()  # launched by torchrun: scan this rank's shard
     rank = distributed.dist.get_rank() if sharded else 0
     err = _stderr(quiet or rank != 0)
-    sizes = _parse_sizes(batch_sizes) if batch_sizes else [batch_size]
+    sizes: list[int | None] = list(_parse_sizes(batch_sizes)) if batch_sizes else [batch_size]
+    if search is None:  # a sweep shows each batch size as it is; one scan searches
+        search = len(sizes) == 1 and train_batch_size is None and not train_group_by_label
     if len(models) > 1 and len(sizes) > 1:
         raise click.BadParameter(
             "use --batch-sizes with one model, or several models with one batch size"
         )
     shape = tuple(int(s) for s in input_shape.split(",")) if input_shape else None
-    dataset = load_data(data, input_shape=shape, image_size=image_size, seed=seed)
+    plan = _plan(models, data=data, arch=arch)
+    plan.file(json_out, "--json", stdout=True)
+    plan.check()
+    dataset = load_data(
+        data, input_shape=shape, image_size=image_size, seed=seed, normalize=normalize
+    )
     reports = []
     for model in models:
         net = _load(model, arch, arch_kwargs, trust_pickle)
         for size in sizes:
             options = _scan_options(
-                size, shuffle, seed, group_by_label, max_batches, paths, threshold, device
+                size,
+                shuffle,
+                seed,
+                group_by_label,
+                max_batches,
+                paths,
+                threshold,
+                device,
+                train_batch_size,
+                train_group_by_label,
+                search,
             )
             if sharded:
                 options["distributed"] = True
-            with _Progress(err, f"{model.name} bs={size}", not quiet) as progress:
+            label = f"{model.name} bs={size}" if size else model.name
+            with _Progress(err, label, not quiet) as progress:
                 reports.append(
                     run_scan(net, dataset, progress=progress, model_name=model.name, **options)
                 )
@@ -530,9 +632,10 @@ def scan(
             "batch_sizes": sizes,
             "reports": [r.to_dict() for r in reports],
         }
-    _write_json(json_out, payload, models)
-    flagged = any(r.flagged for r in reports)
-    return EXIT_DRIFT if flagged and not exit_zero else EXIT_OK
+    with plan:
+        _write_json(plan, json_out, payload)
+        plan.commit()
+    return _exit_code(reports, exit_zero, strict)
 
 
 # -- patch ----------------------------------------------------------------------------------------
@@ -559,20 +662,29 @@ def _patch_torch(
                 "--layers applies to an explicit --to fix", param_hint="--layers"
             )
         return autopatch(net, dataset, prior=prior, **scan_options)
+    from .patch import verify_patch
+
     before = run(net, dataset, **options)
+    c = before.composition  # the composition the scan judged against (the search's reference)
+    fixed = {**options, "search": False, "batch_size": c.batch_size or 32, "group_by": c.group_by}
+    fixed.pop("train_batch_size", None)
+    fixed.pop("train_group_by", None)
     extra: dict[str, Any] = {}
     if to is Fix.recalibrate:
-        extra = {"data": dataset, "batch_size": options["batch_size"]}
+        extra = {"data": dataset, "batch_size": fixed["batch_size"]}
     elif to is Fix.batchstats and prior:
         extra = {"prior": prior}
     patched = patch(net, to=to.value, layers=layers, **extra)
-    return patched, before, run(patched, dataset, **options)
+    patched.normdoctor_verification = verify_patch(
+        net, patched, dataset, before, max_batches=options.get("max_batches")
+    )
+    return patched, before, run(patched, dataset, **fixed)
 
 
 def _patch_onnx(
     net: Any, dataset: Any, to: Fix, layers: str | None, options: dict[str, Any]
 ) -> tuple[Any, Any, Any]:
-    scan_options = {k: v for k, v in options.items() if k != "device"}
+    scan_options = _onnx_options(options)
     before = net.scan(dataset, **scan_options)
     if to is Fix.auto:  # each flagged node gets its recommendation; renorm needs training
         patched = net
@@ -584,7 +696,7 @@ def _patch_onnx(
             groups.setdefault(fix, []).append(layer.name)
         for fix, names in groups.items():
             patched = patched.patch(
-                fix, data=dataset, layers=names, batch_size=options["batch_size"]
+                fix, data=dataset, layers=names, batch_size=scan_options["batch_size"]
             )
     else:
         if to is Fix.renorm:
@@ -592,7 +704,9 @@ def _patch_onnx(
                 "renorm needs fine-tuning, which an ONNX graph cannot do: "
                 "use batchstats or patch the PyTorch model"
             )
-        patched = net.patch(to.value, data=dataset, layers=layers, batch_size=options["batch_size"])
+        patched = net.patch(
+            to.value, data=dataset, layers=layers, batch_size=scan_options["batch_size"]
+        )
     return patched, before, patched.scan(dataset, **scan_options)
 
 
@@ -624,9 +738,18 @@ def patch(
     arch_kwargs: ArchKwOpt = None,
     trust_pickle: TrustOpt = False,
     batch_size: Annotated[
-        int,
-        typer.Option("--batch-size", "-b", min=1, help="Batch size: use the one training used."),
-    ] = 32,
+        int | None,
+        typer.Option(
+            "--batch-size",
+            "-b",
+            min=1,
+            help="Batch size of the scan (default: searched, as for scan).",
+        ),
+    ] = None,
+    train_batch_size: TrainBatchOpt = None,
+    train_group_by_label: TrainGroupOpt = False,
+    search: SearchOpt = None,
+    normalize: NormalizeOpt = None,
     shuffle: Annotated[bool, typer.Option("--shuffle/--no-shuffle")] = True,
     group_by_label: Annotated[bool, typer.Option("--group-by-label")] = False,
     seed: Annotated[int, typer.Option("--seed")] = 0,
@@ -647,24 +770,44 @@ def patch(
     exit_zero: ExitZeroOpt = False,
     quiet: QuietOpt = False,
 ) -> int:
-    """Apply a fix, scan again, and write the patched model if it was verified on the data.
+    """Apply a fix, scan again, and write the patched model only if it measures at least as good.
 
-    Prints drift before/after per changed layer and, with labels, accuracy before/after. Exits 1
-    when layers are still flagged after the fix.
+    --to auto fixes only a model whose eval mode the scan found harmful. The patched model is
+    measured against the original on the same samples (eval-mode accuracy or loss with labels
+    or targets; agreement with the original's train path without). Exit 0: a verified model
+    was written; 1: nothing written (nothing to fix, or the fix measured worse), or eval mode
+    still harmful after the fix; 2: error.
     """
     import torch
 
     from .io import load_data
 
-    if out.exists() and out.resolve() == model.resolve():
-        raise NormDoctorError(f"refusing to overwrite the input file {model}")
+    plan = _plan([model], data=data, arch=arch)
+    plan.file(out, "--out")
+    plan.file(json_out, "--json", stdout=True)
+    plan.folder(report_dir, "--report")
+    plan.check()  # every output, before the model is even loaded
     net = _load(model, arch, arch_kwargs, trust_pickle)
-    dataset = load_data(data, seed=seed)
+    for companion in getattr(net, "_protected", ()):  # an ONNX model's external-data files
+        plan.add_input(companion, "input model data")
+    dataset = load_data(data, seed=seed, normalize=normalize)
+    stated = train_batch_size is not None or train_group_by_label
     options = _scan_options(
-        batch_size, shuffle, seed, group_by_label, max_batches, "train,eval", threshold, Device.cpu
+        batch_size,
+        shuffle,
+        seed,
+        group_by_label,
+        max_batches,
+        "train,eval",
+        threshold,
+        Device.cpu,
+        train_batch_size,
+        train_group_by_label,
+        (not stated) if search is None else search,
     )
     options["model_name"] = model.name
-    _stderr(quiet).print(f"patching {model.name}: --to {to.value}, batches of {batch_size}")
+    asked = f", batches of {batch_size}" if batch_size else ""
+    _stderr(quiet).print(f"patching {model.name}: --to {to.value}{asked}")
     if isinstance(net, torch.nn.Module):
         patched, before, after = _patch_torch(net, dataset, to, layers, options, prior)
     else:
@@ -672,30 +815,88 @@ def patch(
     from .render.console import print_patch
 
     print_patch(before, after, _stdout())
-    if isinstance(patched, torch.nn.Module):
-        from .patch import save_patched
-
-        if not before.flagged:
-            _stderr(quiet).print("nothing flagged: the model is written unchanged")
-        written = save_patched(patched, out, source=model)
-    else:
-        written = patched.save(out)
-    _stderr(quiet).print(f"wrote {written}")
-    _write_json(
-        json_out,
-        {
-            "schema_version": 1,
-            "kind": "patch",
-            "before": before.to_dict(),
-            "after": after.to_dict(),
-        },
-        [model],
+    refusal = _patch_refusal(to, patched, before, after)
+    if refusal:
+        _stderr().print(f"normdoctor: {refusal}: nothing written", markup=False, highlight=False)
+        return EXIT_DRIFT
+    check = getattr(patched, "normdoctor_verification", None)
+    if check is not None:
+        _stderr(quiet).print(f"verified: {check.text}", markup=False, highlight=False)
+    _commit_patch_outputs(
+        plan,
+        patched,
+        before,
+        after,
+        model=model,
+        out=out,
+        json_out=json_out,
+        report_dir=report_dir,
+        quiet=quiet,
     )
-    if report_dir is not None:
-        from .render import save_report
+    return _exit_code([after], exit_zero, False)
 
-        save_report(before, report_dir, patched=after)
-    return EXIT_DRIFT if after.flagged and not exit_zero else EXIT_OK
+
+def _patch_refusal(to: Fix, patched: Any, before: Any, after: Any) -> str:
+    """Why ``patch`` must not write its model ('' if it may): a fix is written only when it
+    measures at least as good as the original (DESIGN.md: a wrong fix does harm)."""
+    if to is Fix.auto and not before.status.harmful:
+        return f"nothing to fix (verdict {before.status}: {before.reason})"
+    check = getattr(patched, "normdoctor_verification", None)
+    if check is not None and not check.ok:
+        return f"the patched model measures worse than the original ({check.text})"
+    b, a = before.end_to_end, after.end_to_end
+    if check is None and b is not None and a is not None:  # ONNX: the same batches, eval mode
+        if b.acc_eval is not None and a.acc_eval is not None and a.acc_eval < b.acc_eval:
+            return f"eval-mode accuracy {b.acc_eval:.1%} -> {a.acc_eval:.1%}: worse"
+        if b.loss_eval is not None and a.loss_eval is not None and a.loss_eval > b.loss_eval:
+            return f"eval-mode {b.metric} {b.loss_eval:.4g} -> {a.loss_eval:.4g}: worse"
+    return ""
+
+
+def _commit_patch_outputs(
+    plan: Outputs,
+    patched: Any,
+    before: Any,
+    after: Any,
+    *,
+    model: Path,
+    out: Path,
+    json_out: Path | None,
+    report_dir: Path | None,
+    quiet: bool,
+) -> None:
+    """The one place ``patch`` writes: everything is computed; stage every output, then publish.
+
+    A rule that refuses to write (the patch made things worse) belongs before the staging: it
+    then leaves every output untouched.  A failure while staging (disk full, the report folder
+    appeared meanwhile) writes nothing either.
+    """
+    import torch
+
+    err = _stderr(quiet)
+    with plan:
+        if isinstance(patched, torch.nn.Module):
+            from .patch import save_patched
+
+            plan.write_with(out, lambda path: save_patched(patched, path, source=model))
+        else:
+            plan.write_with(out, patched.save)
+        _write_json(
+            plan,
+            json_out,
+            {
+                "schema_version": 1,
+                "kind": "patch",
+                "before": before.to_dict(),
+                "after": after.to_dict(),
+            },
+        )
+        if report_dir is not None:
+            from .render import save_report
+
+            save_report(before, report_dir, patched=after, outputs=plan)
+        plan.commit()
+    err.print(f"wrote {out}")
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -765,8 +966,17 @@ def report(
     Exits 0 once the report is written (use `scan` for a CI gate).
     """
     err = _stderr(quiet)
+    is_json = source.suffix.lower() == ".json"
+    plan = _plan(
+        [source],
+        data=None if is_json else data,
+        arch=None if is_json else arch,
+        label="scan JSON" if is_json else "input model",
+    )
+    plan.folder(out, "--out", force=force, force_hint="--force")
+    plan.check()
     sweep = series = None
-    if source.suffix.lower() == ".json":
+    if is_json:
         main_report, sweep, series = _reports_from_json(source)
     else:
         if data is None:
@@ -801,15 +1011,17 @@ def report(
     command = (
         "normdoctor " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
     )
-    index = save_report(
-        main_report,
-        out,
-        sweep=sweep,
-        series=series,
-        command=command,
-        force=force,
-        train_batch_size=train_batch_size,
-    )
+    with plan:
+        index = save_report(
+            main_report,
+            out,
+            sweep=sweep,
+            series=series,
+            command=command,
+            train_batch_size=train_batch_size,
+            outputs=plan,
+        )
+        plan.commit()
     err.print(f"wrote {index}")
     _stdout().print(main_report.verdict, highlight=False, markup=False)
     return EXIT_OK
@@ -823,21 +1035,42 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Console-script entry point; returns (and exits with) the exit code."""
-    args = list(sys.argv[1:] if argv is None else argv)
+def _interrupted() -> int:
+    print("normdoctor: interrupted", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _vendored(name: str, default: type[BaseException]) -> type[BaseException]:
+    """typer >= 0.2x raises its own copy of click's exceptions (``typer._click``)."""
+    try:
+        from typer._click import exceptions as vendored
+    except ImportError:
+        return default
+    return getattr(vendored, name, default)
+
+
+_CLICK_ERRORS = (click.ClickException, _vendored("ClickException", click.ClickException))
+_ABORTS = (click.exceptions.Abort, getattr(typer.exceptions, "Abort", click.exceptions.Abort))
+
+
+def _invoke(args: list[str]) -> int | None:
+    """Run the command; every error becomes one line on stderr and an exit code."""
     command = typer.main.get_command(app)
     debug = "--debug" in args
     try:
         code = command.main(args=args, prog_name="normdoctor", standalone_mode=False)
+        # typer answers a KeyboardInterrupt it caught with 130 and no word
+        return _interrupted() if code == EXIT_INTERRUPTED else code
     except click.exceptions.Exit as exc:
-        code = exc.exit_code
-    except click.exceptions.Abort:
+        return exc.exit_code
+    except _ABORTS as exc:
+        if isinstance(exc.__cause__, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+            return _interrupted()
         print("normdoctor: aborted", file=sys.stderr)
-        code = EXIT_ERROR
-    except click.ClickException as exc:
-        exc.show(file=sys.stderr)
-        code = EXIT_ERROR
+        return EXIT_ERROR
+    except _CLICK_ERRORS as exc:
+        exc.show(file=sys.stderr)  # type: ignore[attr-defined]
+        return EXIT_ERROR
     except (
         NormDoctorError,
         FileExistsError,
@@ -848,10 +1081,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         print(f"normdoctor: error: {_one_line(exc)}", file=sys.stderr)
-        code = EXIT_ERROR
-    except KeyboardInterrupt:
-        print("normdoctor: interrupted", file=sys.stderr)
-        code = EXIT_ERROR
+        return EXIT_ERROR
+    except (KeyboardInterrupt, Interrupted):
+        return _interrupted()
     except Exception as exc:  # a bug: still one line, the traceback with --debug
         if debug:
             raise
@@ -860,7 +1092,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             "(run with --debug for the traceback)",
             file=sys.stderr,
         )
-        code = EXIT_ERROR
+        return EXIT_ERROR
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console-script entry point; returns (and exits with) the exit code.
+
+    SIGINT and SIGTERM unwind the command like Ctrl-C (exit 130, ``normdoctor: interrupted``);
+    the previous handlers are back on return, and no temporary file of the command survives.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    with interrupt_on_signals():
+        try:
+            code = _invoke(args)
+        except (KeyboardInterrupt, Interrupted):  # arrived while an error was being reported
+            code = _interrupted()
+        finally:
+            remove_temporaries()
     if code is None:
         code = EXIT_OK
     if argv is None:

@@ -38,7 +38,6 @@ import fnmatch
 import itertools
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -51,10 +50,12 @@ from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from . import distributed as _dist
+from ._globals import preserved_globals
 from .batching import Batch, GroupBy, plan_batches
 from .errors import ConversionError, DataError, LoadError, NormDoctorError, ScanError
 from .layers import NormFamily, NormLayer, find_norm_layers
 from .metrics import Recommendation
+from .outputs import write_atomic
 from .probe import LayerMeasurement, Probe
 from .renorm import (
     BN_TENSORS,
@@ -65,7 +66,16 @@ from .renorm import (
     _BatchRenorm,
 )
 from .report import ScanReport
-from .scan import _default_forward, _model_device_dtype, _output_tensor, _to_device, scan
+from .scan import (
+    _default_forward,
+    _model_device_dtype,
+    _output_tensor,
+    _to_device,
+    path_outcomes,
+    scan,
+)
+from .search import agreement as search_agreement
+from .search import divergence as search_divergence
 
 __all__ = [
     "CONVERSIONS",
@@ -854,6 +864,7 @@ def _check_instance_inputs(shapes: dict[str, tuple[int, ...]], names: Iterable[s
 # ================================================================================ patch
 
 
+@preserved_globals()
 def patch(
     model: nn.Module,
     to: str = "auto",
@@ -1014,6 +1025,7 @@ class _StopForward(BaseException):
     """
 
 
+@preserved_globals()
 def recalibrate(
     model: nn.Module,
     data: Any,
@@ -1402,11 +1414,105 @@ def impact(
 # ============================================================================ autopatch
 
 
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class PatchCheck:
+    """Whether a patched model measures at least as good as its original, on the same samples.
+
+    ``metric``: "accuracy" or "mse"/"loss" (eval mode of both models, labels or targets), or
+    "agreement" (no labels or targets: agreement of each model's eval mode with the original's
+    train path under training's composition, the reference the scan judged against).
+    """
+
+    ok: bool
+    metric: str
+    before: float | None
+    after: float | None
+    samples: int
+    text: str
+
+
+def verify_patch(
+    original: nn.Module,
+    patched: nn.Module,
+    data: Any,
+    report: ScanReport,
+    *,
+    max_batches: int | None = None,
+    forward: Forward | None = None,
+    device: Any = None,
+    loss: Any = None,
+) -> PatchCheck:
+    """Measure ``patched`` against ``original`` in eval mode on the samples ``report`` scanned.
+
+    With labels or targets the patched model must be at least as accurate (or its loss at most
+    as large) as the original; without them its eval-mode outputs must agree with the
+    original's train path (under the report's composition) at least as well as the original's
+    eval mode does.  Costs two eval passes (three without labels or targets).
+    """
+    c = report.composition
+    if c.batch_size is None:
+        return PatchCheck(
+            ok=True,
+            metric="none",
+            before=None,
+            after=None,
+            samples=0,
+            text="not verified per sample: the data came as formed batches",
+        )
+    opts = dict(
+        batch_size=c.batch_size,
+        group_by=c.group_by,
+        seed=c.seed or 0,
+        max_batches=max_batches,
+        forward=forward,
+        device=device,
+        loss=loss,
+    )
+    a = path_outcomes(original, data, "eval", **opts)
+    b = path_outcomes(patched, data, "eval", **opts)
+    mask = a.seen & b.seen
+    n = int(mask.sum())
+    ea, eb = a.evidence(), b.evidence()
+    if ea is not None and eb is not None:
+        labels = a.correct is not None
+        qa, qb = float(ea[mask].mean()), float(eb[mask].mean())
+        metric = "accuracy" if labels else ("mse" if loss is None else "loss")
+        ok = qb >= qa if labels else qb <= qa
+        shown = (lambda q: f"{q:.1%}") if labels else (lambda q: f"{q:.4g}")
+        text = f"eval-mode {metric} {shown(qa)} -> {shown(qb)} on {n} samples"
+        return PatchCheck(ok=ok, metric=metric, before=qa, after=qb, samples=n, text=text)
+    ref = path_outcomes(original, data, "train", **opts)
+    mask &= ref.seen
+    before = search_agreement(a, ref, mask)
+    after = search_agreement(b, ref, mask)
+    what = "prediction agreement"
+    if before is None or after is None:
+        before, after = search_divergence(ref, a, mask), search_divergence(ref, b, mask)
+        what = "output divergence"
+        ok = before is not None and after is not None and after <= before
+    else:
+        ok = after >= before
+    text = (
+        f"{what} with the original's train path ({c.description}) {before:.3g} -> {after:.3g}"
+        if before is not None and after is not None
+        else "outputs could not be compared"
+    )
+    return PatchCheck(
+        ok=ok,
+        metric="agreement" if what.startswith("prediction") else "divergence",
+        before=before,
+        after=after,
+        samples=int(mask.sum()),
+        text=text,
+    )
+
+
+@preserved_globals()
 def autopatch(
     model: nn.Module,
     data: Any,
     *,
-    batch_size: int | None = 32,
+    batch_size: int | None = None,
     shuffle: bool = True,
     seed: int = 0,
     group_by: GroupBy = None,
@@ -1428,9 +1534,16 @@ def autopatch(
        the patched model's eval-mode outputs are compared with the original's train-path
        outputs on the scan's batches (prediction agreement for classifiers, relative RMS
        difference otherwise); layers whose fix changes nothing that matters stay untouched.
-    3. ``after = scan(patched, data, ...)`` with the same composition.  If it scans worse than
-       ``before`` (lower prediction agreement or accuracy in eval mode, or more flagged
-       layers), a warning is issued and a note added to ``after``.
+    3. ``after = scan(patched, data, ...)`` under the composition ``before`` judged against
+       (the composition search's reference by default), and :func:`verify_patch` measures the
+       patched model against the original on the same samples (eval-mode accuracy or loss
+       with labels or targets; agreement with the original's train path without).  Its
+       :class:`PatchCheck` is ``patched.normdoctor_verification``; a patch that measures worse
+       is warned about (the CLI writes nothing then).
+
+    Nothing is patched (a copy of the model comes back, ``after is before``) unless the scan
+    found eval mode harmful: a model whose eval mode is as good as batch statistics, or whose
+    verdict is undetermined, has no measured harm to fix.
 
     A ``renorm`` recommendation needs fine-tuning, which autopatch cannot do: it applies
     ``renorm_as`` instead (``"batchstats"`` by default, an inference-time fix that reproduces
@@ -1468,19 +1581,21 @@ def autopatch(
         unchanged = copy.deepcopy(model)
         _record(unchanged, [], _records(model))
         return unchanged, before, before
-    notes: list[str] = []
-    e = before.end_to_end
-    if (
-        e is not None
-        and e.acc_train is not None
-        and e.acc_eval is not None
-        and e.acc_eval >= e.acc_train
-    ):
-        notes.append(
-            f"eval mode is at least as accurate as batch statistics on these batches "
-            f"({e.acc_eval:.1%} vs {e.acc_train:.1%}): were they composed like training's "
-            "(batch size, order, grouping)? A fix for the wrong composition does harm"
+    # Fix and verify under the composition the scan judged against (the search's reference).
+    c = before.composition
+    if c.batch_size is not None:
+        composition.update(
+            batch_size=c.batch_size,
+            group_by=c.group_by if c.group_by != "key" else composition["group_by"],
+            shuffle=c.order == "shuffle",
+            seed=c.seed if c.seed is not None else seed,
         )
+    scan_options = {
+        k: v
+        for k, v in scan_options.items()
+        if k not in ("search", "train_batch_size", "train_group_by")
+    }
+    notes: list[str] = []
     plan: dict[str, str] = {}
     for r in before.flagged_layers:
         kind = str(r.recommendation)
@@ -1544,11 +1659,23 @@ def autopatch(
                 break
     patched = full if chosen else copy.deepcopy(model)
     after = scan(patched, data, **composition, **scan_options)
-    worse = _worse(before, after)
-    if worse:
-        message = f"autopatch: the patched model scans worse than the original ({worse})"
+    check = verify_patch(
+        model,
+        patched,
+        data,
+        before,
+        max_batches=max_batches,
+        forward=fwd,
+        device=run_device,
+        loss=scan_options.get("loss"),
+    )
+    patched.normdoctor_verification = check  # type: ignore[assignment]
+    if not check.ok:
+        message = f"autopatch: the patched model measures worse than the original ({check.text})"
         warnings.warn(message, stacklevel=2)
         notes.append("WARNING: " + message)
+    else:
+        notes.append(f"verified: {check.text}")
     if notes:
         after = dataclasses.replace(after, notes=(*after.notes, *notes))
     return patched, before, after
@@ -1621,29 +1748,6 @@ def _as_good(score: tuple[float | None, float], target: tuple[float | None, floa
     if score[0] is not None and target[0] is not None:
         return score[0] >= target[0]
     return score[1] <= target[1] + _MINIMAL_DIVERGENCE_SLACK
-
-
-def _worse(before: ScanReport, after: ScanReport) -> str:
-    """Why ``after`` is worse than ``before`` ('' if it is not)."""
-    reasons = []
-    b, a = before.end_to_end, after.end_to_end
-    if b is not None and a is not None:
-        if b.agreement is not None and a.agreement is not None and a.agreement < b.agreement:
-            reasons.append(f"prediction agreement {b.agreement:.1%} -> {a.agreement:.1%}")
-        if b.acc_eval is not None and a.acc_eval is not None and a.acc_eval < b.acc_eval:
-            reasons.append(f"eval-mode accuracy {b.acc_eval:.1%} -> {a.acc_eval:.1%}")
-        if (
-            b.agreement is None
-            and b.rel_divergence is not None
-            and a.rel_divergence is not None
-            and a.rel_divergence > b.rel_divergence
-        ):
-            reasons.append(f"output divergence {b.rel_divergence:.3g} -> {a.rel_divergence:.3g}")
-    if len(after.flagged_layers) > len(before.flagged_layers):
-        reasons.append(
-            f"flagged layers {len(before.flagged_layers)} -> {len(after.flagged_layers)}"
-        )
-    return "; ".join(reasons)
 
 
 # ============================================================================ save / load
@@ -1727,18 +1831,7 @@ def save_patched(
         "normdoctor_patch": {"version": MANIFEST_VERSION, "conversions": entries},
         "state_dict": model.state_dict(),
     }
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, lambda f: torch.save(payload, f))
     return path
 
 
@@ -1817,7 +1910,10 @@ def load_patched(
 ) -> nn.Module:
     """Load a file written by :func:`save_patched` into the original architecture ``model``."""
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        # An open file, not the path: torch picks a reader by a path's extension (a ".safetensors"
+        # name would go to safetensors whatever the file holds).
+        with open(path, "rb") as fh:
+            saved = torch.load(fh, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise LoadError(f"cannot read patched model {str(path)!r}: {exc}") from exc
     if not isinstance(saved, dict) or "normdoctor_patch" not in saved or "state_dict" not in saved:

@@ -88,7 +88,7 @@ def _recalibrate(model: nn.Module, x: torch.Tensor) -> nn.Module:
 def drifting() -> ScanReport:
     """Fresh model, running statistics at init: its feature-map outputs diverge in eval mode."""
     torch.manual_seed(0)
-    return normdoctor.scan(_conv_bn().eval(), _data(), batch_size=16, model_name="fresh-cnn")
+    return normdoctor.scan(_conv_bn().eval(), _data(), train_batch_size=16, model_name="fresh-cnn")
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,9 @@ def sweep() -> dict[int, ScanReport]:
     torch.manual_seed(0)
     model = _conv_bn().eval()
     return {
-        b: normdoctor.scan(model, _data(), batch_size=b, max_batches=6, model_name="fresh-cnn")
+        b: normdoctor.scan(
+            model, _data(), train_batch_size=b, max_batches=6, model_name="fresh-cnn"
+        )
         for b in (2, 8, 32)
     }
 
@@ -144,7 +146,9 @@ def checkpoints() -> list[ScanReport]:
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.mul_(1 - t)
                 m.running_var.mul_(1 - t).add_(t)
-        reports.append(normdoctor.scan(model, _data(), batch_size=32, model_name=f"epoch{j}.pt"))
+        reports.append(
+            normdoctor.scan(model, _data(), train_batch_size=32, model_name=f"epoch{j}.pt")
+        )
     return reports
 
 
@@ -548,7 +552,9 @@ def test_existing_folder_is_not_overwritten_without_force(
         save_report(no_bn, out)  # now it holds a report: still not overwritten silently
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert save_report(no_bn, empty) == empty.absolute() / "index.html"
+    with pytest.raises(FileExistsError, match="exists \\(empty\\)"):
+        save_report(no_bn, empty)  # even an empty folder may be someone's: force says so
+    assert save_report(no_bn, empty, force=True) == empty.absolute() / "index.html"
     (tmp_path / "afile").write_text("x")
     with pytest.raises(FileExistsError, match="not a folder"):
         save_report(no_bn, tmp_path / "afile", force=True)

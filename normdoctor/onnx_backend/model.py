@@ -23,8 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,6 +40,7 @@ from ..checks import Finding
 from ..errors import ConversionError, DataError, LoadError, NormDoctorError, ScanError
 from ..layers import NormFamily, NormLayer, select_layers
 from ..metrics import DEFAULT_NONIID_THRESHOLD, DEFAULT_THRESHOLD
+from ..outputs import Outputs
 from ..probe import PATHS, LayerMeasurement, NormState, Recorder
 from ..report import LayerStatus, ScanReport
 from ..scan import (
@@ -289,10 +288,13 @@ class OnnxModel:
         progress: Progress | None = None,
         model_name: str | None = None,
         providers: Sequence[str] | None = None,
+        stated: bool = False,
     ) -> ScanReport:
         """Measure each BatchNormalization's train/eval drift, as :func:`normdoctor.scan` does.
 
-        The options mean what they mean for :func:`normdoctor.scan`.  A batch's inputs are a
+        The options mean what they mean for :func:`normdoctor.scan` (``stated``: the batch
+        composition is training's, as the user stated; there is no composition search for ONNX
+        graphs yet, so a scan judges at the composition given).  A batch's inputs are a
         tensor or array (one graph input), a tuple in graph-input order, or a dict keyed by
         input name; they are cast to the input's declared dtype.
 
@@ -389,6 +391,8 @@ class OnnxModel:
             agreement_threshold=agreement_threshold,
             divergence_threshold=divergence_threshold,
             notes=notes,
+            stated=stated,
+            folded=any("folded at export, nothing to measure" in n for n in notes),
         )
         why = {rec.name: rec.why for rec in a.nodes if rec.why and not rec.measurable}
         fixed = tuple(
@@ -662,11 +666,13 @@ class OnnxModel:
 
         ``onnx.checker.check_model`` must pass.  The file (and, for models with external data
         or above ~1.8 GB, its ``<name>.data`` file beside it) is written under a temporary
-        name in the target folder and moved into place with ``os.replace``.
+        name in the target folder and moved into place with ``os.replace``, by the rules of
+        :class:`normdoctor.outputs.Outputs` (a symlink is written through, a device directly).
 
         Raises:
             ConversionError: the target is the file this model was loaded from (or one of its
                 external-data files), or the graph fails the checker.
+            OutputError: the file cannot be written (``cannot write X: reason``).
         """
         target = Path(path)
         resolved = target.resolve()
@@ -676,44 +682,33 @@ class OnnxModel:
             onnx.checker.check_model(self.proto)
         except Exception as exc:
             raise ConversionError(f"{self.name}: fails onnx.checker ({_first_line(exc)})") from exc
-        folder = resolved.parent
-        folder.mkdir(parents=True, exist_ok=True)
         external = self._external_data or self.proto.ByteSize() > _LARGE
-        if not external:
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(self.proto.SerializeToString())
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, resolved)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
-            return target
-        location = f"{target.name}.data"
-        if str(folder / location) in self._protected:
+        location = resolved.parent / f"{resolved.name}.data"
+        if external and str(location) in self._protected:
             raise ConversionError(
-                f"refusing to write over the input model's external data {folder / location}"
+                f"refusing to write over the input model's external data {location}"
             )
-        tmpdir = tempfile.mkdtemp(dir=folder, prefix=f".{target.name}.")
-        try:
-            out = copy_model(self.proto)  # saving as external data empties the tensors
-            onnx.save_model(
-                out,
-                os.path.join(tmpdir, target.name),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=location,
-                size_threshold=1024,
-            )
-            if os.path.exists(os.path.join(tmpdir, location)):
-                os.replace(os.path.join(tmpdir, location), folder / location)
-            os.replace(os.path.join(tmpdir, target.name), resolved)
-        finally:
-            shutil.rmtree(tmpdir, ignore_errors=True)
+        with Outputs(("input model", f) for f in self._protected) as plan:
+            plan.file(target)
+            plan.check()
+            if external:
+                plan.write_with(target, self._save_external)
+            else:
+                plan.write_bytes(target, self.proto.SerializeToString())
+            plan.commit()
         return target
+
+    def _save_external(self, path: Path) -> None:
+        """The graph at ``path``, every large tensor in ``<name>.data`` beside it."""
+        out = copy_model(self.proto)  # saving as external data empties the tensors
+        onnx.save_model(
+            out,
+            os.fspath(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=f"{path.name}.data",
+            size_threshold=1024,
+        )
 
     def __repr__(self) -> str:
         n = len(self._analysis_cache.nodes) if self._analysis_cache else "?"

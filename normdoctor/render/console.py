@@ -13,7 +13,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from ..report import LayerReport, LayerStatus, ScanReport
+from ..report import LayerReport, LayerStatus, ScanReport, Verdict
 
 if TYPE_CHECKING:
     from ..checks import Finding
@@ -32,6 +32,7 @@ __all__ = [
 STATUS_STYLE = {
     LayerStatus.FLAGGED: ("✗ flagged", "bold red"),
     LayerStatus.HARMLESS: ("~ harmless", "yellow"),
+    LayerStatus.DRIFTS: ("? drifts", "yellow"),
     LayerStatus.OK: ("✓ ok", "green"),
     LayerStatus.NOT_EXECUTED: ("? not run", "magenta"),
     LayerStatus.NOT_MEASURED: ("- n/a", "dim"),
@@ -91,12 +92,61 @@ def _end_to_end_line(report: ScanReport) -> str | None:
     return "end to end (train vs eval path): " + "; ".join(e.describe())
 
 
+VERDICT_STYLE = {
+    Verdict.OK: "bold green",
+    Verdict.HARMLESS: "yellow",
+    Verdict.HARMFUL: "bold red",
+    Verdict.COMPOUNDING: "bold red",
+    Verdict.UNDETERMINED: "bold yellow",
+    Verdict.CANNOT_CHECK: "magenta",
+    Verdict.NOT_MEASURABLE: "magenta",
+}
+
+
 def _verdict(report: ScanReport) -> Text:
-    if report.flagged:
-        return Text(f"✗ {report.verdict}", style="bold red")
-    if report.drifting_layers:
-        return Text(f"~ {report.verdict}", style="yellow")
-    return Text(f"✓ {report.verdict}", style="bold green")
+    return Text(f"{report.status.symbol} {report.verdict}", style=VERDICT_STYLE[report.status])
+
+
+def evidence_table(report: ScanReport) -> Table | None:
+    """The compositions tried as training's: train-path quality, agreement, fit; the reference
+    marked ``*``."""
+    ev = report.evidence
+    if ev is None or len(ev.candidates) < 2:
+        return None
+    table = Table(box=None, pad_edge=False, header_style="bold", show_edge=False)
+    labels = ev.kind == "labels"
+    quality = "train acc" if labels else (f"train {ev.metric}" if ev.metric else None)
+    columns = ["composition", *([quality] if quality else []), "agreement", "fit"]
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for i, c in enumerate(ev.candidates):
+        mark = "*" if i == ev.reference else " "
+        if not c.measurable:
+            row = [f"{c.description}{mark}", *(["-"] if quality else []), "-", "-"]
+        else:
+            q = (
+                [
+                    (
+                        "-"
+                        if c.quality is None
+                        else (f"{c.quality:.1%}" if labels else f"{c.quality:.4g}")
+                    )
+                ]
+                if quality
+                else []
+            )
+            agree = "-" if c.agreement is None else f"{c.agreement:.1%}"
+            row = [f"{c.description}{mark}", *q, agree, _num(c.fit)]
+        table.add_row(*row)
+    return table
+
+
+def _evidence_line(report: ScanReport) -> str | None:
+    ev = report.evidence
+    if ev is None or ev.eval_quality is None or len(ev.candidates) < 2:
+        return None
+    q = f"{ev.eval_quality:.1%}" if ev.kind == "labels" else f"{ev.eval_quality:.4g}"
+    return f"eval mode: {q} ({ev.metric}); * = the reference composition"
 
 
 def print_scan(report: ScanReport, console: Console, *, verbose: bool = False) -> None:
@@ -109,6 +159,13 @@ def print_scan(report: ScanReport, console: Console, *, verbose: bool = False) -
     line = _end_to_end_line(report)
     if line:
         console.print(line, highlight=False)
+    table = evidence_table(report)
+    if table is not None:
+        console.print("compositions tried as training's:", highlight=False)
+        console.print(table)
+        extra = _evidence_line(report)
+        if extra:
+            console.print(extra, highlight=False)
     console.print(_verdict(report))
     for layer in report.flagged_layers if not verbose else report.layers:
         if layer.flagged or (verbose and layer.batch_dependent):
@@ -172,13 +229,32 @@ def print_series(reports: Sequence[ScanReport], console: Console) -> None:
         highlight=False,
     )
     console.print(drift_grid(reports, [r.model for r in reports]))
-    first = next((r for r in reports if r.flagged), None)
-    if first is None:
-        console.print(Text("✓ no checkpoint flagged", style="bold green"))
-    else:
-        console.print(
-            Text(f"✗ drift first flagged in {first.model}: {first.verdict}", style="bold red")
-        )
+    console.print(Text(series_headline(reports), style=VERDICT_STYLE[series_status(reports)]))
+    for r in reports:
+        console.print(f"  {r.model}: ", _verdict(r), highlight=False)
+
+
+def series_status(reports: Sequence[ScanReport]) -> Verdict:
+    """The series' verdict: harmful if any checkpoint is, else the least certain one's."""
+    rank = [
+        Verdict.HARMFUL,
+        Verdict.COMPOUNDING,
+        Verdict.UNDETERMINED,
+        Verdict.NOT_MEASURABLE,
+        Verdict.CANNOT_CHECK,
+        Verdict.HARMLESS,
+        Verdict.OK,
+    ]
+    return min((r.status for r in reports), key=rank.index)
+
+
+def series_headline(reports: Sequence[ScanReport]) -> str:
+    """The headline of a checkpoint series: where eval mode first became harmful."""
+    first = next((r for r in reports if r.status.harmful), None)
+    status = series_status(reports)
+    if first is not None:
+        return f"{status.symbol} {status}: eval mode first harmful at {first.model}: {first.reason}"
+    return f"{status.symbol} {status}: no checkpoint harmful ({len(reports)} scanned)"
 
 
 def print_patch(before: ScanReport, after: ScanReport, console: Console) -> None:
@@ -221,6 +297,7 @@ def print_patch(before: ScanReport, after: ScanReport, console: Console) -> None
             f"{a.agreement:.1%} after",
             highlight=False,
         )
+    console.print("before: ", _verdict(before), highlight=False)
     console.print("after: ", _verdict(after), highlight=False)
     for note in after.notes:
         console.print(f"note: {note}", style="dim", highlight=False, markup=False)

@@ -4,9 +4,10 @@ The page needs nothing but a browser: CSS is inline, figures are embedded as bas
 URIs, and no external URL appears anywhere.  It reads on a phone (responsive layout: layer
 tables become one card per layer, figure conclusions repeated as text) and prints (print
 stylesheet).  The figures are also written beside it as PNG
-(and SVG) files.  An existing non-empty folder is never overwritten silently, and the page is
-written atomically: everything is rendered into a temporary folder next to the destination and
-moved into place only when complete, ``index.html`` last.
+(and SVG) files.  An existing folder is never written into without ``force``, and the page is
+written atomically (:class:`normdoctor.outputs.Outputs`): everything is rendered into a temporary
+folder next to the destination, which becomes the destination in one rename (or, with ``force``,
+whose files replace those of the same names, ``index.html`` last).
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import shutil
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..outputs import Outputs
 from ..report import LayerReport, LayerStatus, ScanReport
 from . import plots
 from .style import num, pct
@@ -115,47 +115,12 @@ def _check_formats(formats: Iterable[str]) -> tuple[str, ...]:
     return fmts
 
 
-def _check_destination(out: Path, force: bool) -> None:
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder; choose another output folder")
-    if not force and any(out.iterdir()):
-        raise FileExistsError(
-            f"output folder {out} exists and is not empty; refusing to overwrite it "
-            "(pass force=True, or --force on the command line, or choose another folder)"
-        )
-
-
 def _render(fig: Figure, fmt: str) -> bytes:
     buf = io.BytesIO()
     # No software/date metadata: identical reports give identical files.
     meta = {"Software": None} if fmt == "png" else {"Date": None, "Creator": None}
     fig.savefig(buf, format=fmt, dpi=PNG_DPI, metadata=meta)
     return buf.getvalue()
-
-
-def _publish(tmp: Path, out: Path, force: bool) -> None:
-    """Move the finished files from ``tmp`` into ``out``, the page last."""
-    if not out.exists():
-        try:
-            os.replace(tmp, out)  # one rename: the folder appears complete or not at all
-            return
-        except OSError:
-            _check_destination(out, force)  # it appeared while we rendered
-            if not out.is_dir():
-                raise
-    written = {path.name for path in tmp.iterdir()}
-    for name in sorted(written - {"index.html"}):
-        os.replace(tmp / name, out / name)
-    os.replace(tmp / "index.html", out / "index.html")
-    # Figures of an earlier report that this one does not have: ours to remove (only names
-    # this module writes), so the folder never holds pictures the page does not describe.
-    for key in FIGURE_NAMES:
-        for fmt in ("png", "svg"):
-            name = f"{key}.{fmt}"
-            if name not in written:
-                (out / name).unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -178,30 +143,35 @@ def save_report(
     formats: Iterable[str] = ("png", "svg"),
     train_batch_size: int | None = None,
     series: Sequence[ScanReport] | None = None,
+    outputs: Outputs | None = None,
 ) -> Path:
     """Write ``out_dir/index.html`` (self-contained) and the figures as image files.
 
     Args:
         report: the scan to show.
-        out_dir: folder to create (or an empty one); its parent is created if needed.
+        out_dir: folder to create; its parent is created if needed.
         sweep: reports of a batch-size sweep, shown as drift against batch size.
         patched: the scan of the patched model: before/after on the page.
         command: the exact command that reproduces the report, printed on the page.
-        force: write into an existing non-empty folder: files of the same names are replaced,
-            figure files of an earlier report that this one lacks are removed, anything else
-            is left alone.
+        force: write into an existing folder (even an empty one needs it): files of the same
+            names are replaced, figure files of an earlier report that this one lacks are
+            removed, anything else is left alone.
         formats: image files written beside the page: ``"png"`` and/or ``"svg"`` (the page
             itself always embeds PNG).
         train_batch_size: the batch size training used, if known (marked on the sweep).
         series: scans of several checkpoints of one model, in training order, shown as drift
             over the series; ``report`` is then the checkpoint the page details (the command
             line passes the last one), and the page's header says so.
+        outputs: a plan in which ``out_dir`` was declared (with its ``force``) and checked: the
+            report is rendered and staged there, and appears when the plan commits.
 
     Returns:
         The path of ``index.html``.
 
     Raises:
-        FileExistsError: ``out_dir`` exists and is not empty (without ``force``), or is a file.
+        FileExistsError: ``out_dir`` exists (without ``force``), or is a file; or it was
+            created by someone else while this report rendered (of two concurrent writers of
+            one new folder, exactly one succeeds).
         ValueError: an unknown format.
 
     Note:
@@ -210,37 +180,53 @@ def save_report(
         so the page never points at half-written figures.
     """
     fmts = _check_formats(formats)
-    out = Path(out_dir).absolute()
-    _check_destination(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # mkdir (not mkdtemp, which makes it private): the folder this becomes gets the umask's mode.
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"
-    tmp.mkdir()
-    try:
-        figs, skipped = _build(report, sweep, patched, train_batch_size, series)
-        shown = []
-        for key, fig in figs.items():
-            png = _render(fig, "png")
-            files = []
-            for fmt in fmts:
-                data = png if fmt == "png" else _render(fig, fmt)
-                (tmp / f"{key}.{fmt}").write_bytes(data)
-                files.append(f"{key}.{fmt}")
-            shown.append(_Shown(key, png, plots.headline(fig), plots.caption(fig), tuple(files)))
-        page = _page(
-            report,
-            shown=shown,
-            skipped=skipped,
-            sweep=sweep,
-            patched=patched,
-            command=command,
-            series=series,
-        )
-        (tmp / "index.html").write_text(page, encoding="utf-8")
-        _publish(tmp, out, force)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out / "index.html"
+
+    def build(folder: Path) -> None:
+        _write_files(folder, report, fmts, sweep, patched, command, train_batch_size, series)
+
+    owned = [f"{key}.{fmt}" for key in FIGURE_NAMES for fmt in ("png", "svg")]
+    if outputs is not None:
+        outputs.write_folder(out_dir, build, last=("index.html",), owned=owned)
+    else:
+        with Outputs() as plan:
+            plan.folder(out_dir, force=force, force_hint="force=True (--force on the command line)")
+            plan.check()
+            plan.write_folder(out_dir, build, last=("index.html",), owned=owned)
+            plan.commit()
+    return Path(out_dir).absolute() / "index.html"
+
+
+def _write_files(
+    folder: Path,
+    report: ScanReport,
+    fmts: tuple[str, ...],
+    sweep: Sweep | None,
+    patched: ScanReport | None,
+    command: str | None,
+    train_batch_size: int | None,
+    series: Sequence[ScanReport] | None,
+) -> None:
+    """Render the figures and the page into ``folder``."""
+    figs, skipped = _build(report, sweep, patched, train_batch_size, series)
+    shown = []
+    for key, fig in figs.items():
+        png = _render(fig, "png")
+        files = []
+        for fmt in fmts:
+            data = png if fmt == "png" else _render(fig, fmt)
+            (folder / f"{key}.{fmt}").write_bytes(data)
+            files.append(f"{key}.{fmt}")
+        shown.append(_Shown(key, png, plots.headline(fig), plots.caption(fig), tuple(files)))
+    page = _page(
+        report,
+        shown=shown,
+        skipped=skipped,
+        sweep=sweep,
+        patched=patched,
+        command=command,
+        series=series,
+    )
+    (folder / "index.html").write_text(page, encoding="utf-8")
 
 
 # -- the page --------------------------------------------------------------------------------

@@ -1,0 +1,231 @@
+"""Verdicts that hold whatever the scan's batch size: evidence decides which path is right.
+
+The sample models' truths were measured with plain torch (sample_models/MANIFEST.json): the
+healthy ones are as accurate in eval mode as with training's batch statistics, the broken ones
+lose 40 points or more.  A verdict is right when it never calls a healthy model harmful, calls
+every broken one harmful when labels say so, and never calls a broken one ok or harmless.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import normdoctor as nd
+from normdoctor import Verdict
+
+SM = Path(__file__).resolve().parent.parent / "sample_models"
+HEALTHY = {"healthy": "DigitsCNN", "mlp-healthy": "DigitsMLP", "groupnorm": "DigitsCNN"}
+BROKEN = {
+    "tiny-batch": "DigitsCNN",
+    "non-iid": "DigitsCNN",
+    "stale": "DigitsCNN",
+    "mlp-non-iid": "DigitsMLP",
+}
+KWARGS = {"groupnorm": {"norm": "group"}}
+
+
+def _load(name: str, arch: str) -> nn.Module:
+    from sample_models import archs
+
+    model = getattr(archs, arch)(**KWARGS.get(name, {}))
+    model.load_state_dict(torch.load(SM / f"{name}.pt", weights_only=True))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = np.load(SM / "data" / "test.npz")
+    return torch.from_numpy(data["inputs"]), torch.from_numpy(data["labels"])
+
+
+GRID = [
+    pytest.param(name, arch, b, labels, id=f"{name}-b{b}-{'labels' if labels else 'nolabels'}")
+    for name, arch in {**HEALTHY, **BROKEN}.items()
+    for b in (1, 8, 64)
+    for labels in (True, False)
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "arch", "batch_size", "labels"), GRID)
+def test_verdict_is_right_at_every_scan_batch_size(digits, name, arch, batch_size, labels):
+    x, y = digits
+    model = _load(name, arch)
+    report = nd.scan(model, (x, y) if labels else x, batch_size=batch_size, search=True)
+    if name in HEALTHY:
+        assert not report.status.harmful, report.verdict
+        if labels:
+            assert report.status in (Verdict.OK, Verdict.HARMLESS), report.verdict
+    else:
+        assert report.status not in (Verdict.OK, Verdict.HARMLESS), report.verdict
+        if labels:
+            assert report.status.harmful, report.verdict
+            # Independent check: eval-mode accuracy measured directly is far below the
+            # reference's train-path accuracy the verdict quotes.
+            with torch.no_grad():
+                acc_eval = (model(x).argmax(1) == y).double().mean().item()
+            assert report.evidence.eval_quality == pytest.approx(acc_eval, abs=1e-12)
+            assert report.evidence.reference_candidate.quality > acc_eval + 0.3
+
+
+def test_default_scan_of_tiny_batch_names_batch_size_1(digits):
+    """No options: the search finds batch size 1 as training's composition, flags the model and
+    recommends InstanceNorm, which reproduces training (MANIFEST: 97.8%)."""
+    report = nd.scan(_load("tiny-batch", "DigitsCNN"), digits)
+    assert report.status is Verdict.HARMFUL
+    assert report.composition.batch_size == 1 and report.composition.group_by is None
+    assert {str(layer.recommendation) for layer in report.flagged_layers} == {"instance"}
+    assert "batch size 1" in report.verdict
+
+
+def test_stated_training_composition_skips_the_search(digits):
+    x, _ = digits
+    report = nd.scan(_load("tiny-batch", "DigitsCNN"), x, train_batch_size=1)
+    assert report.evidence.stated and not report.evidence.searched
+    assert len(report.evidence.candidates) == 1
+    # Without labels the paths disagree (37% agreement); the user said this is training's
+    # composition, so eval mode is harmful.
+    assert report.status is Verdict.HARMFUL
+
+
+def test_without_labels_disagreement_is_undetermined_not_healthy(digits):
+    x, _ = digits
+    report = nd.scan(_load("tiny-batch", "DigitsCNN"), x)
+    assert report.status is Verdict.UNDETERMINED
+    assert report.harmful is None and not report.flagged
+    # The running statistics' fit points at batch size 1, and the verdict says so.
+    assert report.evidence.reference_candidate.batch_size == 1
+    assert "batch size 1" in report.reason
+
+
+def test_eval_mode_better_than_batch_statistics_is_not_harm(digits):
+    """At batch size 1 without search the healthy model's batch statistics give 10.8% and eval
+    mode 98.1%: the paths diverge far, eval mode is the right one."""
+    report = nd.scan(_load("healthy", "DigitsCNN"), digits, batch_size=1)
+    assert report.end_to_end.agreement < 0.2
+    assert report.status in (Verdict.OK, Verdict.HARMLESS)
+    assert not report.flagged
+    assert report.end_to_end.p_value < 1e-12  # eval mode is significantly *better*
+
+
+def test_search_costs_candidates_plus_one_passes(digits):
+    """One train pass per candidate and one eval pass, counted by forward calls."""
+    model = _load("healthy", "DigitsCNN")
+    calls = []
+
+    def forward(m, inputs):
+        calls.append(inputs.shape[0])
+        return m(inputs)
+
+    report = nd.scan(model, digits, forward=forward)
+    samples = digits[0].shape[0]
+    passes = sum(calls) / samples
+    assert passes == len(report.evidence.candidates) + 1
+
+
+def test_a_last_batch_of_one_sample_joins_the_one_before():
+    """171 samples in batches of 2: a BatchNorm1d MLP cannot normalize one sample in train mode;
+    the last one joins the batch before it (84 batches of 2, one of 3)."""
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 3)).eval()
+    x = torch.randn(171, 5, generator=gen)
+    report = nd.scan(model, x, batch_size=2)
+    c = report.composition
+    assert (c.num_batches, c.num_samples, c.min_batch, c.max_batch) == (85, 171, 2, 3)
+    assert report.layer("1").train.samples == 171
+
+
+def test_targets_shaped_like_the_output_are_used():
+    """Image targets (N, C, H, W): per-path MSE, paired, computed against a direct reference."""
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 1, 1))
+    with torch.no_grad():
+        model[1].running_mean.fill_(0.5)
+    model.eval()
+    x = torch.randn(64, 1, 6, 6, generator=gen)
+    y = torch.randn(64, 1, 6, 6, generator=gen)
+    report = nd.scan(model, (x, y), batch_size=8, search=False)
+    e = report.end_to_end
+    assert e.metric == "mse"
+    with torch.no_grad():
+        direct_eval = (model(x) - y).square().mean().item()
+    assert e.loss_eval == pytest.approx(direct_eval, rel=1e-6)  # float32 forward, float64 sums
+    assert report.evidence.kind == "targets"
+
+
+def test_mcnemar_matches_the_binomial_reference():
+    from math import comb
+
+    from normdoctor.verdict import mcnemar_p
+
+    b, c = 3, 15
+    n = b + c
+    ref = min(1.0, 2 * sum(comb(n, i) for i in range(b + 1)) / 2**n)
+    assert mcnemar_p(b, c) == pytest.approx(ref, rel=1e-12)
+    assert mcnemar_p(0, 0) == 1.0
+    # beyond 2,000 discordant pairs the normal approximation stays within 1e-3 of exact
+    b, c = 1000, 1101
+    n = b + c
+    exact = 2 * sum(comb(n, i) for i in range(b + 1)) / 2**n  # big-int arithmetic, exact
+    assert mcnemar_p(b, c) == pytest.approx(exact, rel=1e-3)
+
+
+def _unet(name: str) -> nn.Module:
+    from sample_models.archs import DigitsUNet
+
+    model = DigitsUNet()
+    model.load_state_dict(torch.load(SM / f"{name}.pt", weights_only=True))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def pix2pix():
+    data = np.load(SM / "data" / "pix2pix-test.npz")
+    return torch.from_numpy(data["x"]), torch.from_numpy(data["y"])
+
+
+def _mse(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return (model(x).double() - y.double()).square().mean().item()
+
+
+@pytest.mark.slow
+def test_pix2pix_trained_at_batch_size_1_is_flagged_and_fixed(pix2pix):
+    """Image targets decide: eval-mode MSE 0.842 against 0.279 on the train path at batch
+    size 1 (MANIFEST); autopatch brings eval mode within 20% of the latter."""
+    x, y = pix2pix
+    model = _unet("pix2pix-b1")
+    report = nd.scan(model, (x, y))
+    assert report.status is Verdict.HARMFUL and report.evidence.kind == "targets"
+    assert report.composition.batch_size == 1
+    assert report.end_to_end.loss_eval == pytest.approx(_mse(model, x, y), rel=1e-6)
+    patched, _before, _after = nd.autopatch(model, (x, y))
+    train_path_mse = report.end_to_end.loss_train
+    assert _mse(patched, x, y) <= 1.2 * train_path_mse
+    assert patched.normdoctor_verification.ok
+
+
+@pytest.mark.slow
+def test_pix2pix_trained_at_batch_size_32_is_not_flagged(pix2pix):
+    x, y = pix2pix
+    for b in (None, 1, 64):
+        report = nd.scan(_unet("pix2pix-b32"), (x, y), batch_size=b, search=True)
+        assert report.status in (Verdict.OK, Verdict.HARMLESS), report.verdict
+
+
+def test_shifted_data_with_correct_statistics():
+    """A pretrained model with correct running statistics, scanned on shifted data (x*1.3+0.4):
+    eval mode drops to 92.5% against 97.5% for batch statistics (MANIFEST shifted_data): the
+    shift is real harm on that data; the first layer, where the shift enters, is stale."""
+    data = np.load(SM / "data" / "shifted.npz")
+    xy = torch.from_numpy(data["inputs"]), torch.from_numpy(data["labels"])
+    report = nd.scan(_load("healthy", "DigitsCNN"), xy)
+    assert report.status.harmful, report.verdict
+    first = report.layers[0]
+    assert first.flagged and str(first.recommendation) == "recalibrate"
+    assert first.shift > 10 * first.noise

@@ -825,7 +825,7 @@ def test_series_page(checkpoints: list[ScanReport], tmp_path: Path) -> None:
     start = text.index("normdoctor report")  # the header: after the <title>, before the verdict
     header = text[start : text.index(checkpoints[-1].verdict[1:], start)]
     assert "This page details epoch3.pt, the last of the 3 checkpoints scanned" in header
-    assert "Drift was first flagged at epoch2.pt" in header
+    assert "Eval mode first became harmful at epoch2.pt" in header
     assert "Drift over the checkpoint series" in text
     # Without a series, no series figure and no series line; its old file is removed.
     save_report(checkpoints[-1], out, force=True, formats=("png",))

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..outputs import Outputs
-from ..report import LayerReport, LayerStatus, ScanReport
+from ..report import LayerReport, LayerStatus, ScanReport, Verdict
 from . import plots
 from .style import num, pct
 
@@ -310,6 +310,7 @@ footer { margin-top: 2rem; font-size: .8rem; color: var(--muted); }
 _STATUS_TEXT = {
     LayerStatus.OK: "ok",
     LayerStatus.HARMLESS: "drifts (harmless)",
+    LayerStatus.DRIFTS: "drifts (undetermined)",
     LayerStatus.FLAGGED: "▲ FLAGGED",
     LayerStatus.NOT_EXECUTED: "not executed",
     LayerStatus.NOT_MEASURED: "not measured",
@@ -321,11 +322,12 @@ def _e(text: object) -> str:
 
 
 def _verdict_class(report: ScanReport) -> str:
-    if report.flagged:
+    """The verdict box's colour follows the one verdict: never green beside harm."""
+    if report.status.harmful:
         return "bad"
-    if report.drifting_layers or report.harmful:
-        return "warn"
-    return "good"
+    if report.status is Verdict.OK:
+        return "good"
+    return "warn"
 
 
 def _end_to_end_line(report: ScanReport) -> str:
@@ -347,11 +349,11 @@ def _end_to_end_line(report: ScanReport) -> str:
     if e.rel_divergence is not None:
         parts.append(f"relative output divergence {num(e.rel_divergence)}")
     judged = (
-        "eval mode harms the outputs"
+        "eval mode is measurably worse"
         if report.harmful
-        else "eval mode leaves the outputs essentially unchanged"
+        else "eval mode is not worse than the training-like path"
         if report.harmful is False
-        else "harm not judged"
+        else "which path is right is undetermined"
     )
     return f"End to end, on {e.samples} samples: {'; '.join(parts)}: {judged}."
 
@@ -371,11 +373,11 @@ def _series_line(report: ScanReport, series: Sequence[ScanReport], shown: list[_
         where = f"This page details {report.model}, checkpoint {pos + 1} of the {scanned}."
     else:
         where = f"Also scanned: {scanned}."
-    first = next((r for r in series if r.flagged), None)
+    first = next((r for r in series if r.status.harmful), None)
     when = (
-        f" Drift was first flagged at {first.model}."
+        f" Eval mode first became harmful at {first.model}."
         if first is not None
-        else " No checkpoint of the series was flagged."
+        else " No checkpoint of the series was harmful."
     )
     link = (
         f' <a href="#fig-series">{_e(FIGURE_NAMES["series"])}</a> shows every checkpoint.'
@@ -517,7 +519,8 @@ def _composition_section(report: ScanReport, sweep: Sweep | None) -> str:
         "scan's batches are built the way training's were: the same batch size and the same "
         "correlation (one sample at a time, class-sorted or one-domain batches). Scanned with "
         "large random batches, a model trained at batch size 1 or on one-class batches looks "
-        "healthy."
+        "healthy. Without a stated training composition the scan searches it (batch sizes 1 to "
+        "128 and one-label batches) and judges against the one that reproduces training best."
     )
     if sweep is None:
         caveat += (

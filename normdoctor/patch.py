@@ -1225,6 +1225,11 @@ def _measure(
                             f"forward failed on batch {i} while recalibrating{where}: "
                             f"{type(exc).__name__}: {first}"
                         ) from exc
+                    except SystemExit as exc:  # the model's code tried to end the process
+                        raise ScanError(
+                            f"forward failed on batch {i} while recalibrating: the model "
+                            f"called sys.exit({exc.code})"
+                        ) from None
             except Exception as exc:
                 if not sharded:
                     raise

@@ -555,6 +555,9 @@ def scan(
         notes.append(f"no composition search: {why}")
         search = False
     name = model_name or type(model).__name__
+    described = getattr(data, "normalization", None)  # image folders say how pixels were read
+    if isinstance(described, str):
+        notes.append(f"data: {described}")
     layers = find_norm_layers(model)
     if not layers:
         notes.append("no normalization layers found in the model: nothing can drift")

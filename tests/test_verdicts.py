@@ -257,3 +257,37 @@ def test_patch_cli_writes_only_a_model_that_measures_better(tmp_path, capsys, di
     with torch.no_grad():
         acc = [(m(x).argmax(1) == y).double().mean().item() for m in (original, fixed)]
     assert acc[1] > acc[0] + 0.5  # 36.9% -> 97.8% (MANIFEST)
+
+
+def test_a_forward_calling_sys_exit_is_an_error_of_that_code(tmp_path, capsys):
+    """A model whose forward calls sys.exit(7) does not end the process: scan raises ScanError,
+    recalibrate too, and the CLI exits 2 with one line."""
+
+    class Quits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(3)
+
+        def forward(self, x):
+            self.bn(x)
+            raise SystemExit(7)
+
+    x = torch.randn(8, 3)
+    with pytest.raises(nd.ScanError, match=r"sys\.exit\(7\)"):
+        nd.scan(Quits().eval(), x, batch_size=4)
+    with pytest.raises(nd.ScanError, match=r"sys\.exit\(7\)"):
+        nd.recalibrate(Quits().eval(), x, batch_size=4)
+    arch = tmp_path / "quits.py"
+    arch.write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "class Quits(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.bn = nn.BatchNorm1d(3)\n\n"
+        "    def forward(self, x):\n        raise SystemExit(7)\n"
+    )
+    weights = tmp_path / "quits.pt"
+    torch.save({"bn." + k: v for k, v in nn.BatchNorm1d(3).state_dict().items()}, weights)
+    from normdoctor.cli import main
+
+    code = main(["scan", str(weights), "--arch", f"{arch}:Quits", "--data", "random:8,3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "sys.exit(7)" in err and len(err.strip().splitlines()) <= 2

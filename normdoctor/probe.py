@@ -434,6 +434,16 @@ class Recorder:
 _set = object.__setattr__  # plain attributes (bools), never tensors or modules
 
 
+def _one_value_per_channel(x: torch.Tensor, module: nn.Module) -> bool:
+    """The input leaves one value per channel to normalize over in train mode (torch raises)."""
+    if x.dim() < 2:
+        return False
+    per_channel = x.numel() // max(x.shape[1], 1)
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        return x.dim() > 2 and per_channel // max(x.shape[0], 1) == 1
+    return per_channel == 1
+
+
 class Probe:
     """Context manager that records the inputs of batch-dependent norm layers.
 
@@ -460,6 +470,13 @@ class Probe:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._recorders: dict[Path, dict[str, Recorder]] = {}
         self._active: dict[str, Recorder] | None = None
+        self._train_active = False
+        # Layers the train path switches (module -> family), and per layer the calls whose input
+        # held one value per channel (N x spatial = 1): BatchNorm cannot normalize that in train
+        # mode, so the layer runs in eval mode for that call and records nothing.
+        self._switched: dict[nn.Module, NormFamily] = {}
+        self.single_value: dict[str, int] = {}
+        self._held: list[nn.Module] = []
         self._scratch = Scratch()
         self.order: list[str] = []
         self._seen: set[str] = set()
@@ -509,9 +526,12 @@ class Probe:
                     layer.name: Recorder.for_module(self._modules[layer.name], layer)
                     for layer in self.layers
                 }
+            self._switched = {module: family for module, family, _t, _b in self._switch}
             for layer in self.layers:
                 module = self._modules[layer.name]
                 self._handles.append(module.register_forward_pre_hook(self._hook_for(layer.name)))
+                if module in self._switched:
+                    self._handles.append(module.register_forward_hook(self._release))
             for layer in self._order_only:  # batch-independent: only where it runs in the order
                 module = self._modules[layer.name]
                 self._handles.append(module.register_forward_pre_hook(self._order_hook(layer.name)))
@@ -540,9 +560,23 @@ class Probe:
             if name not in self._seen:
                 self._seen.add(name)
                 self.order.append(name)
-            active[name].observe(args[0], self._scratch)
+            x = args[0]
+            if self._train_active and module.training and _one_value_per_channel(x, module):
+                # BatchNorm over pooled features at batch size 1: torch raises in train mode.
+                # This call runs in eval mode instead and is not recorded (not measurable).
+                _set(module, "training", False)
+                self._held.append(module)
+                self.single_value[name] = self.single_value.get(name, 0) + 1
+                return
+            active[name].observe(x, self._scratch)
 
         return hook
+
+    def _release(self, module: nn.Module, _args: tuple, _out: Any) -> None:
+        """After a call held in eval mode by the pre-hook: back to train mode."""
+        if self._held and self._held[-1] is module:
+            self._held.pop()
+            _set(module, "training", True)
 
     def _order_hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
@@ -575,10 +609,13 @@ class Probe:
                     module._buffers["running_mean"] = None
                     module._buffers["running_var"] = None
         self._active = self._recorders[path]
+        self._train_active = train
         try:
             yield
         finally:
             self._active = None
+            self._train_active = False
+            self._held.clear()
             if train:
                 for module, family, track, buffers in self._switch:
                     _set(module, "training", False)

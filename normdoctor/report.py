@@ -44,6 +44,7 @@ class LayerStatus(enum.StrEnum):
         "drifts"  # drifts; whether that harms is undetermined (no evidence which path is right)
     )
     NOT_EXECUTED = "not-executed"  # batch-dependent, but no batch reached it
+    NOT_MEASURABLE = "not-measurable"  # one value per channel at this composition (train mode)
     NOT_MEASURED = "not-measured"  # batch-independent (GroupNorm, LayerNorm, ...): cannot drift
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -600,6 +601,13 @@ def scan(
                 run, data, samples, batch_size, shuffle, seed, group_by, max_batches, notes, options
             )
         results, order, sizes, e2e = run.both_paths(plan, paths, sharded)
+    if run.single_value:
+        notes.append(
+            f"{len(run.single_value)} layer(s) got one value per channel at this batch size "
+            f"({', '.join(sorted(run.single_value))}): BatchNorm cannot normalize that in train "
+            "mode, so they ran in eval mode on the train path and are not measurable here; the "
+            "model cannot have been trained at this composition"
+        )
     if layers and not sizes:
         raise DataError("the data yielded no batches")
     composition = plan.composition(sizes)
@@ -613,6 +621,7 @@ def scan(
         paths=paths,
         notes=notes,
         stated=stated,
+        unmeasurable=run.single_value,
         **options,
     )
 
@@ -634,6 +643,12 @@ def sample_info(data: Any) -> tuple[int, bool] | None:
     return len(inputs), labelled
 
 
+_ONE_VALUE = (
+    "a layer gets one value per channel (pooled features at this batch size) and cannot "
+    "normalize it in train mode: the model was not trained this way"
+)
+
+
 def _is_one_sample_error(exc: BaseException) -> bool:
     return "Expected more than 1 value per channel" in str(exc)
 
@@ -652,6 +667,7 @@ class _Run:
         self.target = torch.device(device) if device is not None else self.home
         self.done = 0
         self.total: int | None = None
+        self.single_value: dict[str, int] = {}
 
     def __enter__(self) -> _Run:
         if self.target != self.home:
@@ -718,6 +734,7 @@ class _Run:
                 sizes = _dist.gather_in_batch_order(sizes)
             results = {p: probe.results(p) for p in paths}
             order = list(probe.order)
+            self.single_value = dict(probe.single_value)
         return results, order, sizes, e2e.result()
 
     def one_path(self, plan: Any, path: str, samples: int) -> Trial:
@@ -740,10 +757,10 @@ class _Run:
             except ScanError as exc:
                 if path != "train" or not _is_one_sample_error(exc.__cause__ or exc):
                     raise
-                trial.error = (
-                    "a layer over (N, C) features cannot normalize one sample in train mode: "
-                    "the model was not trained this way"
-                )
+                trial.error = _ONE_VALUE
+                return trial
+            if probe.single_value:  # the train path could not run as training would have
+                trial.error = _ONE_VALUE + f" ({', '.join(sorted(probe.single_value))})"
                 return trial
             trial.results = probe.results(path)
             trial.order = list(probe.order)
@@ -924,6 +941,23 @@ def _search_scan(
     )
 
 
+def _not_measurable(r: LayerReport) -> LayerReport:
+    """A layer that got one value per channel on the train path (its train-path numbers, if any
+    came from other batches, are kept)."""
+    if r.train is not None and r.train.batches:
+        return r
+    return dataclasses.replace(
+        r,
+        status=LayerStatus.NOT_MEASURABLE,
+        flagged=False,
+        recommendation=Recommendation.OK,
+        reason="one value per channel at this batch size (pooled features): BatchNorm cannot "
+        "normalize it in train mode, so the model was not trained this way; scan with larger "
+        "batches to measure it",
+        train=None,
+    )
+
+
 def single_evidence(e: EndToEnd | None, composition: Composition, stated: bool) -> Evidence | None:
     """The evidence of a scan at one composition (no search): its paired comparison."""
     if e is None:
@@ -975,6 +1009,7 @@ def assemble_report(
     evidence: Evidence | None = None,
     stated: bool = False,
     folded: bool = False,
+    unmeasurable: dict[str, int] | None = None,
 ) -> ScanReport:
     """Measurements to a judged :class:`ScanReport`; shared by every backend (torch, ONNX).
 
@@ -986,6 +1021,7 @@ def assemble_report(
         evidence: what the composition search found; default: the paired comparison of
             ``end_to_end`` at ``composition`` (``stated``: training's composition, as stated).
         folded: BatchNorm was folded into convolutions at export (nothing left to measure).
+        unmeasurable: per layer name, the train-path calls that held one value per channel.
     """
     notes = list(notes)
     if evidence is None:
@@ -1012,6 +1048,8 @@ def assemble_report(
         ]
 
     reports = build(harmful, threshold)
+    if unmeasurable:
+        reports = [_not_measurable(r) if r.name in unmeasurable else r for r in reports]
     measured = [r for r in reports if r.batch_dependent]
     executed = [r for r in measured if r.executed]
     drifting = [

@@ -291,3 +291,54 @@ def test_a_forward_calling_sys_exit_is_an_error_of_that_code(tmp_path, capsys):
     code = main(["scan", str(weights), "--arch", f"{arch}:Quits", "--data", "random:8,3"])
     err = capsys.readouterr().err
     assert code == 2 and "sys.exit(7)" in err and len(err.strip().splitlines()) <= 2
+
+
+class _SqueezeExcite(nn.Module):
+    """A conv net with a BatchNorm over pooled (N, C, 1, 1) features (SE with BN, as in some
+    real zoos): at batch size 1 that layer gets one value per channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.se_fc = nn.Conv2d(8, 8, 1)
+        self.se_bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        s = torch.sigmoid(self.se_bn(self.se_fc(self.pool(x))))
+        return self.head((x * s).mean((2, 3)))
+
+
+def test_batch_size_1_with_bn_over_pooled_features_measures_the_rest():
+    """torch raises "Expected more than 1 value per channel when training" for se_bn at batch
+    size 1; the scan goes on, reports se_bn as not measurable, measures bn exactly, and leaves
+    the model as it was."""
+    from normdoctor.report import LayerStatus
+
+    gen = torch.Generator().manual_seed(0)
+    model = _SqueezeExcite().eval()
+    x = torch.randn(12, 3, 6, 6, generator=gen)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [m.training for m in model.modules()]
+    report = nd.scan(model, x, batch_size=1)
+    assert report.layer("se_bn").status is LayerStatus.NOT_MEASURABLE
+    assert "one value per channel" in report.layer("se_bn").reason
+    bn = report.layer("bn")
+    assert bn.status is not LayerStatus.NOT_MEASURABLE and bn.train.batches == 12
+    # bn's input does not depend on se_bn: its pooled statistics against float64 NumPy
+    with torch.no_grad():
+        ref = model.conv(x).double().numpy()
+    assert np.allclose(bn.train.pooled_mean, ref.mean((0, 2, 3)), rtol=1e-6, atol=1e-9)
+    assert np.allclose(bn.train.pooled_var, ref.var((0, 2, 3)), rtol=1e-6, atol=1e-9)
+    assert any("one value per channel" in n for n in report.notes)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert [m.training for m in model.modules()] == flags
+    # the search lists batch size 1 as not measurable and judges elsewhere
+    searched = nd.scan(model, x)
+    one = next(c for c in searched.evidence.candidates if c.batch_size == 1)
+    assert not one.measurable and "not trained this way" in one.reason
+    assert searched.composition.batch_size != 1

@@ -35,6 +35,7 @@ STATUS_STYLE = {
     LayerStatus.DRIFTS: ("? drifts", "yellow"),
     LayerStatus.OK: ("✓ ok", "green"),
     LayerStatus.NOT_EXECUTED: ("? not run", "magenta"),
+    LayerStatus.NOT_MEASURABLE: ("? n/m at bs", "magenta"),
     LayerStatus.NOT_MEASURED: ("- n/a", "dim"),
 }
 

@@ -313,6 +313,7 @@ _STATUS_TEXT = {
     LayerStatus.DRIFTS: "drifts (undetermined)",
     LayerStatus.FLAGGED: "▲ FLAGGED",
     LayerStatus.NOT_EXECUTED: "not executed",
+    LayerStatus.NOT_MEASURABLE: "not measurable at this batch size",
     LayerStatus.NOT_MEASURED: "not measured",
 }
 

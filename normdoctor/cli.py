@@ -938,7 +938,15 @@ def report(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwOpt = None,
     trust_pickle: TrustOpt = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 32,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size",
+            "-b",
+            min=1,
+            help="Batch size of the main scan (default: searched, as for scan).",
+        ),
+    ] = None,
     batch_sizes: Annotated[
         str | None,
         typer.Option(
@@ -953,9 +961,12 @@ def report(
     train_batch_size: Annotated[
         int | None,
         typer.Option(
-            "--train-batch-size", help="The batch size training used, marked on the sweep."
+            "--train-batch-size",
+            help="The batch size training used: marked on the sweep, and (without a sweep) "
+            "scanned as training's.",
         ),
     ] = None,
+    normalize: NormalizeOpt = None,
     force: Annotated[
         bool, typer.Option("--force", help="Replace the report in an existing folder.")
     ] = False,
@@ -986,8 +997,9 @@ def report(
         from .io import load_data
 
         net = _load(source, arch, arch_kwargs, trust_pickle)
-        dataset = load_data(data, seed=seed)
-        sizes = _parse_sizes(batch_sizes) if batch_sizes else [batch_size]
+        dataset = load_data(data, seed=seed, normalize=normalize)
+        sizes: list[int | None] = list(_parse_sizes(batch_sizes)) if batch_sizes else [batch_size]
+        single = len(sizes) == 1
         reports = []
         for size in sizes:
             options = _scan_options(
@@ -999,8 +1011,12 @@ def report(
                 "train,eval",
                 threshold,
                 Device.cpu,
+                train_batch_size if single else None,
+                False,
+                single and train_batch_size is None,
             )
-            with _Progress(err, f"{source.name} bs={size}", not quiet) as progress:
+            label = f"{source.name} bs={size}" if size else source.name
+            with _Progress(err, label, not quiet) as progress:
                 reports.append(
                     run_scan(net, dataset, progress=progress, model_name=source.name, **options)
                 )

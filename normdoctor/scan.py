@@ -356,7 +356,6 @@ def _layer_report(
     threshold: float,
     noniid_threshold: float,
     harmful: bool | None,
-    agreement_note: str,
 ) -> LayerReport:
     base: dict[str, Any] = dict(
         name=layer.name,
@@ -916,7 +915,7 @@ def _search_scan(
             "composition with train_batch_size / --train-batch-size to scan it as asked)"
         )
     composition = Composition(
-        source="tensor" if eval_plan.source == "tensor" else eval_plan.source,
+        source=eval_plan.source,
         batch_size=reference.spec.batch_size,
         order="shuffle",
         seed=seed,
@@ -1042,7 +1041,6 @@ def assemble_report(
                 layer_threshold,
                 noniid_threshold,
                 harm,
-                why,
             )
             for layer in layers
         ]

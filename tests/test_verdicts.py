@@ -342,3 +342,16 @@ def test_batch_size_1_with_bn_over_pooled_features_measures_the_rest():
     one = next(c for c in searched.evidence.candidates if c.batch_size == 1)
     assert not one.measurable and "not trained this way" in one.reason
     assert searched.composition.batch_size != 1
+
+
+def test_html_report_shows_the_compositions_tried(digits, tmp_path):
+    from normdoctor.render import save_report
+
+    report = nd.scan(_load("tiny-batch", "DigitsCNN"), digits)
+    index = save_report(report, tmp_path / "r", formats=("png",))
+    page = index.read_text(encoding="utf-8")
+    assert "Compositions tried as training" in page
+    for c in report.evidence.candidates:
+        assert c.description in page
+    assert "batch size 1 <strong>(reference)</strong>" in page
+    assert 'class="verdict bad"' in page

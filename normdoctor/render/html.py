@@ -533,9 +533,57 @@ def _composition_section(report: ScanReport, sweep: Sweep | None) -> str:
         "<h2>What the scan could see</h2>"
         f"{ran}<p><strong>Paths measured:</strong> {_e(paths)}. "
         f"<strong>Per-layer threshold:</strong> drift {report.threshold:g}. "
-        f"<strong>Harm:</strong> fewer than {100 * report.agreement_threshold:g}% equal "
-        f"predictions (classifiers) or output divergence above {report.divergence_threshold:g}.</p>"
-        f'<p class="muted">{caveat}</p>'
+        "<strong>Harm:</strong> eval mode measurably worse than the training-like path "
+        "(paired test on the same samples, p &lt; 0.01, by at least 1 accuracy point or 10% "
+        "in loss); without labels or targets the paths disagree below "
+        f"{100 * report.agreement_threshold:g}% equal predictions (classifiers) or above "
+        f"output divergence {report.divergence_threshold:g}, and only a stated training "
+        "composition makes that harm.</p>"
+        f'<p class="muted">{caveat}</p>' + _evidence_table(report)
+    )
+
+
+def _evidence_table(report: ScanReport) -> str:
+    """The compositions tried as training's, the reference marked: the verdict's evidence."""
+    ev = report.evidence
+    if ev is None or len(ev.candidates) < 2:
+        return ""
+    labels = ev.kind == "labels"
+    quality = "train-path accuracy" if labels else f"train-path {ev.metric}" if ev.metric else None
+
+    def q(value: float | None) -> str:
+        if value is None:
+            return "–"
+        return pct(value) if labels else num(value)
+
+    head = ["composition", *([quality] if quality else []), "agreement", "divergence", "fit"]
+    rows = []
+    for i, c in enumerate(ev.candidates):
+        name = _e(c.description) + (" <strong>(reference)</strong>" if i == ev.reference else "")
+        if not c.measurable:
+            cells = [name, *(["–"] if quality else []), "–", "–", _e(c.reason or "not measurable")]
+        else:
+            cells = [
+                name,
+                *([q(c.quality)] if quality else []),
+                "–" if c.agreement is None else pct(c.agreement),
+                "–" if c.rel_divergence is None else num(c.rel_divergence),
+                "–" if c.fit is None else num(c.fit),
+            ]
+        rows.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+    eval_line = (
+        f" Eval mode: {q(ev.eval_quality)}." if ev.eval_quality is not None and quality else ""
+    )
+    return (
+        "<h3>Compositions tried as training's</h3>"
+        f"<p>The train path under each candidate composition, on the same samples as the eval "
+        f"path; fit: running statistics against the average batch statistics (lower: closer "
+        f"to how training batched).{eval_line}</p>"
+        '<div class="scroll"><table class="evidence"><thead><tr>'
+        + "".join(f"<th>{_e(h)}</th>" for h in head)
+        + "</tr></thead><tbody>"
+        + "".join(rows)
+        + "</tbody></table></div>"
     )
 
 

@@ -1085,7 +1085,7 @@ def assemble_report(
         status = Verdict.UNDETERMINED if drifting or evidence is not None else Verdict.OK
         if status is Verdict.OK:
             why = f"{len(executed)} batch-dependent layers within threshold {threshold:g}"
-    if status is Verdict.OK and harmful is False and not drifting:
+    if status is Verdict.OK and harmful is False and not drifting and executed:
         why = f"{len(executed)} batch-dependent layers within threshold {threshold:g}; {why}"
     reports.sort(key=lambda r: (r.order is None, r.order if r.order is not None else 0))
     for r in reports:

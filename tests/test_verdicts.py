@@ -355,3 +355,10 @@ def test_html_report_shows_the_compositions_tried(digits, tmp_path):
         assert c.description in page
     assert "batch size 1 <strong>(reference)</strong>" in page
     assert 'class="verdict bad"' in page
+
+
+def test_a_model_without_batch_dependent_layers_says_so_plainly():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.InstanceNorm2d(4, affine=True)).eval()
+    report = nd.scan(model, torch.randn(8, 1, 6, 6))
+    assert report.status is Verdict.OK
+    assert report.reason == "no batch-dependent normalization layers: nothing can drift"

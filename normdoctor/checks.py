@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .layers import NormFamily, find_norm_layers
+from .layers import RUNNING_STATS, NormFamily, find_norm_layers
 
 if TYPE_CHECKING:
     from .io.models import Checkpoint
@@ -132,12 +132,7 @@ def _views_from_module(model: nn.Module) -> list[_View]:
     modules = dict(model.named_modules())
     views = []
     for layer in find_norm_layers(model):
-        if layer.family not in (
-            NormFamily.BATCH,
-            NormFamily.FROZEN,
-            NormFamily.INSTANCE_TRACKED,
-            NormFamily.BATCH_STATS_ONLY,
-        ):
+        if layer.family not in RUNNING_STATS and layer.family is not NormFamily.BATCH_STATS_ONLY:
             continue
         module = modules[layer.name]
         weight = module._parameters.get("weight")
@@ -285,9 +280,11 @@ def _check(view: _View) -> list[Finding]:
                 "momentum 0: running statistics never change in training (frozen or converted)",
             )
 
-    if rm is not None and rv is not None and rm.shape == rv.shape:
+    if rv is not None and (rm is None or rm.shape == rv.shape):
+        # Without running_mean (EvoNorm B0-like layers) the variance checks still hold.
         n = rv.numel()
-        nonfinite = _channels(~torch.isfinite(rm) | ~torch.isfinite(rv))
+        bad = ~torch.isfinite(rv) if rm is None else ~torch.isfinite(rm) | ~torch.isfinite(rv)
+        nonfinite = _channels(bad)
         if nonfinite:
             add(
                 "running-stats-nonfinite",
@@ -308,7 +305,9 @@ def _check(view: _View) -> list[Finding]:
                 nonpositive,
             )
         scale = gamma if gamma is not None else torch.ones_like(rv)  # no affine: gamma = 1
-        if scale.shape == rv.shape:
+        # Without a running mean the layer is no BatchNorm (EvoNorm B0 divides by the larger
+        # of two terms): |gamma| / sqrt(var + eps) bounds its gain, it does not measure it.
+        if scale.shape == rv.shape and rm is not None:
             ok = finite_var & (rv > 0) & torch.isfinite(scale)
             gain = scale.abs() / torch.sqrt(rv.clamp_min(0) + eps)
             explosive = _channels(ok & (gain > EXPLOSIVE_GAIN))
@@ -324,7 +323,7 @@ def _check(view: _View) -> list[Finding]:
                 )
         nbt = view.num_batches_tracked
         tracked = int(nbt.flatten()[0]) if nbt is not None and nbt.numel() == 1 else None
-        initial = bool((rm == 0).all() and (rv == 1).all())
+        initial = bool((rm is None or (rm == 0).all()) and (rv == 1).all())
         if initial:
             if tracked:
                 add(

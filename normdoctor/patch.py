@@ -53,7 +53,7 @@ from . import distributed as _dist
 from ._globals import preserved_globals
 from .batching import Batch, GroupBy, plan_batches
 from .errors import ConversionError, DataError, LoadError, NormDoctorError, ScanError
-from .layers import NormFamily, NormLayer, find_norm_layers
+from .layers import RUNNING_STATS, NormFamily, NormLayer, _family, find_norm_layers
 from .metrics import Recommendation
 from .outputs import write_atomic
 from .probe import LayerMeasurement, Probe
@@ -108,9 +108,9 @@ Forward = Callable[[nn.Module, Any], Any]
 
 _RENORM_OPTIONS = ("r_max", "d_max", "hold_steps", "r_max_steps", "d_max_steps", "schedule")
 _OPTIONS: dict[str, tuple[str, ...]] = {
-    "renorm": _RENORM_OPTIONS,
-    "instance": (),
-    "batchstats": ("prior",),
+    "renorm": (*_RENORM_OPTIONS, "dim"),
+    "instance": ("dim",),
+    "batchstats": ("prior", "dim"),
 }
 _RECAL_OPTIONS = ("mode", "batch_size", "shuffle", "seed", "group_by", "max_batches", "device")
 
@@ -380,18 +380,34 @@ def _tensor_names(module: nn.Module) -> set[str]:
 
 
 def _check_convertible(module: nn.Module, name: str, to: str) -> None:
-    """Raise ConversionError unless ``module`` can become ``to`` (before any change)."""
+    """Raise ConversionError unless ``module`` can become ``to`` (before any change).
+
+    The dimensionality of layers whose class does not fix it (SyncBatchNorm) is checked where
+    data or ``dim=`` can settle it (:func:`_conversion_dims`).
+    """
+    kind = type(module).__name__
+    family = _family(module)
+    lazy = isinstance(module, _LazyNormBase) and module.has_uninitialized_params()
+    if lazy:
+        raise ConversionError(
+            f"layer {name!r} is a lazy {kind} that never ran: run one forward pass first"
+        )
     if to == "recalibrate":
-        if isinstance(module, _InstanceNorm):
+        if family is NormFamily.BATCH_VAR:
             raise ConversionError(
-                f"layer {name!r} is an InstanceNorm with running statistics, which average "
-                "per-sample statistics: pooled statistics would not fit them; use to='instance' "
-                "(per-sample statistics at inference, as in training)"
+                f"layer {name!r} ({kind}) divides by the batch variance in training and by "
+                "running_var at inference, without a mean (EvoNorm B0-like): normdoctor does "
+                "not recalibrate such layers yet"
+            )
+        if family is NormFamily.BATCH_OTHER:
+            raise ConversionError(
+                f"layer {name!r} ({kind}) behaves like BatchNorm but is no torch BatchNorm "
+                "class: normdoctor cannot keep it from updating its running statistics while "
+                "measuring, so it does not recalibrate it; convert it to nn.BatchNorm first"
             )
         if not _has_running_stats(module):
             raise ConversionError(
-                f"layer {name!r} ({type(module).__name__}) holds no running statistics "
-                "to recalibrate"
+                f"layer {name!r} ({kind}) holds no running statistics to recalibrate"
             )
         return
     if isinstance(module, _OURS):
@@ -403,19 +419,15 @@ def _check_convertible(module: nn.Module, name: str, to: str) -> None:
                 "normalizes each sample on its own"
             )
         return
+    if family is NormFamily.FROZEN:
+        raise ConversionError(
+            f"layer {name!r} ({kind}) is frozen: it normalizes with its running statistics in "
+            "training too, so batch statistics never entered what it learned and a conversion "
+            f"to {to!r} has nothing to reproduce; only to='recalibrate' applies to it"
+        )
     if not isinstance(module, _BatchNorm):
         raise ConversionError(
-            f"layer {name!r} is a {type(module).__name__}, not a BatchNorm layer: "
-            f"it cannot be converted to {to!r}"
-        )
-    if isinstance(module, _LazyNormBase) and module.has_uninitialized_params():
-        raise ConversionError(
-            f"layer {name!r} is a lazy BatchNorm that never ran: run one forward pass first"
-        )
-    if _dim(module) is None:
-        raise ConversionError(
-            f"layer {name!r} is a {type(module).__name__}, whose input dimensionality is not "
-            "known from its class; convert it to BatchNorm1d/2d/3d first"
+            f"layer {name!r} is a {kind}, not a BatchNorm layer: it cannot be converted to {to!r}"
         )
 
 
@@ -425,13 +437,15 @@ def _has_running_stats(module: nn.Module) -> bool:
     )
 
 
-def _probe_inputs(module: nn.Module) -> list[torch.Tensor]:
+def _probe_inputs(module: nn.Module, dim: int | None = None) -> list[torch.Tensor]:
     """Random inputs of the shapes a BatchNorm of this dimensionality takes."""
     c = int(module.num_features)  # type: ignore[arg-type]
     device, dtype = _device_dtype(module)
     dtype = dtype or torch.float32
     gen = torch.Generator(device="cpu").manual_seed(1234)
-    shapes = {1: [(6, c, 5), (6, c)], 2: [(6, c, 5, 5)], 3: [(4, c, 3, 3, 3)]}[_dim(module) or 2]
+    shapes = {1: [(6, c, 5), (6, c)], 2: [(6, c, 5, 5)], 3: [(4, c, 3, 3, 3)]}[
+        dim or _dim(module) or 2
+    ]
     return [
         (torch.randn(s, generator=gen, dtype=torch.float64) * 2 + 0.5).to(
             device=device, dtype=dtype
@@ -479,17 +493,18 @@ def _reproduces(module: nn.Module, chain: tuple[str, ...], x: torch.Tensor) -> b
     return True
 
 
-def _post_chain(module: nn.Module, name: str, to: str) -> tuple[str, ...]:
+def _post_chain(module: nn.Module, name: str, to: str, dim: int | None = None) -> tuple[str, ...]:
     """The children that a BatchNorm subclass applies after normalizing, in order.
 
-    Plain BatchNorm classes and subclasses that do not override ``forward`` give ``()``.
+    Plain BatchNorm classes (SyncBatchNorm included) and subclasses that do not override
+    ``forward`` give ``()``; ``dim`` chooses the test inputs where the class does not.
     Raises ConversionError when no order of (a subset of) the children reproduces the
     subclass: its behaviour cannot be kept by a conversion.
     """
     if isinstance(module, _OURS):
         return tuple(getattr(module, "_post", ()))
     cls = type(module)
-    if cls in _BN.values() or cls in _IN.values():
+    if cls in _BN.values() or cls in _IN.values() or cls is nn.SyncBatchNorm:
         return ()
     refuse = f"layer {name!r} is a {cls.__name__}, a BatchNorm subclass that changes its behaviour"
     extra = _tensor_names(module) - BN_TENSORS
@@ -513,7 +528,7 @@ def _post_chain(module: nn.Module, name: str, to: str) -> tuple[str, ...]:
         for perm in itertools.permutations(subset)
     ]
     error: Exception | None = None
-    for x in _probe_inputs(module):
+    for x in _probe_inputs(module, dim):
         try:
             with torch.no_grad():
                 copy.deepcopy(module).eval()(x)
@@ -542,15 +557,23 @@ def _template(module: nn.Module) -> nn.Module:
 
 
 def _convert_one(
-    module: nn.Module, name: str, to: str, options: dict[str, Any], chain: tuple[str, ...]
+    module: nn.Module,
+    name: str,
+    to: str,
+    options: dict[str, Any],
+    chain: tuple[str, ...],
+    dim: int | None = None,
 ) -> nn.Module:
-    """``module`` converted to ``to`` (tensors, children, training flag taken over)."""
+    """``module`` converted to ``to`` (tensors, children, training flag taken over); ``dim``
+    for a class that does not fix its dimensionality (see :func:`_conversion_dims`)."""
+    options = {k: v for k, v in options.items() if k != "dim"}
+    dim = _dim(module) or dim
     if isinstance(module, _OURS):
         if _kind_of(module) == to and not options:
             return module
         module = _revert_one(module)
-    dim = _dim(module)
-    assert dim is not None
+    if dim is None:  # _conversion_dims refuses this before any change
+        raise ConversionError(f"layer {name!r}: dimensionality unknown, pass dim=1, 2 or 3")
     cls = _TARGET_CLASSES[to][dim]
     template = _template(module)
     new = cls._carry(module, **options)  # type: ignore[attr-defined]
@@ -563,6 +586,15 @@ def _convert_one(
     if hasattr(module, "qconfig"):
         new.qconfig = module.qconfig
     return new
+
+
+def _original(module: nn.Module) -> nn.Module:
+    """The module a conversion started from (its meta template), or ``module`` itself."""
+    if isinstance(module, _OURS):
+        template = module.__dict__.get(_TEMPLATE_ATTR)
+        if template is not None:
+            return template
+    return module
 
 
 def _revert_one(module: nn.Module) -> nn.Module:
@@ -647,8 +679,8 @@ def _norm_layers(model: nn.Module) -> list[NormLayer]:
 
 
 def _default_selected(module: nn.Module, layer: NormLayer, to: str) -> bool:
-    if to == "recalibrate":
-        return layer.family in (NormFamily.BATCH, NormFamily.FROZEN) and _has_running_stats(module)
+    if to == "recalibrate":  # every layer with running statistics (refused where unsupported)
+        return layer.family in RUNNING_STATS
     if to == "instance" and layer.family is NormFamily.INSTANCE_TRACKED:
         return type(module) in _IN.values()
     return layer.family is NormFamily.BATCH and isinstance(module, _BatchNorm)
@@ -680,9 +712,12 @@ def _resolve(model: nn.Module, layers: Layers, to: str) -> dict[str, str]:
             "to='auto' needs a ScanReport as layers (each flagged layer gets its recommendation)"
         )
     if layers is None:
-        return {
+        plan = {
             layer.name: to for layer in norm if _default_selected(modules[layer.name], layer, to)
         }
+        for n in plan:  # every one of them, or none: nothing is skipped silently
+            _check_convertible(modules[n], n, to)
+        return plan
     patterns = [layers] if isinstance(layers, str) else list(layers)
     if not patterns:
         raise ConversionError("layers is an empty list: name at least one layer")
@@ -739,9 +774,14 @@ def _split_options(kinds: Iterable[str], options: dict[str, Any]) -> dict[str, d
             per_kind[k][key] = value
     if "batchstats" in per_kind and "prior" in per_kind["batchstats"]:
         per_kind["batchstats"]["prior"] = _check_prior(per_kind["batchstats"]["prior"])
+    for opts in per_kind.values():
+        if "dim" in opts and (isinstance(opts["dim"], bool) or opts["dim"] not in (1, 2, 3)):
+            raise ConversionError(
+                f"dim must be 1, 2 or 3 (BatchNorm1d/2d/3d inputs), got {opts['dim']!r}"
+            )
     if "renorm" in per_kind:
         # Validate now (RenormSchedule raises ValueError on bad limits), not half-way.
-        plain = {k: v for k, v in per_kind["renorm"].items() if k != "schedule"}
+        plain = {k: v for k, v in per_kind["renorm"].items() if k not in ("schedule", "dim")}
         try:
             RenormSchedule(**plain)
         except (TypeError, ValueError) as exc:
@@ -861,6 +901,51 @@ def _check_instance_inputs(shapes: dict[str, tuple[int, ...]], names: Iterable[s
             )
 
 
+def _rank_dim(name: str, module: nn.Module, shape: tuple[int, ...] | None) -> int:
+    """The BatchNorm1d/2d/3d dimensionality of inputs of ``shape`` (the first one seen)."""
+    kind = type(module).__name__
+    if shape is None:
+        raise ConversionError(
+            f"layer {name!r} is a {kind}, which takes inputs of any dimensionality, and no batch "
+            "of the data reached it: pass dim=1, 2 or 3 (BatchNorm1d/2d/3d inputs)"
+        )
+    dim = {2: 1, 3: 1, 4: 2, 5: 3}.get(len(shape))
+    if dim is None:
+        raise ConversionError(
+            f"layer {name!r} ({kind}) is fed inputs of shape {shape}: no BatchNorm1d/2d/3d "
+            "takes that, so it cannot be converted"
+        )
+    return dim
+
+
+def _conversion_dims(
+    modules: dict[str, nn.Module],
+    structural: dict[str, str],
+    per_kind: dict[str, dict[str, Any]],
+    shapes: dict[str, tuple[int, ...]] | None,
+) -> dict[str, int]:
+    """Per converted layer, the dimensionality of its replacement (1, 2 or 3).
+
+    The class fixes it for BatchNorm1d/2d/3d; for a class that takes any input (SyncBatchNorm)
+    it is the ``dim`` option or the rank of the first input the layer saw (``shapes``, from
+    data).  Raises ConversionError, before any change, where neither says.
+    """
+    dims: dict[str, int] = {}
+    for n, kind in structural.items():
+        module = modules[n]
+        dim = _dim(module) or per_kind.get(kind, {}).get("dim")
+        if dim is None:
+            if shapes is None:
+                raise ConversionError(
+                    f"layer {n!r} is a {type(module).__name__}, which takes inputs of any "
+                    f"dimensionality: to convert it to {kind!r}, pass data=... (its first input "
+                    "tells) or dim=1, 2 or 3 (BatchNorm1d/2d/3d inputs)"
+                )
+            dim = _rank_dim(n, module, shapes.get(n))
+        dims[n] = dim
+    return dims
+
+
 # ================================================================================ patch
 
 
@@ -883,19 +968,25 @@ def patch(
         model: the model; with ``inplace=False`` (default) it is deep-copied first and never
             modified.
         to: the conversion.
-        layers: which layers: ``None`` (every BatchNorm with running statistics), a glob such as
-            ``"layer4.*"``, a list of names or globs, or a :class:`ScanReport` (its flagged
-            layers).  A pattern that matches no norm layer raises ConversionError.
+        layers: which layers: ``None`` (every BatchNorm with running statistics; for
+            ``"instance"`` also tracked InstanceNorm, for ``"recalibrate"`` every layer with
+            running statistics: every one of them is converted, or the call refuses), a glob such as ``"layer4.*"``, a list of names or globs, or a
+            :class:`ScanReport` (its flagged layers).  A pattern that matches no norm layer
+            raises ConversionError.
         inplace: convert ``model`` itself.
         data: calibration data for ``"recalibrate"`` (any form :func:`normdoctor.scan` takes);
             for ``"instance"`` it also lets the conversion check, before changing anything, that
-            each layer's input has spatial dimensions to normalize over.
+            each layer's input has spatial dimensions to normalize over; for SyncBatchNorm it
+            tells the dimensionality of the replacement.
         forward: ``forward(model, inputs)`` for models with several inputs (used whenever
             ``data`` is run through the model).
         options: ``prior`` (batchstats: strength of the running statistics in samples);
             ``r_max``, ``d_max``, ``hold_steps``, ``r_max_steps``, ``d_max_steps``,
             ``schedule`` (renorm); ``mode``, ``batch_size``, ``shuffle``, ``seed``,
-            ``group_by``, ``max_batches``, ``device`` (recalibrate, see :func:`recalibrate`).
+            ``group_by``, ``max_batches``, ``device`` (recalibrate, see :func:`recalibrate`);
+            ``dim`` (1, 2 or 3: the BatchNorm1d/2d/3d inputs of converted layers whose class
+            does not fix it, SyncBatchNorm; without it ``data`` tells, from the rank of the first
+            input each such layer sees; ignored for layers whose class fixes it).
 
     Returns:
         The converted root module (a new object if the root itself was converted), carrying the
@@ -939,11 +1030,17 @@ def _apply(
 ) -> nn.Module:
     modules = dict(model.named_modules())
     structural = {n: k for n, k in plan.items() if k in CONVERSIONS}
-    # Every check before any change: subclass behaviour, then input shapes for InstanceNorm.
-    chains = {n: _post_chain(modules[n], n, k) for n, k in structural.items()}
+    # Every check before any change: dimensionality, input shapes for InstanceNorm, then
+    # subclass behaviour.
     instance = [n for n, k in structural.items() if k == "instance"]
+    unknown = [
+        n
+        for n, k in structural.items()
+        if _dim(modules[n]) is None and per_kind.get(k, {}).get("dim") is None
+    ]
     recal_opts = per_kind.get("recalibrate", {})
-    if instance and data is not None:
+    shapes: dict[str, tuple[int, ...]] | None = None
+    if (instance or unknown) and data is not None:
         batch_opts = {
             k: recal_opts[k]
             for k in ("batch_size", "shuffle", "seed", "group_by")
@@ -954,8 +1051,10 @@ def _apply(
         batch_opts.setdefault("seed", 0)
         batch_opts.setdefault("group_by", None)
         fwd = forward or recal_opts.get("forward")
-        shapes = _input_shapes(model, data, instance, fwd, **batch_opts)
+        shapes = _input_shapes(model, data, [*instance, *unknown], fwd, **batch_opts)
         _check_instance_inputs(shapes, instance)
+    dims = _conversion_dims(modules, structural, per_kind, shapes)
+    chains = {n: _post_chain(modules[n], n, k, dims[n]) for n, k in structural.items()}
     previous = _records(model)
     target = model if inplace else copy.deepcopy(model)
     entries: list[dict[str, Any]] = []
@@ -964,8 +1063,11 @@ def _apply(
         kind = structural.get(name)
         if kind is None:
             return module
-        new = _convert_one(module, name, kind, per_kind.get(kind, {}), chains[name])
-        entries.append({"name": name, "to": kind, "options": _manifest_options(kind, new)})
+        new = _convert_one(module, name, kind, per_kind.get(kind, {}), chains[name], dims[name])
+        options = _manifest_options(kind, new)
+        if _dim(_original(module)) is None:  # the class does not say: the manifest must
+            options["dim"] = dims[name]
+        entries.append({"name": name, "to": kind, "options": options})
         return new
 
     root = _convert_tree(target, convert) if structural else target
@@ -1067,12 +1169,21 @@ def recalibrate(
         (``benchmarks/bench_recalibrate.py``): single-pass costs about 0.95-1.0x
         ``torch.optim.swa_utils.update_bn``, sequential about 11x.
 
+        InstanceNorm with ``track_running_stats=True`` gets the same pooled statistics (over
+        every sample and position), not the average of per-sample statistics its own update
+        tracks: in eval mode it then gives its inputs over the data mean 0 and variance 1 per
+        channel, as per-sample normalization does in training, and the scan's population shift
+        is what this removes.  Where per-sample noise dominates, ``to="instance"`` reproduces
+        training exactly.  ``num_batches_tracked`` counts its calls.
+
     Args:
         model: the model (deep-copied first unless ``inplace``).
         data: calibration data (any form :func:`normdoctor.scan` accepts).  Batch size and order
             do not change the result in sequential mode; in single-pass mode they do.
-        layers: which layers (default: every layer with running statistics); names, globs or a
-            ScanReport (its flagged layers).
+        layers: which layers (default: every layer with running statistics, BatchNorm,
+            frozen BatchNorm and tracked InstanceNorm; a layer normdoctor cannot measure, such
+            as EvoNorm B0 or a hand-written BatchNorm class, is refused rather than skipped);
+            names, globs or a ScanReport (its flagged layers).
         mode: ``"sequential"`` or ``"single-pass"``.
         batch_size, shuffle, seed, group_by, max_batches: how batches are formed.
         device: run on this device (the model is moved there and back).
@@ -1136,7 +1247,7 @@ def recalibrate(
             )
             _require_reached(results, names)
             for n in names:
-                _write(modules[n], n, results[n])
+                _write(modules[n], n, results[n], counts.get(n))
         else:
             results, counts, order = _measure(
                 target, chosen, batches, fwd, run_device, dtype, "eval", sharded=sharded
@@ -1144,11 +1255,11 @@ def recalibrate(
             _require_reached(results, names)
             ordered = [n for n in order if n in plan]
             first, rest = ordered[0], ordered[1:]
-            _write(modules[first], first, results[first])
+            _write(modules[first], first, results[first], counts.get(first))
             for n in rest:
                 # A layer called once per forward: stop the pass after recording its input.
                 stop = counts.get(n, 0) <= counts.get("__batches__", 0)
-                res, _, _ = _measure(
+                res, calls, _ = _measure(
                     target,
                     [by_name[n]],
                     batches,
@@ -1160,7 +1271,7 @@ def recalibrate(
                     sharded=sharded,
                 )
                 _require_reached(res, [n])
-                _write(modules[n], n, res[n])
+                _write(modules[n], n, res[n], calls.get(n))
     except BaseException:
         with torch.no_grad():
             for n, values in saved.items():
@@ -1307,7 +1418,11 @@ def _require_reached(results: dict[str, LayerMeasurement | None], names: Sequenc
         )
 
 
-def _write(module: nn.Module, name: str, m: LayerMeasurement | None) -> None:
+def _write(
+    module: nn.Module, name: str, m: LayerMeasurement | None, calls: int | None = None
+) -> None:
+    """Write the pooled statistics ``m`` as running statistics; ``num_batches_tracked`` counts
+    the layer's calls (batches, or ``calls`` for InstanceNorm, whose units are samples)."""
     assert m is not None
     pooled = m.pooled
     if pooled.count < 2:
@@ -1327,7 +1442,8 @@ def _write(module: nn.Module, name: str, m: LayerMeasurement | None) -> None:
         rv.copy_(pooled.unbiased_var.to(device=rv.device, dtype=rv.dtype))
         nbt = module._buffers.get("num_batches_tracked")
         if nbt is not None:
-            nbt.fill_(m.units)
+            per_sample = isinstance(module, _InstanceNorm) and calls is not None
+            nbt.fill_(calls if per_sample else m.units)
 
 
 # =============================================================================== impact
@@ -1889,7 +2005,17 @@ def apply_manifest(
     per_layer = {e["name"]: e["options"] for e in entries}
     for e in entries:
         _split_options({e["to"]}, e["options"])
-    chains = {n: _post_chain(modules[n], n, k) for n, k in plan.items()}
+    dims: dict[str, int] = {}
+    for n, k in plan.items():
+        dim = _dim(modules[n]) or per_layer[n].get("dim")
+        if dim is None:
+            raise ConversionError(
+                f"the manifest converts layer {n!r}, a {type(modules[n]).__name__} (any input "
+                f"dimensionality), to {k!r} without saying which (option 'dim'): it was not "
+                "written by this version of normdoctor"
+            )
+        dims[n] = dim
+    chains = {n: _post_chain(modules[n], n, k, dims[n]) for n, k in plan.items()}
     previous = _records(model)
     target = model if inplace else copy.deepcopy(model)
     records: list[dict[str, Any]] = []
@@ -1901,8 +2027,11 @@ def apply_manifest(
         options = dict(per_layer[name])
         if kind == "batchstats" and "prior" in options:
             options["prior"] = _check_prior(options["prior"])
-        new = _convert_one(module, name, kind, options, chains[name])
-        records.append({"name": name, "to": kind, "options": _manifest_options(kind, new)})
+        new = _convert_one(module, name, kind, options, chains[name], dims[name])
+        saved = _manifest_options(kind, new)
+        if _dim(_original(module)) is None:
+            saved["dim"] = dims[name]
+        records.append({"name": name, "to": kind, "options": saved})
         return new
 
     root = _convert_tree(target, convert)

@@ -161,19 +161,19 @@ def test_an_input_is_never_an_output(capsys, tmp_path, monkeypatch, case):
 
 
 def test_spec_files_finds_module_sources_without_importing(tmp_path, monkeypatch):
-    pkg = tmp_path / "zoo"
+    pkg = tmp_path / "ndspecpkg"  # a name no other test module or package uses
     (pkg / "nets").mkdir(parents=True)
     for init in (pkg / "__init__.py", pkg / "nets" / "__init__.py"):
         init.write_text("raise AssertionError('imported')\n")
     (pkg / "nets" / "cnn.py").write_text("raise AssertionError('imported')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    found = {p.resolve() for p in spec_files("zoo.nets.cnn:Net")}
+    found = {p.resolve() for p in spec_files("ndspecpkg.nets.cnn:Net")}
     assert found == {
         (pkg / "__init__.py").resolve(),
         (pkg / "nets" / "__init__.py").resolve(),
         (pkg / "nets" / "cnn.py").resolve(),
     }
-    assert "zoo" not in sys.modules
+    assert "ndspecpkg" not in sys.modules
     assert spec_files("random:4,1,8,8") == [] and spec_files(None) == []
     assert spec_files("path/to/file.py:Net") == [Path("path/to/file.py")]
 

@@ -909,3 +909,125 @@ def test_instance_conversion_equals_batchstats_at_batch_size_one(test_data):
         (b,) = stats.run(x[i : i + 1])
         np.testing.assert_allclose(a, b, rtol=0, atol=LOGIT_ATOL)
     assert math.isfinite(float(np.abs(a).sum()))
+
+
+# -- issue 14: batch dimensions written as -1, folded convolutions ----------------------------------
+@pytest.mark.parametrize("batch", [-1, 0], ids=["dim_value-1", "dim_value0"])
+def test_batch_dimension_written_as_non_positive_is_dynamic(batch, test_data):
+    """paddle2onnx marks a dynamic batch as ``dim_value: -1``: the same scan as a named dim."""
+    marked = OnnxModel(_fix_batch(onnx.load(str(SM / "tiny-batch.onnx")), batch), name="paddle")
+    assert marked.proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == batch
+    named = OnnxModel.load(SM / "tiny-batch.onnx")
+    for size in (1, 8, 64):  # 1: the size a fixed -1 was taken for, chunked into nothing
+        got = marked.scan(test_data, batch_size=size, max_batches=6)
+        want = named.scan(test_data, batch_size=size, max_batches=6)
+        assert got.to_dict()["layers"] == want.to_dict()["layers"]  # same graph, same numbers
+        assert got.end_to_end == want.end_to_end and got.status == want.status
+        assert not any("fixed batch size" in note for note in got.notes)
+    assert got.end_to_end.acc_eval is not None  # a verdict with labels
+
+
+def test_own_graph_with_batch_minus_one_scans_like_numpy():
+    x = np.random.default_rng(3).normal(1.0, 2.0, (40, 3, 4, 4)).astype(np.float32)
+    model = OnnxModel(_bn_graph([-1, 3, 4, 4], 3), name="minus-one")
+    report = model.scan(torch.from_numpy(x), batch_size=8, shuffle=False)
+    (layer,) = report.layers
+    relu = np.maximum(x, 0).astype(np.float64)  # the node normalizes Relu(x)
+    np.testing.assert_allclose(
+        layer.train.pooled_mean, relu.mean(axis=(0, 2, 3)), rtol=NUMPY_RTOL, atol=NUMPY_ATOL
+    )
+    assert layer.train.batches == 5
+
+
+def _conv(i: int, src: str, bias: bool, rng: np.random.Generator) -> tuple[list, list]:
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32), f"w{i}")]
+    inputs = [src, f"w{i}"]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.1, 4).astype(np.float32), f"b{i}"))
+        inputs.append(f"b{i}")
+    return [helper.make_node("Conv", inputs, [f"c{i}"], name=f"conv{i}", pads=[1] * 4)], inits
+
+
+def _detector(folded: int, kept: int) -> onnx.ModelProto:
+    """``folded`` Conv(bias)->Relu blocks, one Conv(bias)->SiLU, ``kept`` Conv->BN->Relu, and
+    a Conv(bias) head without activation (a box regressor never had a BatchNorm)."""
+    rng = np.random.default_rng(0)
+    nodes, inits, src, i = [], [], "x", 0
+    for _ in range(folded):
+        n, t = _conv(i, src, True, rng)
+        nodes += [*n, helper.make_node("Relu", [f"c{i}"], [f"a{i}"], name=f"relu{i}")]
+        inits += t
+        src, i = f"a{i}", i + 1
+    n, t = _conv(i, src, True, rng)  # SiLU as exporters write it: x * Sigmoid(x)
+    nodes += [
+        *n,
+        helper.make_node("Sigmoid", [f"c{i}"], [f"s{i}"], name=f"sigmoid{i}"),
+        helper.make_node("Mul", [f"c{i}", f"s{i}"], [f"a{i}"], name=f"silu{i}"),
+    ]
+    inits += t
+    src, i = f"a{i}", i + 1
+    for _ in range(kept):
+        n, t = _conv(i, src, False, rng)
+        stats = [
+            numpy_helper.from_array(rng.uniform(0.5, 2, 4).astype(np.float32), f"g{i}"),
+            numpy_helper.from_array(rng.normal(0, 1, 4).astype(np.float32), f"be{i}"),
+            numpy_helper.from_array(rng.normal(0, 1, 4).astype(np.float32), f"m{i}"),
+            numpy_helper.from_array(rng.uniform(0.5, 2, 4).astype(np.float32), f"v{i}"),
+        ]
+        bn_in = [f"c{i}", f"g{i}", f"be{i}", f"m{i}", f"v{i}"]
+        nodes += [
+            *n,
+            helper.make_node("BatchNormalization", bn_in, [f"n{i}"], name=f"bn{i}"),
+            helper.make_node("Relu", [f"n{i}"], [f"a{i}"], name=f"relu{i}"),
+        ]
+        inits += t + stats
+        src, i = f"a{i}", i + 1
+    n, t = _conv(i, src, True, rng)
+    nodes += n
+    inits += t
+    graph = helper.make_graph(
+        nodes,
+        "detector",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])],
+        [helper.make_tensor_value_info(f"c{i}", TensorProto.FLOAT, ["N", 4, 6, 6])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+FOLDED_NOTE = (
+    "{} of {} convolutions look folded (no BatchNormalization after them): nothing to measure there"
+)
+
+
+def test_convolutions_folded_beside_the_batchnorm_left_are_counted(tmp_path, capsys):
+    from normdoctor.cli import main
+    from normdoctor.onnx_backend.graph import folded_convs
+
+    proto = _detector(folded=8, kept=3)
+    assert folded_convs(proto) == (9, 13)  # 8 Relu + 1 SiLU; not the 3 kept, not the head
+    model = OnnxModel(proto, name="detector")
+    note = FOLDED_NOTE.format(9, 13)
+    assert model.notes() == [note]
+    assert [(f.code, f.message) for f in model.static_checks()] == [("batchnorm-folded", note)]
+    x = torch.from_numpy(np.random.default_rng(1).normal(0, 1, (32, 4, 6, 6)).astype(np.float32))
+    report = model.scan(x, batch_size=16)
+    assert [layer.name for layer in report.layers] == ["bn9", "bn10", "bn11"]
+    assert note in report.notes
+    path = _save(proto, tmp_path / "detector.onnx")
+    code = main(["layers", str(path)])
+    out, _ = capsys.readouterr()
+    assert code == 0 and note in out
+
+
+def test_folded_count_stays_quiet_when_most_batchnorm_is_kept():
+    # one stem convolution without BatchNorm beside many with: a count would mislead
+    proto = _detector(folded=0, kept=6)
+    assert OnnxModel(proto, name="mostly-kept").notes() == []
+    # every BatchNorm folded: the existing sentence, now with the count
+    (note,) = OnnxModel.load(SM / "healthy-folded.onnx").notes()
+    assert note.startswith("no BatchNormalization left: folded at export, nothing to measure")
+    assert "3 of 3 convolutions look folded" in note
+    assert OnnxModel.load(SM / "healthy.onnx").notes() == []

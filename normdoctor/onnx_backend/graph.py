@@ -25,8 +25,11 @@ __all__ = [
     "data_inputs",
     "default_opset",
     "discover",
+    "folded_convs",
     "folded_note",
+    "is_folded_note",
     "iter_nodes",
+    "static_dim",
     "subgraphs",
 ]
 
@@ -96,6 +99,17 @@ def _f32(value: float) -> float:
 
 
 # -- shapes -------------------------------------------------------------------------------------
+def static_dim(dim: onnx.TensorShapeProto.Dimension) -> int | None:
+    """A dimension's fixed size, or ``None`` when it is dynamic.
+
+    Named (``dim_param``), absent and non-positive sizes are all dynamic: paddle2onnx and some
+    older exporters mark a dynamic batch as ``dim_value: -1`` (or 0), which no tensor can have.
+    """
+    if dim.HasField("dim_value") and dim.dim_value > 0:
+        return int(dim.dim_value)
+    return None
+
+
 class Shapes:
     """Element type and static shape of every value onnx shape inference can tell."""
 
@@ -121,7 +135,7 @@ class Shapes:
             self.types[vi.name] = tt.elem_type
         if tt.HasField("shape"):
             self.dims[vi.name] = tuple(
-                d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                static_dim(d) if d.HasField("dim_value") else (d.dim_param or None)
                 for d in tt.shape.dim
             )
 
@@ -432,10 +446,18 @@ def discover(
             f"{len(nested_norms)} normalization node(s) inside If/Loop/Scan bodies: "
             "listed, not scanned"
         )
-    if not any(r.is_batchnorm for r in found):
+    batchnorms = sum(r.is_batchnorm and r.where is None for r in found)
+    if not batchnorms:
         note = folded_note(model)
         if note:
             notes.append(note)
+    else:
+        folded, total = folded_convs(model)
+        if folded and folded >= batchnorms:  # few BatchNormalization left beside them
+            notes.append(
+                f"{folded} of {total} convolutions look folded (no BatchNormalization after "
+                "them): nothing to measure there"
+            )
     return found, notes
 
 
@@ -474,6 +496,58 @@ def _with_state(rec: NormNode, consts: Constants) -> NormNode:
 
 
 _HINT = re.compile(r"(^|[^a-z])(bn|batch_?norm|norm)", re.IGNORECASE)
+_CONVS = ("Conv", "ConvTranspose")
+#: Ops a Conv+BatchNorm pair is followed by: a convolution with a bias straight into one of these
+#: had its BatchNorm folded in (exporters fold at constant folding; fused training code too).
+_ACTIVATIONS = {
+    "Relu",
+    "LeakyRelu",
+    "PRelu",
+    "Clip",  # ReLU6
+    "Sigmoid",  # and SiLU as x * Sigmoid(x)
+    "HardSigmoid",
+    "HardSwish",
+    "Elu",
+    "Selu",
+    "Celu",
+    "Gelu",
+    "Mish",
+    "Softplus",
+    "Tanh",
+    "ThresholdedRelu",
+}
+
+
+def folded_convs(model: ModelProto) -> tuple[int, int]:
+    """(convolutions that look folded, all convolutions) of the main graph.
+
+    One looks folded when it adds a constant bias and its output goes straight into an
+    activation and into no BatchNormalization: where a Conv + BatchNorm pair used to be.  A
+    convolution that never had a BatchNorm after it looks the same (a stem convolution of an
+    older design): a count, not a proof.
+    """
+    g = model.graph
+    constant = {t.name for t in g.initializer}
+    constant |= {o for n in g.node if n.op_type == "Constant" for o in n.output if o}
+    readers: dict[str, set[str]] = {}
+    for node in g.node:
+        for value in node.input:
+            if value:
+                readers.setdefault(value, set()).add(node.op_type)
+    convs = [n for n in g.node if n.op_type in _CONVS and n.domain in DEFAULT_DOMAINS]
+    folded = 0
+    for node in convs:
+        if len(node.input) < 3 or node.input[2] not in constant or not node.output:
+            continue
+        ops = readers.get(node.output[0], set())
+        if "BatchNormalization" not in ops and ops & _ACTIVATIONS:
+            folded += 1
+    return folded, len(convs)
+
+
+def is_folded_note(note: str) -> bool:
+    """True for the notes of :func:`discover` that say BatchNorm was folded away."""
+    return note.startswith("no BatchNormalization left") or "convolutions look folded" in note
 
 
 def folded_note(model: ModelProto) -> str | None:
@@ -492,10 +566,17 @@ def folded_note(model: ModelProto) -> str | None:
         and (n.input[2] == f"{n.input[1]}_bias" or _HINT.search(n.input[2]))
     ]
     evidence += [t for t in sorted(inits) if _HINT.search(t)][:3]
+    folded, total = folded_convs(model)
+    count = f"{folded} of {total} convolutions look folded; " if folded else ""
     if evidence:
         return (
             "no BatchNormalization left: folded at export, nothing to measure "
-            f"(Conv bias {evidence[0]!r} carries the folded statistics; export with BatchNorm "
-            "kept, e.g. without constant folding, to scan it)"
+            f"({count}Conv bias {evidence[0]!r} carries the folded statistics; export with "
+            "BatchNorm kept, e.g. without constant folding, to scan it)"
+        )
+    if folded:
+        return (
+            "no BatchNormalization left: folded at export, nothing to measure "
+            f"({count}export with BatchNorm kept, e.g. without constant folding, to scan it)"
         )
     return "no BatchNormalization left: folded at export or never present, nothing to measure"

@@ -50,11 +50,21 @@ from ..scan import (
     assemble_report,
 )
 from ..stats import Moments, channel_moments
-from .graph import Constants, NormNode, Shapes, data_inputs, default_opset, discover, subgraphs
+from .graph import (
+    Constants,
+    NormNode,
+    Shapes,
+    data_inputs,
+    default_opset,
+    discover,
+    is_folded_note,
+    subgraphs,
+)
 from .rewrite import (
     Names,
     batchstats_nodes,
     copy_model,
+    dynamic_dims,
     feed_running_stats,
     replace_nodes,
     set_running_stats,
@@ -159,6 +169,7 @@ class OnnxModel:
                     )
             # Families follow the file's own opset (BatchNormalization-6 without is_test is in
             # training mode); values and shapes come from the graph onnxruntime runs.
+            run_model = dynamic_dims(run_model)  # -1 or 0 for a dynamic batch: a named dim
             shapes = Shapes(run_model)
             consts = Constants(self.proto, run_model)
             nodes, found_notes = discover(self.proto, shapes, consts)
@@ -227,9 +238,10 @@ class OnnxModel:
         graph tells.
 
         Graph findings (severity ``info``): ``batchnorm-folded`` (no BatchNormalization left,
-        nothing to measure), ``no-running-stats`` (a BatchNormalization in training mode
-        normalizes with batch statistics at inference), ``norm-in-subgraph`` (listed, not
-        scanned), ``running-stats-not-constant`` (statistics fed at run time).
+        or most convolutions look folded: nothing to measure there), ``no-running-stats`` (a
+        BatchNormalization in training mode normalizes with batch statistics at inference),
+        ``norm-in-subgraph`` (listed, not scanned), ``running-stats-not-constant`` (statistics
+        fed at run time).
         """
         from ..checks import Finding, Severity, static_checks
 
@@ -242,7 +254,7 @@ class OnnxModel:
         graph: list[Finding] = [
             Finding(layer="", code="batchnorm-folded", severity=Severity.INFO, message=note)
             for note in a.notes
-            if note.startswith("no BatchNormalization left")
+            if is_folded_note(note)
         ]
         for rec in a.nodes:
             if rec.where is not None:

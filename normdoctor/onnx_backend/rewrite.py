@@ -22,6 +22,7 @@ __all__ = [
     "add_outputs",
     "batchstats_nodes",
     "copy_model",
+    "dynamic_dims",
     "feed_running_stats",
     "relax_batch",
     "replace_nodes",
@@ -335,6 +336,34 @@ def relax_batch(model: ModelProto, batch: int) -> ModelProto:
                 d0.Clear()
                 d0.dim_param = BATCH_DIM
     del g.value_info[:]
+    return out
+
+
+def dynamic_dims(model: ModelProto) -> ModelProto:
+    """``model``, or a copy in which every ``dim_value`` of 0 or less is a named dimension.
+
+    Some exporters (paddle2onnx) mark a dynamic dimension as ``dim_value: -1`` or 0.
+    onnxruntime takes 0 as a size (no element fits a Reshape to it) and normdoctor would take
+    either as a fixed batch size; named, they mean what the exporter meant.  The first
+    dimension is named as :func:`relax_batch` names it, the others each get a name of their own.
+    """
+    values = [*model.graph.input, *model.graph.output, *model.graph.value_info]
+    if not any(
+        d.HasField("dim_value") and d.dim_value <= 0
+        for vi in values
+        for d in vi.type.tensor_type.shape.dim
+    ):
+        return model
+    out = copy_model(model)
+    g = out.graph
+    names = Names(out)
+    for vi in [*g.input, *g.output, *g.value_info]:
+        if not vi.type.HasField("tensor_type"):
+            continue
+        for position, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") and d.dim_value <= 0:
+                d.Clear()
+                d.dim_param = BATCH_DIM if position == 0 else names.fresh("normdoctor_dim")
     return out
 
 

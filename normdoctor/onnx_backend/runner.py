@@ -10,7 +10,9 @@ was verified once: its eval-path outputs and taps on the batch must equal those 
 original graph on chunks of B0 samples.  Graphs that hard-code the batch size (a ``Reshape`` to
 ``[1, -1]``) fail the check; then per-sample variants (the eval path) run chunk by chunk, and a
 variant that needs the whole batch at once (the train path, which normalizes with the batch's
-statistics) is refused with a message.
+statistics) is refused with a message.  Only a positive ``dim_value`` is a fixed size: a
+named, absent, zero or negative first dimension (paddle2onnx writes ``dim_value: -1``) is
+dynamic, and batches of any size run as they are.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from onnx import ModelProto, helper
 
 from ..errors import DataError
-from .graph import Shapes, data_inputs
+from .graph import Shapes, data_inputs, static_dim
 from .rewrite import add_outputs, copy_model, relax_batch
 
 __all__ = ["VERIFY_ATOL", "VERIFY_RTOL", "Engine", "make_session"]
@@ -93,8 +95,9 @@ class Engine:
         fixed = set()
         for i in self.inputs:
             dims = i.type.tensor_type.shape.dim
-            if len(dims) and dims[0].HasField("dim_value"):
-                fixed.add(int(dims[0].dim_value))
+            size = static_dim(dims[0]) if len(dims) else None
+            if size is not None:  # -1, 0, a name or nothing: a dynamic batch
+                fixed.add(size)
         # One fixed size shared by the data inputs; inputs that disagree have no batch to relax.
         self.fixed: int | None = fixed.pop() if len(fixed) == 1 else None
         self.mode: str | None = None  # "relaxed" or "split", once a batch needed it

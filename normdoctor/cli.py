@@ -81,7 +81,8 @@ ModelArg = Annotated[
     Path,
     typer.Argument(
         help="Model file: state_dict (.pt/.pth/.bin/.ckpt), "
-        ".safetensors, torch.export .pt2, TorchScript, .onnx."
+        ".safetensors, torch.export .pt2, TorchScript, .onnx; or a Hugging Face model folder "
+        "(config.json + model.safetensors)."
     ),
 ]
 ArchOpt = Annotated[
@@ -202,10 +203,23 @@ def _write_json(plan: Outputs, target: Path | None, payload: dict[str, Any]) -> 
         plan.write_text(target, json.dumps(payload, indent=1, allow_nan=False) + "\n")
 
 
-def _load(model: Path, arch: str | None, arch_kwargs: str | None, trust_pickle: bool) -> Any:
+def _load(
+    model: Path,
+    arch: str | None,
+    arch_kwargs: str | None,
+    trust_pickle: bool,
+    *,
+    quiet: bool = False,
+) -> Any:
+    """The model, loaded; what loading decided (hyper-parameters taken from a Lightning
+    checkpoint, a model built from a Hugging Face config) is said on stderr."""
     from .io import load_model
 
-    return load_model(model, arch, arch_kwargs=_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle)
+    net = load_model(model, arch, arch_kwargs=_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle)
+    err = _stderr(quiet)
+    for note in getattr(net, "normdoctor_load_notes", ()):
+        err.print(f"note: {note}", markup=False, highlight=False)
+    return net
 
 
 def _device(device: Device) -> str | None:
@@ -365,7 +379,8 @@ def layers(
 ) -> int:
     """List every normalization layer with its running statistics and the static findings.
 
-    Needs no data. Without --arch a state_dict is checked by its buffer names alone.
+    Needs no data. Without --arch a state_dict is checked by its buffer names alone; values
+    the file does not store (momentum, eps) are reported as unknown.
     """
     import torch
 
@@ -392,6 +407,7 @@ def layers(
             if not hasattr(module, "static_checks")
             else module.static_checks()
         )
+    unknown: dict[str, tuple[str, ...]] = {}
     if module is not None:
         found = (
             find_norm_layers(module)
@@ -400,7 +416,9 @@ def layers(
         )
         state = module.state_dict() if hasattr(module, "state_dict") else {}
     else:
-        found, state = _layers_from_state_dict(checkpoint.state_dict or {}, checkpoint.layer_info)
+        found, state, unknown = _layers_from_state_dict(
+            checkpoint.state_dict or {}, checkpoint.layer_info
+        )
     running = {}
     for layer in found:
         prefix = f"{layer.name}." if layer.name else ""
@@ -418,6 +436,9 @@ def layers(
         f"{sum(layer.batch_dependent for layer in found)} batch-dependent"
     )
     out.print(layers_table(found, findings, running))
+    if unknown:
+        line = _unknown_line(model, unknown, len(found), str(checkpoint.format))
+        out.print(line, markup=False, highlight=False)
     with plan:
         _write_json(
             plan,
@@ -425,7 +446,7 @@ def layers(
             {
                 "schema_version": 1,
                 "model": str(model),
-                "layers": [_layer_dict(layer) for layer in found],
+                "layers": [_layer_dict(layer, unknown.get(layer.name, ())) for layer in found],
                 "findings": [f.to_dict() for f in findings],
             },
         )
@@ -434,27 +455,40 @@ def layers(
     return EXIT_DRIFT if errors and not exit_zero else EXIT_OK
 
 
-def _layer_dict(layer: Any) -> dict[str, Any]:
+def _layer_dict(layer: Any, unknown: Sequence[str] = ()) -> dict[str, Any]:
+    """A layer for ``--json``; values the file does not carry are null and named in
+    ``unknown`` (a null momentum that is not unknown is PyTorch's cumulative average)."""
     return {
         "name": layer.name,
         "kind": layer.kind,
         "family": str(layer.family),
         "num_features": layer.num_features,
-        "eps": layer.eps,
-        "momentum": layer.momentum,
+        "eps": None if "eps" in unknown else layer.eps,
+        "momentum": None if "momentum" in unknown else layer.momentum,
         "affine": layer.affine,
         "track_running_stats": layer.track_running_stats,
         "batch_dependent": layer.batch_dependent,
+        "unknown": list(unknown),
     }
+
+
+#: Attributes a file may or may not carry beside a norm layer's tensors.
+_CARRIED = ("momentum", "eps")
+#: What the layer records hold for an attribute the file does not carry: placeholders, never
+#: shown (``unknown`` says which they are).
+_PLACEHOLDERS: dict[str, Any] = {"momentum": None, "eps": 0.0}
 
 
 def _layers_from_state_dict(
     state: dict[str, Any], info: dict[str, dict[str, Any]]
-) -> tuple[list, dict]:
-    """NormLayer records from buffer names alone (a state_dict without its architecture)."""
+) -> tuple[list, dict, dict[str, tuple[str, ...]]]:
+    """NormLayer records from buffer names alone (a state_dict without its architecture), with
+    the attributes the file does not carry per layer (a bare state_dict or a traced TorchScript
+    archive stores no momentum or eps): (layers, state, unknown)."""
     from .layers import NormFamily, NormLayer
 
     found = []
+    unknown: dict[str, tuple[str, ...]] = {}
     for key, value in state.items():
         if not key.endswith("running_mean"):
             continue
@@ -463,19 +497,42 @@ def _layers_from_state_dict(
         kind = extra.get("kind", "BatchNorm (from state_dict)")
         family = NormFamily.INSTANCE_TRACKED if "Instance" in kind else NormFamily.BATCH
         prefix = f"{name}." if name else ""
+        missing = tuple(attr for attr in _CARRIED if attr not in extra)
+        if missing:
+            unknown[name] = missing
+        values = {attr: extra.get(attr, _PLACEHOLDERS[attr]) for attr in _CARRIED}
         found.append(
             NormLayer(
                 name=name,
                 kind=kind,
                 family=family,
                 num_features=int(value.numel()),
-                eps=float(extra.get("eps", 1e-5)),
-                momentum=extra.get("momentum", 0.1),
+                eps=float(values["eps"]),
+                momentum=values["momentum"],
                 affine=prefix + "weight" in state,
                 track_running_stats=True,
             )
         )
-    return found, state
+    return found, state, unknown
+
+
+def _unknown_line(
+    model: Path, unknown: dict[str, tuple[str, ...]], total: int, file_format: str
+) -> str:
+    """One line saying which values the file does not carry (shown as '-' in the table)."""
+    parts = []
+    for attr in _CARRIED:
+        count = sum(attr in attrs for attrs in unknown.values())
+        if count:
+            parts.append(f"{attr} of {'all ' if count == total else ''}{count} layers")
+    why = {
+        "torchscript": "a TorchScript archive keeps them in its code, which is not run",
+        "pickle": "the pickled modules do not record them",
+    }.get(file_format, "a state_dict holds tensors only")
+    return (
+        f"unknown: {', '.join(parts)}: {model.name} does not store them ({why}); "
+        "--arch reads them from the architecture"
+    )
 
 
 # -- scan -----------------------------------------------------------------------------------------
@@ -586,7 +643,7 @@ def scan(
     )
     reports = []
     for model in models:
-        net = _load(model, arch, arch_kwargs, trust_pickle)
+        net = _load(model, arch, arch_kwargs, trust_pickle, quiet=quiet or rank != 0)
         for size in sizes:
             options = _scan_options(
                 size,
@@ -787,7 +844,7 @@ def patch(
     plan.file(json_out, "--json", stdout=True)
     plan.folder(report_dir, "--report")
     plan.check()  # every output, before the model is even loaded
-    net = _load(model, arch, arch_kwargs, trust_pickle)
+    net = _load(model, arch, arch_kwargs, trust_pickle, quiet=quiet)
     for companion in getattr(net, "_protected", ()):  # an ONNX model's external-data files
         plan.add_input(companion, "input model data")
     dataset = load_data(data, seed=seed, normalize=normalize)
@@ -996,7 +1053,7 @@ def report(
             )
         from .io import load_data
 
-        net = _load(source, arch, arch_kwargs, trust_pickle)
+        net = _load(source, arch, arch_kwargs, trust_pickle, quiet=quiet)
         dataset = load_data(data, seed=seed, normalize=normalize)
         sizes: list[int | None] = list(_parse_sizes(batch_sizes)) if batch_sizes else [batch_size]
         single = len(sizes) == 1

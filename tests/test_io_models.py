@@ -680,3 +680,68 @@ def test_patched_checkpoint_round_trip(tmp_path):
     assert model.state_dict().keys() == sd.keys()
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, sd[key], **EXACT)
+
+
+# ------------------------------------------------------------- what a file does not carry
+
+
+def _layers_json(path: Path, capsys) -> tuple[str, list[dict]]:
+    from normdoctor.cli import main
+
+    out_json = path.parent / f"{path.stem}-layers.json"
+    code = main(["layers", str(path), "--json", str(out_json)])
+    out, err = capsys.readouterr()
+    assert code in (0, 1), err
+    return out, json.loads(out_json.read_text())["layers"]
+
+
+def _momentum_column(out: str) -> list[str]:
+    rows = [line.split() for line in out.splitlines() if line.startswith("norm")]
+    return [row[-2] for row in rows]  # ... momentum, can drift
+
+
+@pytest.mark.parametrize("how", ["trace", "script"])
+def test_torchscript_momentum_is_unknown_not_a_default(how, tmp_path, capsys, monkeypatch):
+    """A TorchScript archive stores no momentum or eps beside its tensors: torchcrepe's
+    momentum 0 must not read as PyTorch's default 0.1."""
+    monkeypatch.setenv("COLUMNS", "200")
+    model = _trained_like(DigitsCNN())
+    model.norm1.momentum = 0.0
+    example = torch.zeros(2, 1, 8, 8)
+    ts = torch.jit.trace(model, example) if how == "trace" else torch.jit.script(model)
+    torch.jit.save(ts, str(tmp_path / "crepe.pt"))
+    out, layers = _layers_json(tmp_path / "crepe.pt", capsys)
+    assert _momentum_column(out) == ["-", "-", "-"]
+    assert "unknown: momentum of all 3 layers, eps of all 3 layers: crepe.pt does not store" in out
+    for layer in layers:
+        assert (layer["momentum"], layer["eps"], layer["unknown"]) == (
+            None,
+            None,
+            ["momentum", "eps"],
+        )
+
+
+def test_stored_momentum_is_shown_and_none_stays_distinguishable(tmp_path, capsys, monkeypatch):
+    """A pickled module (read inertly) carries momentum: 0 and None (cumulative average) are
+    values, not unknowns."""
+    monkeypatch.setenv("COLUMNS", "200")
+    model = _trained_like(DigitsCNN())
+    model.norm1.momentum = 0.0
+    model.norm2.momentum = None
+    torch.save(model, tmp_path / "whole.pt")
+    out, layers = _layers_json(tmp_path / "whole.pt", capsys)
+    assert _momentum_column(out) == ["0", "-", "0.1"]
+    assert "unknown:" not in out
+    assert [(layer["momentum"], layer["unknown"]) for layer in layers] == [
+        (0.0, []),
+        (None, []),  # cumulative average, as stored
+        (0.1, []),
+    ]
+    assert [layer["eps"] for layer in layers] == [1e-5] * 3
+
+
+def test_bare_state_dict_momentum_is_unknown(cnn, tmp_path, capsys):
+    torch.save(_sd(cnn), tmp_path / "weights.pt")
+    out, layers = _layers_json(tmp_path / "weights.pt", capsys)
+    assert "(a state_dict holds tensors only); --arch reads them from the architecture" in out
+    assert all(layer["unknown"] == ["momentum", "eps"] for layer in layers)

@@ -9,7 +9,12 @@ Formats are recognised by content first (the extension only breaks ties):
 * zip with ``archive_format`` or ``models/``: a ``torch.export`` program (``.pt2``);
 * a pickle protocol byte first: a legacy (non-zip) ``torch.save`` file;
 * an 8-byte header length then ``{``: safetensors;
-* ``.onnx`` (or an ONNX protobuf): handed to :mod:`normdoctor.onnx_backend`.
+* ``.onnx`` (or an ONNX protobuf): handed to :mod:`normdoctor.onnx_backend`;
+* a folder with ``config.json`` (Hugging Face ``save_pretrained``): built offline with
+  ``transformers`` from the config, weights read as above (:mod:`normdoctor.io.hf`).
+
+A Lightning ``.ckpt`` also carries the ``hyper_parameters`` its module was built with: the plain
+ones that ``arch`` takes complete ``arch_kwargs`` (explicit ``arch_kwargs`` win).
 
 Safety: nothing read from a file is unpickled with the full Python unpickler, and no loader
 that runs code stored in a file is called, unless ``trust_pickle`` is set.  Zip archives are
@@ -52,6 +57,7 @@ import torch
 from torch import nn
 
 from ..errors import LoadError, UnsafeFileError
+from . import hf
 from .archive import CheckedZip
 from .pt2 import quiet_torch_export_logs, read_exported_program
 from .unpickle import InertUnpickler, Opaque, pickle_globals, unsafe_names
@@ -98,6 +104,7 @@ class CheckpointFormat(enum.StrEnum):
     PICKLE = "pickle"  # a whole pickled nn.Module (torch.save(model))
     ONNX = "onnx"
     PATCHED = "patched"  # state_dict + normdoctor conversion manifest: needs ``arch``
+    HUGGINGFACE = "huggingface"  # a save_pretrained folder: built from its config.json
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
@@ -150,7 +157,9 @@ def _check_path(path: str | os.PathLike[str]) -> Path:
     if not p.exists():
         raise LoadError(f"{p}: no such file")
     if p.is_dir():
-        raise LoadError(f"{p} is a directory, not a model file")
+        raise LoadError(
+            f"{p} is a directory, not a model file (a Hugging Face model folder holds config.json)"
+        )
     if p.stat().st_size == 0:
         raise LoadError(f"{p} is empty (0 bytes)")
     return p
@@ -360,6 +369,7 @@ class _Contents:
     notes: list[str] = field(default_factory=list)
     caveats: list[str] = field(default_factory=list)  # notes that change what a scan measures
     refused: list[str] | None = None  # pickled classes that were not unpickled (inert read)
+    hyper_parameters: dict[str, Any] | None = None  # a Lightning checkpoint's, plain values only
 
 
 def _describe(obj: Any) -> str:
@@ -383,6 +393,8 @@ def _classify(obj: Any, path: Path, depth: int = 0) -> _Contents:
             return _patched_contents(obj, path)
         if _is_tensor_dict(obj):
             return _Contents(CheckpointFormat.STATE_DICT, state_dict=_tensors_only(obj))
+        if depth == 0 and _is_lightning(obj):
+            return _lightning_contents(obj, path)
         if depth < 2:
             for key in WRAPPER_KEYS:
                 if key in obj:
@@ -397,6 +409,139 @@ def _classify(obj: Any, path: Path, depth: int = 0) -> _Contents:
         f"{path} holds {_describe(obj)}, not a model or a state_dict (looked under "
         f"{', '.join(repr(k) for k in WRAPPER_KEYS[:4])}, ...)"
     )
+
+
+# -------------------------------------------------------------------- Lightning checkpoints
+
+_LIGHTNING_KEYS = ("pytorch-lightning_version", "hyper_parameters", "lightning_version")
+#: The containers Lightning has stored hyper-parameters in; read from the inert stand-in's
+#: recorded state or items, never rebuilt.
+_HPARAM_CONTAINERS = ("argparse.Namespace", "AttributeDict")
+
+
+def _is_lightning(obj: Mapping[str, Any]) -> bool:
+    return "state_dict" in obj and any(key in obj for key in _LIGHTNING_KEYS)
+
+
+def _is_plain(value: Any, depth: int = 0) -> bool:
+    """JSON-like data: what a hyper-parameter may be to be passed to the user's architecture."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if depth > 4:
+        return False
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v, depth + 1) for v in value)
+    if isinstance(value, Mapping) and not isinstance(value, Opaque):
+        return all(isinstance(k, str) and _is_plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _hparam_items(value: Any) -> dict[Any, Any] | None:
+    """The entries of a stored hyper-parameter container (a dict, a Namespace, an AttributeDict)."""
+    if isinstance(value, Opaque):
+        if not value._nd_qualname.endswith(_HPARAM_CONTAINERS):
+            return None
+        items: dict[Any, Any] = {}
+        state = value._nd_state
+        if isinstance(state, tuple) and state and isinstance(state[0], Mapping):
+            state = state[0]
+        if isinstance(state, Mapping):
+            items.update(state)
+        for item in value._nd_items:
+            if isinstance(item, tuple) and len(item) == 2:
+                items[item[0]] = item[1]
+        return items
+    if isinstance(value, Mapping):
+        return dict(value)
+    if hasattr(value, "__dict__") and type(value).__name__ == "Namespace":  # trust_pickle
+        return dict(vars(value))
+    return None
+
+
+def _lightning_contents(obj: Mapping[str, Any], path: Path) -> _Contents:
+    """The weights of a Lightning checkpoint, with its plain hyper-parameters."""
+    try:
+        contents = _classify(obj["state_dict"], path, 1)
+    except LoadError:
+        raise LoadError(
+            f"{path} is a Lightning checkpoint whose 'state_dict' entry holds "
+            f"{_describe(obj['state_dict'])}, not weights"
+        ) from None
+    raw = obj.get("hyper_parameters")
+    items = _hparam_items(raw) if raw is not None else None
+    if raw is not None and items is None:
+        contents.notes.append(
+            f"hyper-parameters not used: stored as {_describe(raw)}, not as a dict"
+        )
+    if items:
+        plain = {
+            k: v
+            for k, v in items.items()
+            if isinstance(k, str) and k.isidentifier() and not k.startswith("_") and _is_plain(v)
+        }
+        skipped = [str(k) for k in items if k not in plain]
+        contents.hyper_parameters = plain
+        if skipped:
+            contents.notes.append(
+                f"hyper-parameters not used (not plain values or internal): {_listing(skipped)}"
+            )
+    return contents
+
+
+def _kwarg_names(factory: Callable[..., Any]) -> set[str] | None:
+    """The keyword arguments ``factory`` takes; ``None`` when it takes any (or cannot tell)."""
+    import inspect
+
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {
+        p.name
+        for p in params
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _with_hyper_parameters(
+    factory: Callable[..., Any],
+    label: str,
+    hyper_parameters: Mapping[str, Any],
+    arch_kwargs: Mapping[str, Any] | None,
+) -> tuple[dict[str, Any], str | None]:
+    """``arch_kwargs`` completed by the checkpoint's hyper-parameters that ``factory`` takes
+    (explicit ``arch_kwargs`` win), and a note saying what was used."""
+    explicit = dict(arch_kwargs or {})
+    names = _kwarg_names(factory)
+    used = {
+        k: v
+        for k, v in hyper_parameters.items()
+        if k not in explicit and (names is None or k in names)
+    }
+    ignored = [k for k in hyper_parameters if k not in explicit and k not in used]
+    overridden = [k for k in hyper_parameters if k in explicit]
+    if not used and not overridden:
+        return explicit, None
+
+    def shown(keys: list[str]) -> str:
+        return ", ".join(f"{k}={_short(hyper_parameters[k])}" for k in keys)
+
+    parts = []
+    if used:
+        parts.append(f"arch {label} built with the checkpoint's hyper-parameters {shown([*used])}")
+    if overridden:
+        lead = "" if used else f"arch {label}: "
+        parts.append(f"{lead}--arch-kwargs override the checkpoint's {shown(overridden)}")
+    if ignored:
+        parts.append(f"not arguments of {label}: {_listing(ignored)}")
+    return {**used, **explicit}, "; ".join(parts)
 
 
 def _patched_contents(obj: Mapping[str, Any], path: Path) -> _Contents:
@@ -845,6 +990,82 @@ def _load_onnx_model(path: Path) -> Any:
     return OnnxModel.load(path)
 
 
+# ------------------------------------------------------------------ Hugging Face folders
+
+
+def _read_hf_weights(folder: Path, map_location: Any) -> tuple[dict[str, torch.Tensor], str]:
+    """Every tensor of a folder's weight files (shards merged), and the files' description."""
+    files = hf.weight_files(folder)
+    sd: dict[str, torch.Tensor] = {}
+    for file in files:
+        if file.stat().st_size == 0:
+            raise LoadError(f"{file} is empty (0 bytes)")
+        sniffed = _sniff(file)
+        if sniffed.kind is _Kind.SAFETENSORS:
+            part = _read_safetensors(file, map_location)
+        elif sniffed.kind in (_Kind.TORCH_ZIP, _Kind.LEGACY):
+            part = _read_torch_file(file, sniffed, trust_pickle=False, map_location=map_location)
+        else:
+            raise LoadError(f"{file}: not a safetensors or torch.save weight file")
+        if part.format not in (CheckpointFormat.STATE_DICT, CheckpointFormat.SAFETENSORS):
+            raise LoadError(f"{file} holds {part.format} data, not weights")
+        assert part.state_dict is not None
+        sd.update(part.state_dict)
+    what = files[0].name if len(files) == 1 else f"{len(files)} shards ({files[0].name}, ...)"
+    return sd, what
+
+
+def _read_hf_folder(folder: Path, *, build: bool) -> _Contents:
+    """A save_pretrained folder for the static checks: its weights, and the module when
+    transformers is installed (layers from buffer names alone without it)."""
+    sd, what = _read_hf_weights(folder, "cpu")
+    notes = [f"weights read from {what}"]
+    module = None
+    if build:
+        try:
+            module, built = hf.build_model(folder)
+        except LoadError as exc:
+            if "pip install" not in str(exc):
+                raise
+            notes.append(f"model not built ({hf.HF_EXTRA_HINT} to build it): buffer names only")
+        else:
+            _load_hf_weights(module, sd, folder)
+            notes += built
+    return _Contents(CheckpointFormat.HUGGINGFACE, state_dict=sd, module=module, notes=notes)
+
+
+def _load_hf_weights(model: nn.Module, sd: dict[str, torch.Tensor], folder: Path) -> list[str]:
+    sd = dict(sd)
+    tied = hf.fill_tied(model, sd)
+    notes = load_state_dict_into(model, sd, source=f"weights in {folder.name}")
+    if tied:
+        notes.append(f"{len(tied)} tied weights taken from the tensors they share")
+    model.eval()  # as transformers' from_pretrained returns it
+    return notes
+
+
+def _load_hf_folder(
+    folder: Path,
+    arch: str | Callable[..., nn.Module] | None,
+    arch_kwargs: Mapping[str, Any] | None,
+    map_location: Any,
+) -> nn.Module:
+    sd, what = _read_hf_weights(folder, "cpu")
+    if arch is not None:  # the user's own class for the folder's weights: no transformers
+        model = resolve_arch(arch, arch_kwargs)
+        notes = load_state_dict_into(model, sd, source=f"weights in {folder.name}")
+        _warn(folder, [n for n in notes if n.startswith("ignored")])
+        built = [f"weights read from {what} into arch {arch!r}"]
+    else:
+        model, built = hf.build_model(folder)
+        notes = _load_hf_weights(model, sd, folder)
+        _warn(folder, [n for n in notes if n.startswith("ignored")])
+        built = [f"{built[0]}; weights read from {what}"]
+    if map_location not in (None, "cpu"):
+        model.to(map_location)
+    return _mark_source(model, folder, built)
+
+
 # ------------------------------------------------------------------------- architectures
 
 
@@ -930,21 +1151,40 @@ def resolve_arch(
     arch: str | Callable[..., nn.Module], arch_kwargs: Mapping[str, Any] | None = None
 ) -> nn.Module:
     """Build the architecture named by ``arch`` (a spec string or a callable) with ``arch_kwargs``."""
+    return _build_arch(arch, arch_kwargs)[0]
+
+
+def _build_arch(
+    arch: str | Callable[..., nn.Module],
+    arch_kwargs: Mapping[str, Any] | None,
+    hyper_parameters: Mapping[str, Any] | None = None,
+) -> tuple[nn.Module, str | None]:
+    """(model, note): ``arch`` built with ``arch_kwargs``, completed by a checkpoint's
+    ``hyper_parameters`` that the factory takes; the note says which were used."""
     if arch_kwargs is not None and not isinstance(arch_kwargs, Mapping):
         raise LoadError(f"arch_kwargs must be a dict, not {type(arch_kwargs).__name__}")
     factory = import_object(arch) if isinstance(arch, str) else arch
     label = arch if isinstance(arch, str) else getattr(arch, "__name__", repr(arch))
     if not callable(factory):
         raise LoadError(f"arch {label!r} names a {type(factory).__name__}, not a class or function")
+    kwargs, note = dict(arch_kwargs or {}), None
+    if hyper_parameters:
+        short = label.rpartition(":")[2] if isinstance(arch, str) else label
+        kwargs, note = _with_hyper_parameters(factory, short, hyper_parameters, arch_kwargs)
     try:
-        model = factory(**dict(arch_kwargs or {}))
+        model = factory(**kwargs)
     except Exception as exc:
+        hint = (
+            " (with the checkpoint's hyper-parameters; --arch-kwargs overrides them)"
+            if note and "built with" in note
+            else ""
+        )
         raise LoadError(
-            f"building arch {label!r} failed: {type(exc).__name__}: {_one_line(exc)}"
+            f"building arch {label!r} failed{hint}: {type(exc).__name__}: {_one_line(exc)}"
         ) from None
     if not isinstance(model, nn.Module):
         raise LoadError(f"arch {label!r} returned a {type(model).__name__}, not an nn.Module")
-    return model
+    return model, note
 
 
 def _strip_wrappers(key: str) -> str:
@@ -1093,8 +1333,12 @@ def load_checkpoint(path: str | os.PathLike[str], *, trust_pickle: bool = False)
     Raises:
         LoadError: with a one-line reason.
     """
-    p = _check_path(path)
-    c = _read(p, _sniff(p), trust_pickle=trust_pickle, map_location="cpu")
+    if hf.is_model_folder(Path(path)):
+        c = _read_hf_folder(Path(path), build=True)
+        p = Path(path)
+    else:
+        p = _check_path(path)
+        c = _read(p, _sniff(p), trust_pickle=trust_pickle, map_location="cpu")
     state_dict = c.state_dict
     if state_dict is None and c.module is not None:
         state_dict = {k: v.detach() for k, v in c.module.state_dict().items()}
@@ -1127,15 +1371,21 @@ def load_model(
             (``module.``), torch.compile (``_orig_mod.``) and Lightning (``model.``, ``net.``)
             are matched automatically.  Given for a ``.pt2``, TorchScript or untrusted pickled
             module file, the file's weights are loaded into it instead.
-        arch_kwargs: keyword arguments for ``arch``.
+        arch_kwargs: keyword arguments for ``arch``.  For a Lightning checkpoint, the
+            checkpoint's plain ``hyper_parameters`` that ``arch`` accepts are added (explicit
+            ``arch_kwargs`` win); the model's ``normdoctor_load_notes`` says which.
         trust_pickle: unpickle whole pickled modules (``torch.save(model)``) and archives with
             pickled objects with the full unpickler, which runs code from the file.
         map_location: device for the weights.
 
     Returns:
         An ``nn.Module``, with the resolved input path in its ``normdoctor_source`` attribute (the
-        patcher refuses to overwrite that file); for ``.onnx`` files an ``OnnxModel`` from
-        :mod:`normdoctor.onnx_backend`.
+        patcher refuses to overwrite that file) and one-line remarks about how it was built in
+        ``normdoctor_load_notes``; for ``.onnx`` files an ``OnnxModel`` from
+        :mod:`normdoctor.onnx_backend`.  For a Hugging Face folder (``config.json`` with
+        ``model.safetensors``) the ``transformers`` model its config describes, in eval mode as
+        ``from_pretrained`` gives it (needs ``normdoctor[hf]``; with ``arch``, the folder's
+        weights go into ``arch`` instead and ``transformers`` is not needed).
 
     Note:
         ``.pt2`` (torch.export): the program is unflattened with ``torch.export.unflatten`` so
@@ -1160,6 +1410,8 @@ def load_model(
         LoadError: a one-line reason (missing, empty, truncated or unrecognised file, an
             architecture that does not import or does not fit, a refused pickle, ...).
     """
+    if hf.is_model_folder(Path(path)):
+        return _load_hf_folder(Path(path), arch, arch_kwargs, map_location)
     p = _check_path(path)
     sniffed = _sniff(p)
     if sniffed.kind is _Kind.ONNX:
@@ -1189,22 +1441,29 @@ def load_model(
             f"{p} holds {what}: pass the architecture with --arch package.module:factory or "
             "path/to/file.py:ClassName (arch=...)"
         )
-    model = resolve_arch(arch, arch_kwargs)
+    model, built = _build_arch(arch, arch_kwargs, c.hyper_parameters)
     if c.format is CheckpointFormat.PATCHED:
         assert c.manifest is not None
         model = _apply_manifest(model, c.manifest, p)
     assert c.state_dict is not None
-    notes = load_state_dict_into(model, c.state_dict, source=f"state_dict in {p.name}")
+    try:
+        notes = load_state_dict_into(model, c.state_dict, source=f"state_dict in {p.name}")
+    except LoadError as exc:
+        if not built:
+            raise
+        raise LoadError(f"{exc} ({built})") from None
     if map_location not in (None, "cpu"):
         model.to(map_location)
     _warn(p, [n for n in notes if n.startswith("ignored")])
-    return _mark_source(model, p)
+    return _mark_source(model, p, [built] if built else [])
 
 
-def _mark_source(model: nn.Module, path: Path) -> nn.Module:
-    """Record the input file on the model, so that normdoctor.patch never overwrites it."""
+def _mark_source(model: nn.Module, path: Path, notes: list[str] | None = None) -> nn.Module:
+    """Record the input file on the model, so that normdoctor.patch never overwrites it, and
+    what loading decided that the user should hear (``normdoctor_load_notes``)."""
     with contextlib.suppress(Exception):  # a user class may forbid new attributes
         model.normdoctor_source = str(path.resolve())
+        model.normdoctor_load_notes = tuple(notes or ())
     return model
 
 

@@ -435,7 +435,7 @@ def layers(
         f"[bold]{model}[/]: {len(found)} normalization layers, "
         f"{sum(layer.batch_dependent for layer in found)} batch-dependent"
     )
-    out.print(layers_table(found, findings, running))
+    out.print(layers_table(found, findings, running, unknown))
     if unknown:
         line = _unknown_line(model, unknown, len(found), str(checkpoint.format))
         out.print(line, markup=False, highlight=False)

@@ -555,6 +555,7 @@ def scan(
         notes.append(f"no composition search: {why}")
         search = False
     name = model_name or type(model).__name__
+    notes.extend(getattr(model, "normdoctor_load_notes", ()))  # what loading decided
     described = getattr(data, "normalization", None)  # image folders say how pixels were read
     if isinstance(described, str):
         notes.append(f"data: {described}")

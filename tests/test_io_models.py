@@ -711,7 +711,7 @@ def test_torchscript_momentum_is_unknown_not_a_default(how, tmp_path, capsys, mo
     ts = torch.jit.trace(model, example) if how == "trace" else torch.jit.script(model)
     torch.jit.save(ts, str(tmp_path / "crepe.pt"))
     out, layers = _layers_json(tmp_path / "crepe.pt", capsys)
-    assert _momentum_column(out) == ["-", "-", "-"]
+    assert _momentum_column(out) == ["unknown", "unknown", "unknown"]
     assert "unknown: momentum of all 3 layers, eps of all 3 layers: crepe.pt does not store" in out
     for layer in layers:
         assert (layer["momentum"], layer["eps"], layer["unknown"]) == (
@@ -730,7 +730,7 @@ def test_stored_momentum_is_shown_and_none_stays_distinguishable(tmp_path, capsy
     model.norm2.momentum = None
     torch.save(model, tmp_path / "whole.pt")
     out, layers = _layers_json(tmp_path / "whole.pt", capsys)
-    assert _momentum_column(out) == ["0", "-", "0.1"]
+    assert _momentum_column(out) == ["0", "cumulative", "0.1"]
     assert "unknown:" not in out
     assert [(layer["momentum"], layer["unknown"]) for layer in layers] == [
         (0.0, []),

@@ -6,7 +6,7 @@ without colour (a CI log, ``NO_COLOR``) reads the same.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from rich.console import Console, Group
@@ -304,10 +304,26 @@ def print_patch(before: ScanReport, after: ScanReport, console: Console) -> None
         console.print(f"note: {note}", style="dim", highlight=False, markup=False)
 
 
+def _momentum(layer: NormLayer, unknown: Collection[str]) -> str:
+    if "momentum" in unknown:
+        return "unknown"
+    if layer.momentum is None:
+        return "cumulative" if layer.batch_dependent else "-"
+    return f"{layer.momentum:g}"
+
+
 def layers_table(
-    layers: Sequence[NormLayer], findings: Sequence[Finding], running: dict[str, tuple]
+    layers: Sequence[NormLayer],
+    findings: Sequence[Finding],
+    running: dict[str, tuple],
+    unknown: Mapping[str, Collection[str]] | None = None,
 ) -> Group:
-    """Static view: every norm layer with its running-statistics summary, then the findings."""
+    """Static view: every norm layer with its running-statistics summary, then the findings.
+
+    ``unknown``: per layer, the attributes the file does not store (shown as unknown, not as
+    torch's defaults); a stored momentum of None is BatchNorm's cumulative average.
+    """
+    unknown = unknown or {}
     table = Table(box=None, pad_edge=False, header_style="bold", show_edge=False)
     for col, kw in (
         ("layer", {"overflow": "fold"}),
@@ -327,7 +343,7 @@ def layers_table(
             str(layer.num_features),
             mean or "-",
             var or "-",
-            "-" if layer.momentum is None else f"{layer.momentum:g}",
+            _momentum(layer, unknown.get(layer.name, ())),
             "yes" if layer.batch_dependent else "no",
         )
     parts: list = [table]

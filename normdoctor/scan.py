@@ -381,11 +381,7 @@ def _layer_report(
             status=LayerStatus.NOT_MEASURED,
             flagged=False,
             recommendation=Recommendation.OK,
-            reason=(
-                "uses batch statistics in train and eval mode: nothing to drift"
-                if layer.family is NormFamily.BATCH_STATS_ONLY
-                else "batch-independent: same statistics in train and eval mode"
-            ),
+            reason=_unmeasured_reason(layer.family),
         )
     paths = {p: _path_report(m, layer.eps) for p, m in measured.items() if m is not None}
     if not paths:
@@ -421,6 +417,22 @@ def _layer_report(
         threshold=threshold,
         noniid_threshold=noniid_threshold,
     )
+    if layer.family is NormFamily.FROZEN and rec not in (
+        Recommendation.OK,
+        Recommendation.RECALIBRATE,
+    ):
+        # A frozen layer normalized with its running statistics in training too: batch noise
+        # never reached it, only a population shift can be wrong, and recalibration fixes that.
+        s = head.shift if head.shift is not None else math.nan
+        rec, reason = (
+            (Recommendation.RECALIBRATE, f"frozen: population shift {s:.3g} over {threshold:g}")
+            if s > threshold
+            else (
+                Recommendation.OK,
+                f"frozen (running statistics in training too): batch noise does not apply; "
+                f"shift {s:.3g}",
+            )
+        )
     drifting = rec is not Recommendation.OK
     if not drifting:
         status, flagged = LayerStatus.OK, False
@@ -445,6 +457,20 @@ def _layer_report(
         train=paths.get("train"),
         eval=paths.get("eval"),
     )
+
+
+def _unmeasured_reason(family: NormFamily) -> str:
+    """Why a layer that is not measured is not (it is listed all the same)."""
+    if family is NormFamily.BATCH_STATS_ONLY:
+        return "uses batch statistics in train and eval mode: nothing to drift"
+    if family is NormFamily.BATCH_VAR:
+        return (
+            "batch-dependent (batch variance in training, running_var at inference, no "
+            "running_mean): not measured"
+        )
+    if family is NormFamily.BATCH_OTHER:
+        return "BatchNorm semantics in a class of its own: not measured"
+    return "batch-independent: same statistics in train and eval mode"
 
 
 def _validate(paths: Sequence[str], threshold: float) -> tuple[str, ...]:
@@ -566,9 +592,10 @@ def scan(
     if not any(layer.batch_dependent and layer.materialized for layer in layers):
         search = False  # nothing depends on the batch: every composition is the same
     unmaterialized = [layer.name for layer in layers if not layer.materialized]
-    if unmaterialized:
-        notes.append(
-            f"lazy layers never materialized (run one forward first): {', '.join(unmaterialized)}"
+    if unmaterialized:  # saving their state would fail; a forward would materialize them
+        raise ScanError(
+            f"lazy layer(s) never materialized: {', '.join(unmaterialized)}; run one forward "
+            "pass of the model first"
         )
     run = _Run(
         model=model,

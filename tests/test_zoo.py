@@ -427,11 +427,6 @@ def test_instance_tracked_recalibrate_recommendation_is_applied():
     assert after.shift < 1e-3 < layer.shift
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scan (not patch) must not recommend instance/batchstats/renorm for a frozen layer: "
-    "it never normalized with batch statistics, so only recalibrate applies (issue 14, item 4)",
-)
 def test_scan_recommends_only_recalibration_for_frozen_layers():
     case = BY_ID["half-frozen"]
     gen = torch.Generator().manual_seed(1)
@@ -473,11 +468,6 @@ def test_unmaterialized_lazy_bn_is_refused_before_any_change(to):
     assert type(model[1]) is nn.LazyBatchNorm2d and model[1].has_uninitialized_params()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="probe: saving an unmaterialized lazy layer's buffers raises torch's ValueError; "
-    "the scan should refuse with a NormDoctorError or leave the layer unmaterialized",
-)
 def test_scan_of_unmaterialized_lazy_bn_refuses_or_leaves_it_lazy():
     model = _unmaterialized()
     with contextlib.suppress(NormDoctorError):

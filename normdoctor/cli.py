@@ -114,6 +114,16 @@ QuietOpt = Annotated[
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Reasons for every layer.")]
 ExitZeroOpt = Annotated[bool, typer.Option("--exit-zero", help="Exit 0 even when drift is found.")]
+BatchSizeOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--batch-size",
+        "-b",
+        min=1,
+        help="Batch size of the scan, one candidate of the composition search (default: the "
+        "search picks the one that reproduces training best; --no-search scans exactly it).",
+    ),
+]
 TrainBatchOpt = Annotated[
     int | None,
     typer.Option(
@@ -563,16 +573,7 @@ def scan(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwOpt = None,
     trust_pickle: TrustOpt = False,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(
-            "--batch-size",
-            "-b",
-            min=1,
-            help="Batch size of the scan (default: the composition search picks the one that "
-            "reproduces training best).",
-        ),
-    ] = None,
+    batch_size: BatchSizeOpt = None,
     batch_sizes: Annotated[
         str | None,
         typer.Option(
@@ -794,15 +795,7 @@ def patch(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwOpt = None,
     trust_pickle: TrustOpt = False,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(
-            "--batch-size",
-            "-b",
-            min=1,
-            help="Batch size of the scan (default: searched, as for scan).",
-        ),
-    ] = None,
+    batch_size: BatchSizeOpt = None,
     train_batch_size: TrainBatchOpt = None,
     train_group_by_label: TrainGroupOpt = False,
     search: SearchOpt = None,
@@ -995,15 +988,7 @@ def report(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwOpt = None,
     trust_pickle: TrustOpt = False,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(
-            "--batch-size",
-            "-b",
-            min=1,
-            help="Batch size of the main scan (default: searched, as for scan).",
-        ),
-    ] = None,
+    batch_size: BatchSizeOpt = None,
     batch_sizes: Annotated[
         str | None,
         typer.Option(

@@ -619,8 +619,9 @@ def scan(
 ) -> int:
     """Scan a model on data: per-layer drift between train-mode and eval-mode behaviour.
 
-    The gap only shows when batches are built the way training's were: the same batch size
-    (--batch-size 1 for per-sample training) and composition (--no-shuffle, --group-by-label).
+    The gap only shows when batches are built the way training's were, so unless training's
+    composition is given (--train-batch-size, --train-group-by-label) the scan searches it and
+    judges which path is right from labels or targets; without them it may say undetermined.
     """
     from . import distributed
     from .io import load_data

@@ -1,7 +1,6 @@
 """normdoctor: find and fix the train/inference mismatch of normalization layers."""
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .errors import (
     ConversionError,
     DataError,

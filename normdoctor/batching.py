@@ -66,14 +66,14 @@ class BatchPlan:
         )
 
 
-def _first_tensor(obj: Any) -> torch.Tensor | None:
+def first_tensor(obj: Any) -> torch.Tensor | None:
     if isinstance(obj, torch.Tensor):
         return obj
     if isinstance(obj, dict):
         obj = list(obj.values())
     if isinstance(obj, (list, tuple)):
         for item in obj:
-            t = _first_tensor(item)
+            t = first_tensor(item)
             if t is not None:
                 return t
     return None
@@ -92,7 +92,7 @@ def _pick(d: dict, keys: Sequence[str]) -> tuple[str | None, Any]:
     return None, None
 
 
-def _split_batch(item: Any) -> tuple[Any, torch.Tensor | None]:
+def split_batch(item: Any) -> tuple[Any, torch.Tensor | None]:
     """(inputs, labels) from one batch as an iterable yields it."""
     item = _as_tensor(item)
     if isinstance(item, torch.Tensor):
@@ -116,7 +116,7 @@ def _split_batch(item: Any) -> tuple[Any, torch.Tensor | None]:
 
 
 def _batch(inputs: Any, labels: Any) -> Batch:
-    first = _first_tensor(inputs)
+    first = first_tensor(inputs)
     if first is None:
         raise DataError("a batch holds no tensor")
     if first.dim() == 0:
@@ -126,7 +126,7 @@ def _batch(inputs: Any, labels: Any) -> Batch:
     return Batch(inputs, labels, int(first.shape[0]))
 
 
-def _sample_level(data: Any) -> tuple[str, Any, torch.Tensor | None] | None:
+def sample_level(data: Any) -> tuple[str, Any, torch.Tensor | None] | None:
     """(source, inputs, labels) when normdoctor may form the batches itself, else None."""
     data = _as_tensor(data)
     if isinstance(data, torch.Tensor):
@@ -230,8 +230,8 @@ def plan_batches(
         raise DataError(f"batch_size must be at least 1, got {batch_size}")
     if max_batches is not None and max_batches < 1:
         raise DataError(f"max_batches must be at least 1, got {max_batches}")
-    sample_level = _sample_level(data)
-    if sample_level is None:
+    level = sample_level(data)
+    if level is None:
         if data is None or isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
             raise DataError(
                 f"cannot scan data of type {type(data).__name__}: expected a tensor, "
@@ -250,11 +250,11 @@ def plan_batches(
             for i, item in enumerate(data):
                 if max_batches is not None and i >= max_batches:
                     return
-                yield _batch(*_split_batch(item))
+                yield _batch(*split_batch(item))
 
         return BatchPlan("batches", None, "as-given", None, None, total, given())
 
-    source, inputs, labels = sample_level
+    source, inputs, labels = level
     n = len(inputs)
     if n == 0:
         raise DataError("the data holds no samples")
@@ -263,7 +263,7 @@ def plan_batches(
     if group_by is not None:
         if source == "dataset" and isinstance(group_by, str):
             labels = torch.as_tensor(
-                [_split_batch(default_collate([inputs[i]]))[1].item() for i in range(n)]
+                [split_batch(default_collate([inputs[i]]))[1].item() for i in range(n)]
             )
         keys = _group_keys(group_by, n, labels)
     index_batches = _index_batches(n, size, shuffle, seed, keys, subset)
@@ -276,7 +276,7 @@ def plan_batches(
             if source == "tensor":
                 batch = _batch(inputs[idx], None if labels is None else labels[idx])
             else:
-                batch = _batch(*_split_batch(default_collate([inputs[i] for i in idx.tolist()])))
+                batch = _batch(*split_batch(default_collate([inputs[i] for i in idx.tolist()])))
             yield Batch(batch.inputs, batch.labels, batch.size, idx)
 
     return BatchPlan(

@@ -28,8 +28,8 @@ import click
 import typer
 from rich.console import Console
 
-from . import __version__
-from .errors import NormDoctorError
+from ._version import __version__
+from .errors import NormDoctorError, one_line
 from .outputs import Interrupted, Outputs, interrupt_on_signals, remove_temporaries
 
 EXIT_OK, EXIT_DRIFT, EXIT_ERROR = 0, 1, 2
@@ -966,7 +966,9 @@ def _reports_from_json(path: Path) -> tuple[Any, tuple | None, tuple | None]:
             return reports[0], reports, None
         return ScanReport.from_dict(payload), None, None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise NormDoctorError(f"{path}: not a normdoctor scan JSON ({_one_line(exc)})") from None
+        raise NormDoctorError(
+            f"{path}: not a normdoctor scan JSON ({one_line(exc, limit=sys.maxsize)})"
+        ) from None
 
 
 @app.command(
@@ -1089,11 +1091,6 @@ def report(
 # -- entry point ----------------------------------------------------------------------------------
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def _interrupted() -> int:
     print("normdoctor: interrupted", file=sys.stderr)
     return EXIT_INTERRUPTED
@@ -1139,7 +1136,7 @@ def _invoke(args: list[str]) -> int | None:
     ) as exc:
         if debug:
             raise
-        print(f"normdoctor: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"normdoctor: error: {one_line(exc, limit=sys.maxsize)}", file=sys.stderr)
         return EXIT_ERROR
     except (KeyboardInterrupt, Interrupted):
         return _interrupted()
@@ -1147,7 +1144,7 @@ def _invoke(args: list[str]) -> int | None:
         if debug:
             raise
         print(
-            f"normdoctor: internal error: {type(exc).__name__}: {_one_line(exc)} "
+            f"normdoctor: internal error: {type(exc).__name__}: {one_line(exc, limit=sys.maxsize)} "
             "(run with --debug for the traceback)",
             file=sys.stderr,
         )

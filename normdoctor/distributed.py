@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import ScanError
-from .probe import Recorder
+from .recording import Recorder
 
 __all__ = [
     "gather_in_batch_order",

@@ -6,6 +6,8 @@ code.  Anything else escaping the library is a bug.
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "ConversionError",
     "DataError",
@@ -13,6 +15,7 @@ __all__ = [
     "NormDoctorError",
     "ScanError",
     "UnsafeFileError",
+    "one_line",
 ]
 
 
@@ -39,3 +42,12 @@ class ScanError(NormDoctorError):
 
 class ConversionError(NormDoctorError):
     """A layer conversion cannot be expressed or does not fit the model."""
+
+
+def one_line(exc: BaseException | str, limit: int = 240) -> str:
+    """The first line of an exception's message (its type's name when it has none), shortened,
+    ANSI escapes removed: what a one-line error shows of a cause."""
+    text = exc if isinstance(exc, str) else (str(exc) or type(exc).__name__)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text).strip()
+    line = text.splitlines()[0].strip() if text else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -154,7 +154,7 @@ def _leaf_like(module: nn.Module, c: int) -> bool:
                 return False
             if any(p is not None and p.numel() > c for p in m._parameters.values()):
                 return False
-            if _family(m) is not None:
+            if norm_family(m) is not None:
                 return False
     return True
 
@@ -287,7 +287,7 @@ def _duck_family(module: nn.Module) -> NormFamily | None:
     return family
 
 
-def _family(module: nn.Module) -> NormFamily | None:
+def norm_family(module: nn.Module) -> NormFamily | None:
     # Most specific first: InstanceNorm and BatchNorm share _NormBase.
     if isinstance(module, _InstanceNorm):
         return NormFamily.INSTANCE_TRACKED if _has_running_buffers(module) else NormFamily.INSTANCE
@@ -365,7 +365,7 @@ def find_norm_layers(model: nn.Module) -> list[NormLayer]:
     """
     found = []
     for name, module in model.named_modules():
-        family = _family(module)
+        family = norm_family(module)
         if family is not None:
             found.append(_describe(name, module, family))
     return found
@@ -373,7 +373,7 @@ def find_norm_layers(model: nn.Module) -> list[NormLayer]:
 
 def is_batch_dependent(module: nn.Module) -> bool:
     """True for modules whose train-mode output depends on the batch (and eval uses running stats)."""
-    family = _family(module)
+    family = norm_family(module)
     return family is not None and family in BATCH_DEPENDENT
 
 

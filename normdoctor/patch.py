@@ -53,29 +53,23 @@ from . import distributed as _dist
 from ._globals import preserved_globals
 from .batching import Batch, GroupBy, plan_batches
 from .errors import ConversionError, DataError, LoadError, NormDoctorError, ScanError
-from .layers import RUNNING_STATS, NormFamily, NormLayer, _family, find_norm_layers
+from .layers import RUNNING_STATS, NormFamily, NormLayer, find_norm_layers, norm_family
 from .metrics import Recommendation
 from .outputs import write_atomic
-from .probe import LayerMeasurement, Probe
+from .recording import LayerMeasurement
 from .renorm import (
     BN_TENSORS,
+    BatchRenorm,
     BatchRenorm1d,
     BatchRenorm2d,
     BatchRenorm3d,
     RenormSchedule,
-    _BatchRenorm,
 )
 from .report import ScanReport
-from .scan import (
-    _default_forward,
-    _model_device_dtype,
-    _output_tensor,
-    _to_device,
-    path_outcomes,
-    scan,
-)
+from .scan import path_outcomes, scan
 from .search import agreement as search_agreement
 from .search import divergence as search_divergence
+from .sources.torch import Probe, default_forward, model_device_dtype, output_tensor, to_device
 
 __all__ = [
     "CONVERSIONS",
@@ -323,12 +317,12 @@ _TARGET_CLASSES: dict[str, dict[int, type[nn.Module]]] = {
     "batchstats": {1: BatchStatsNorm1d, 2: BatchStatsNorm2d, 3: BatchStatsNorm3d},
     "instance": {1: InstanceNormFromBN1d, 2: InstanceNormFromBN2d, 3: InstanceNormFromBN3d},
 }
-_OURS = (_BatchRenorm, _BatchStatsNorm, _InstanceNormFromBN)
+_OURS = (BatchRenorm, _BatchStatsNorm, _InstanceNormFromBN)
 
 
 def _kind_of(module: nn.Module) -> str | None:
     """Which conversion produced ``module`` (None: not one of ours)."""
-    if isinstance(module, _BatchRenorm):
+    if isinstance(module, BatchRenorm):
         return "renorm"
     if isinstance(module, _BatchStatsNorm):
         return "batchstats"
@@ -386,7 +380,7 @@ def _check_convertible(module: nn.Module, name: str, to: str) -> None:
     data or ``dim=`` can settle it (:func:`_conversion_dims`).
     """
     kind = type(module).__name__
-    family = _family(module)
+    family = norm_family(module)
     lazy = isinstance(module, _LazyNormBase) and module.has_uninitialized_params()
     if lazy:
         raise ConversionError(
@@ -865,8 +859,8 @@ def _input_shapes(
     """The input shape each named layer sees on the first batch (eval mode, model restored)."""
     modules = dict(model.named_modules())
     shapes: dict[str, tuple[int, ...]] = {}
-    fwd = forward or _default_forward
-    device, dtype = _model_device_dtype(model)
+    fwd = forward or default_forward
+    device, dtype = model_device_dtype(model)
     batch_opts = {**batch_opts, "max_batches": 1}
     handles = []
     with Probe(model, [], paths=("eval",)) as probe, torch.no_grad():
@@ -880,7 +874,7 @@ def _input_shapes(
                 handles.append(modules[n].register_forward_pre_hook(hook))
             for batch in _batches(data, **batch_opts)():
                 with probe.path("eval"):
-                    fwd(model, _to_device(batch, device, dtype).inputs)
+                    fwd(model, to_device(batch, device, dtype).inputs)
         finally:
             for h in handles:
                 h.remove()
@@ -1226,8 +1220,8 @@ def recalibrate(
         n: {k: v.detach().clone() for k, v in modules[n]._buffers.items() if v is not None}
         for n in names
     }
-    fwd = forward or _default_forward
-    home, dtype = _model_device_dtype(target)
+    fwd = forward or default_forward
+    home, dtype = model_device_dtype(target)
     run_device = torch.device(device) if device is not None else home
     moved = run_device != home
     if moved:
@@ -1320,7 +1314,7 @@ def _measure(
             error: BaseException | None = None
             try:
                 for i, batch in enumerate(batches()):
-                    batch = _to_device(batch, device, dtype)
+                    batch = to_device(batch, device, dtype)
                     counts["__batches__"] += 1
                     try:
                         with probe.path(path):
@@ -1494,8 +1488,8 @@ def impact(
         group_by=group_by,
         max_batches=max_batches,
     )
-    fwd = forward or _default_forward
-    home, dtype = _model_device_dtype(model)
+    fwd = forward or default_forward
+    home, dtype = model_device_dtype(model)
     run_device = torch.device(device) if device is not None else home
     moved = run_device != home
     diff = {n: 0.0 for n in names}
@@ -1505,9 +1499,9 @@ def impact(
     try:
         with Probe(model, [], paths=("train",)) as probe, torch.no_grad():
             for batch in batches():
-                batch = _to_device(batch, run_device, dtype)
+                batch = to_device(batch, run_device, dtype)
                 with probe.path("train"):
-                    ref = _output_tensor(fwd(model, batch.inputs))
+                    ref = output_tensor(fwd(model, batch.inputs))
                     if ref is None:
                         raise DataError("the model's output holds no tensor to compare")
                     ref64 = ref.double()
@@ -1516,7 +1510,7 @@ def impact(
                         module = modules[n]
                         module.training = False
                         try:
-                            out = _output_tensor(fwd(model, batch.inputs))
+                            out = output_tensor(fwd(model, batch.inputs))
                         finally:
                             module.training = True
                         assert out is not None
@@ -1809,14 +1803,14 @@ def _train_path_outputs(
     forward: Forward | None,
     device: Any,
 ) -> list[torch.Tensor]:
-    fwd = forward or _default_forward
-    home, dtype = _model_device_dtype(model)
+    fwd = forward or default_forward
+    home, dtype = model_device_dtype(model)
     run = torch.device(device) if device is not None else home
     outs = []
     with Probe(model, [], paths=("train",)) as probe, torch.no_grad():
         for batch in _batches(data, **composition)():
             with probe.path("train"):
-                out = _output_tensor(fwd(model, _to_device(batch, run, dtype).inputs))
+                out = output_tensor(fwd(model, to_device(batch, run, dtype).inputs))
             assert out is not None
             outs.append(out.detach())
     return outs
@@ -1832,8 +1826,8 @@ def _fidelity(
 ) -> tuple[float | None, float]:
     """(prediction agreement or None, relative RMS difference): the candidate in eval mode
     against the original model's train-path outputs on the same batches."""
-    fwd = forward or _default_forward
-    home, dtype = _model_device_dtype(candidate)
+    fwd = forward or default_forward
+    home, dtype = model_device_dtype(candidate)
     run = torch.device(device) if device is not None else home
     agree = total = 0
     diff = norm = 0.0
@@ -1843,7 +1837,7 @@ def _fidelity(
     try:
         with torch.no_grad():
             for batch, ref in zip(_batches(data, **composition)(), reference, strict=True):
-                out = _output_tensor(fwd(candidate, _to_device(batch, run, dtype).inputs))
+                out = output_tensor(fwd(candidate, to_device(batch, run, dtype).inputs))
                 assert out is not None
                 diff += float((out.double() - ref.double()).square().sum())
                 norm += float(ref.double().square().sum())

@@ -91,7 +91,7 @@ class RenormSchedule:
         )
 
 
-class _BatchRenorm(_BatchNorm):
+class BatchRenorm(_BatchNorm):
     """Shared implementation; use :class:`BatchRenorm1d`, :class:`BatchRenorm2d` or
     :class:`BatchRenorm3d`."""
 
@@ -223,7 +223,7 @@ class _BatchRenorm(_BatchNorm):
 
     # -- conversion ------------------------------------------------------------------------
     @classmethod
-    def from_batchnorm(cls, bn: _BatchNorm, **options: object) -> _BatchRenorm:
+    def from_batchnorm(cls, bn: _BatchNorm, **options: object) -> BatchRenorm:
         """A BatchRenorm layer with every parameter and buffer of ``bn``.
 
         Carries ``weight``, ``bias``, ``running_mean``, ``running_var``, ``num_batches_tracked``
@@ -253,7 +253,7 @@ class _BatchRenorm(_BatchNorm):
                 f"{cls.__name__}.from_batchnorm needs a {cls._bn_class.__name__}, "
                 f"got {type(bn).__name__}"
             )
-        plain = type(bn) in (*_BN_CLASSES, nn.SyncBatchNorm) or isinstance(bn, _BatchRenorm)
+        plain = type(bn) in (*_BN_CLASSES, nn.SyncBatchNorm) or isinstance(bn, BatchRenorm)
         extra = set(bn._parameters) | set(bn._buffers)
         if not plain and (
             type(bn).forward is not _BatchNorm.forward or list(bn.children()) or extra - BN_TENSORS
@@ -266,12 +266,12 @@ class _BatchRenorm(_BatchNorm):
         return cls._carry(bn, **options)  # type: ignore[arg-type]
 
     @classmethod
-    def _carry(cls, bn: _BatchNorm, **options: object) -> _BatchRenorm:
+    def _carry(cls, bn: _BatchNorm, **options: object) -> BatchRenorm:
         """Build from ``bn``'s hyper-parameters and take over its tensors (no checks)."""
         ref = next((t for t in (bn.weight, bn.running_mean) if t is not None), None)
         device = ref.device if ref is not None else None
         dtype = ref.dtype if ref is not None else None
-        if isinstance(bn, _BatchRenorm) and not options:
+        if isinstance(bn, BatchRenorm) and not options:
             c = bn.schedule_config
             options = dict(
                 r_max=c.r_max,
@@ -304,7 +304,7 @@ class _BatchRenorm(_BatchNorm):
         return new
 
 
-class BatchRenorm1d(_BatchRenorm, nn.BatchNorm1d):
+class BatchRenorm1d(BatchRenorm, nn.BatchNorm1d):
     """Batch Renormalization over a 2D ``(N, C)`` or 3D ``(N, C, L)`` input.
 
     Same constructor as :class:`torch.nn.BatchNorm1d`, plus the warm-up of ``r_max``/``d_max``:
@@ -322,7 +322,7 @@ class BatchRenorm1d(_BatchRenorm, nn.BatchNorm1d):
     _bn_class = nn.BatchNorm1d
 
 
-class BatchRenorm2d(_BatchRenorm, nn.BatchNorm2d):
+class BatchRenorm2d(BatchRenorm, nn.BatchNorm2d):
     """Batch Renormalization over a 4D ``(N, C, H, W)`` input.
 
     Same constructor as :class:`torch.nn.BatchNorm2d`, plus the warm-up of ``r_max``/``d_max``:
@@ -340,7 +340,7 @@ class BatchRenorm2d(_BatchRenorm, nn.BatchNorm2d):
     _bn_class = nn.BatchNorm2d
 
 
-class BatchRenorm3d(_BatchRenorm, nn.BatchNorm3d):
+class BatchRenorm3d(BatchRenorm, nn.BatchNorm3d):
     """Batch Renormalization over a 5D ``(N, C, D, H, W)`` input.
 
     Same constructor as :class:`torch.nn.BatchNorm3d`, plus the warm-up of ``r_max``/``d_max``:

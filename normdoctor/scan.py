@@ -11,13 +11,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 from torch.utils.data._utils.collate import default_collate
 
-from . import __version__
 from . import distributed as _dist
 from ._globals import preserved_globals
-from .batching import Batch, GroupBy, _first_tensor, _sample_level, _split_batch, plan_batches
+from ._version import __version__
+from .batching import Batch, GroupBy, plan_batches, sample_level, split_batch
 from .errors import DataError, ScanError
 from .layers import NormFamily, NormLayer, find_norm_layers
 from .metrics import (
@@ -28,7 +27,7 @@ from .metrics import (
     mismatch_sq,
     recommend,
 )
-from .probe import PATHS, LayerMeasurement, NormState, Probe, module_state
+from .recording import PATHS, LayerMeasurement, NormState, module_state
 from .report import (
     Candidate,
     Composition,
@@ -52,6 +51,7 @@ from .search import (
 )
 from .search import agreement as search_agreement
 from .search import divergence as search_divergence
+from .sources.torch import Probe, default_forward, model_device_dtype, output_tensor, to_device
 from .verdict import ALPHA, Paired, choose_reference, judge, mcnemar_p, paired_z_p
 
 __all__ = [
@@ -70,31 +70,6 @@ DEFAULT_DIVERGENCE_THRESHOLD = 0.3
 
 Forward = Callable[[nn.Module, Any], Any]
 Progress = Callable[[int, int | None], None]
-
-
-def _default_forward(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
-def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype | None]:
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.is_floating_point():
-            return t.device, t.dtype
-    for t in model.buffers():
-        return t.device, None
-    return torch.device("cpu"), None
-
-
-def _output_tensor(out: Any) -> torch.Tensor | None:
-    """The first tensor of a model's output (``.logits`` of output objects)."""
-    for name in ("logits", "last_hidden_state"):
-        if not isinstance(out, (torch.Tensor, dict, list, tuple)) and hasattr(out, name):
-            return getattr(out, name)
-    return _first_tensor(out)
 
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -150,7 +125,7 @@ class EndToEndMeter:
         return dict(zip(self._keys, self._acc, strict=True))
 
     def update(self, out_t: Any, out_e: Any, labels: torch.Tensor | None, size: int) -> None:
-        t, e = _output_tensor(out_t), _output_tensor(out_e)
+        t, e = output_tensor(out_t), output_tensor(out_e)
         if t is None or e is None or t.shape != e.shape:
             return
         self.batches += 1
@@ -600,7 +575,7 @@ def scan(
     run = _Run(
         model=model,
         layers=layers,
-        fwd=forward or _default_forward,
+        fwd=forward or default_forward,
         device=device,
         loss=loss,
         progress=progress,
@@ -655,12 +630,12 @@ def scan(
 
 def sample_info(data: Any) -> tuple[int, bool] | None:
     """(number of samples, has integer labels) when normdoctor forms the batches, else None."""
-    level = _sample_level(data)
+    level = sample_level(data)
     if level is None:
         return None
     source, inputs, labels = level
     if source == "dataset" and len(inputs):
-        labels = _split_batch(default_collate([inputs[0]]))[1]
+        labels = split_batch(default_collate([inputs[0]]))[1]
     labelled = (
         isinstance(labels, torch.Tensor)
         and labels.dim() == 1
@@ -690,7 +665,7 @@ class _Run:
         self.fwd = fwd
         self.loss = loss
         self.progress = progress
-        self.home, self.dtype = _model_device_dtype(model)
+        self.home, self.dtype = model_device_dtype(model)
         self.target = torch.device(device) if device is not None else self.home
         self.done = 0
         self.total: int | None = None
@@ -744,7 +719,7 @@ class _Run:
             try:
                 if self.layers:
                     for i, batch in enumerate(batches):
-                        batch = _to_device(batch, self.target, self.dtype)
+                        batch = to_device(batch, self.target, self.dtype)
                         sizes.append(batch.size)
                         outs = {p: self.forward(probe, p, batch, i) for p in paths}
                         if len(outs) == 2:
@@ -771,8 +746,8 @@ class _Run:
         with Probe(self.model, self.layers, (path,)) as probe, torch.no_grad():
             try:
                 for i, batch in enumerate(plan.batches):
-                    batch = _to_device(batch, self.target, self.dtype)
-                    out = _output_tensor(self.forward(probe, path, batch, i))
+                    batch = to_device(batch, self.target, self.dtype)
+                    out = output_tensor(self.forward(probe, path, batch, i))
                     trial.sizes.append(batch.size)
                     if out is not None and batch.index is not None:
                         outcomes.add(
@@ -1152,18 +1127,6 @@ def assemble_report(
     )
 
 
-def _to_device(batch: Batch, device: torch.device, dtype: torch.dtype | None) -> Batch:
-    def move(t: Any) -> Any:
-        if not isinstance(t, torch.Tensor):
-            return t
-        if t.is_floating_point() and dtype is not None and t.dtype != dtype:
-            return t.to(device=device, dtype=dtype)
-        return t.to(device)
-
-    labels = batch.labels.to(device) if batch.labels is not None else None
-    return Batch(tree_map(move, batch.inputs), labels, batch.size, batch.index)
-
-
 def sweep_batch_sizes(
     model: nn.Module, data: Any, batch_sizes: Sequence[int], **kwargs: Any
 ) -> tuple[ScanReport, ...]:
@@ -1206,7 +1169,7 @@ def path_outcomes(
     run = _Run(
         model=model,
         layers=find_norm_layers(model),
-        fwd=forward or _default_forward,
+        fwd=forward or default_forward,
         device=device,
         loss=loss,
         progress=None,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .batching import plan_batches
-from .probe import LayerMeasurement
+from .recording import LayerMeasurement
 
 __all__ = ["CANDIDATE_BATCH_SIZES", "Outcomes", "Spec", "candidate_specs"]
 

@@ -494,7 +494,7 @@ def test_patch_instance_for_torch_and_onnx_and_never_over_the_input(capsys, tmp_
         tmp_path / "t.onnx",
     )
     assert code == 0, err
-    from normdoctor.onnx_backend import OnnxModel
+    from normdoctor.sources.onnx import OnnxModel
 
     kinds = {layer.kind for layer in OnnxModel.load(tmp_path / "t.onnx").find_norm_layers()}
     assert kinds == {"InstanceNormalization"}

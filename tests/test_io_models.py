@@ -372,12 +372,12 @@ def test_onnx_checkpoint_carries_the_batchnorm_statistics():
 @pytest.mark.skipif(not (SAMPLES / "healthy.onnx").exists(), reason="sample ONNX not built")
 def test_onnx_routes_to_the_backend_or_says_what_to_install(monkeypatch):
     try:
-        from normdoctor.onnx_backend import OnnxModel
+        from normdoctor.sources.onnx import OnnxModel
     except ImportError:
         pass
     else:
         assert isinstance(load_model(SAMPLES / "healthy.onnx"), OnnxModel)
-    monkeypatch.setitem(sys.modules, "normdoctor.onnx_backend", None)  # import fails
+    monkeypatch.setitem(sys.modules, "normdoctor.sources.onnx", None)  # import fails
     with pytest.raises(LoadError, match=r"pip install normdoctor\[onnx\]"):
         load_model(SAMPLES / "healthy.onnx")
 

@@ -27,8 +27,8 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 import normdoctor  # noqa: E402
 from normdoctor.errors import ConversionError, DataError, LoadError  # noqa: E402
 from normdoctor.layers import NormFamily  # noqa: E402
-from normdoctor.onnx_backend import OnnxModel, OnnxUnavailableError, require  # noqa: E402
 from normdoctor.report import LayerStatus, ScanReport  # noqa: E402
+from normdoctor.sources.onnx import OnnxModel, OnnxUnavailableError, require  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -1004,7 +1004,7 @@ FOLDED_NOTE = (
 
 def test_convolutions_folded_beside_the_batchnorm_left_are_counted(tmp_path, capsys):
     from normdoctor.cli import main
-    from normdoctor.onnx_backend.graph import folded_convs
+    from normdoctor.sources.onnx.graph import folded_convs
 
     proto = _detector(folded=8, kept=3)
     assert folded_convs(proto) == (9, 13)  # 8 Relu + 1 SiLU; not the 3 kept, not the head

@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..batching import INPUT_KEYS, LABEL_KEYS
-from ..errors import DataError
-from .models import _one_line, import_object
+from ..errors import DataError, one_line
+from .models import import_object
 
 __all__ = [
     "GRAYSCALE_MEAN",
@@ -207,7 +207,7 @@ def _load_npy(path: Path) -> Any:
     try:
         value = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        raise DataError(f"{path}: cannot read the .npy file ({_one_line(exc)})") from None
+        raise DataError(f"{path}: cannot read the .npy file ({one_line(exc)})") from None
     return _inputs_labels(_array(value, str(path)), None, str(path))
 
 
@@ -216,7 +216,7 @@ def _load_npz(path: Path) -> Any:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {k: archive[k] for k in archive.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{path}: cannot read the .npz file ({_one_line(exc)})") from None
+        raise DataError(f"{path}: cannot read the .npz file ({one_line(exc)})") from None
     return _from_mapping(arrays, str(path))
 
 
@@ -251,7 +251,7 @@ def _load_pt(path: Path) -> Any:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except Exception as exc:
-        message = _one_line(exc)
+        message = one_line(exc)
         if "weights only" in str(exc).lower():
             raise DataError(
                 f"{path}: holds pickled Python objects, which normdoctor does not unpickle; save "
@@ -289,7 +289,7 @@ def _from_callable(spec: str) -> Any:
         result = func()
     except Exception as exc:
         raise DataError(
-            f"data function {spec!r} failed: {type(exc).__name__}: {_one_line(exc)}"
+            f"data function {spec!r} failed: {type(exc).__name__}: {one_line(exc)}"
         ) from None
     if result is None or isinstance(result, (str, bytes)):
         raise DataError(
@@ -377,7 +377,7 @@ class ImageFolderData(Dataset):
                     array = np.asarray(img, dtype=np.uint8)
             except Exception as exc:
                 raise DataError(
-                    f"{file}: cannot decode image ({_one_line(exc)}); remove or replace it"
+                    f"{file}: cannot decode image ({one_line(exc)}); remove or replace it"
                 ) from None
             hw = (int(array.shape[0]), int(array.shape[1]))
             if first is None:

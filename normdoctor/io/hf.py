@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import LoadError
+from ..errors import LoadError, one_line
 
 __all__ = ["HF_EXTRA_HINT", "build_model", "fill_tied", "is_model_folder", "weight_files"]
 
@@ -45,12 +45,6 @@ _CONFIG_LIMIT = 16 * 1024 * 1024  # a config.json is a few kB; refuse to parse a
 HF_EXTRA_HINT = "pip install normdoctor[hf]"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY")
-
-
-def _one_line(exc: BaseException) -> str:
-    text = (str(exc) or type(exc).__name__).strip()
-    line = text.splitlines()[0].strip() if text else type(exc).__name__
-    return line if len(line) <= 240 else line[:237] + "..."
 
 
 def is_model_folder(path: Path) -> bool:
@@ -80,7 +74,7 @@ def _read_json(path: Path, folder: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise LoadError(f"{folder}: {path.name} is not valid JSON ({_one_line(exc)})") from None
+        raise LoadError(f"{folder}: {path.name} is not valid JSON ({one_line(exc)})") from None
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -186,7 +180,7 @@ def build_model(folder: Path) -> tuple[nn.Module, list[str]]:
             )
             raise LoadError(
                 f"{folder}: transformers {transformers.__version__} cannot read {CONFIG} "
-                f"for model_type {raw['model_type']!r}{custom}: {_one_line(exc)}"
+                f"for model_type {raw['model_type']!r}{custom}: {one_line(exc)}"
             ) from None
         cls, name = _model_class(transformers, config)
         try:
@@ -196,7 +190,7 @@ def build_model(folder: Path) -> tuple[nn.Module, list[str]]:
         except Exception as exc:
             raise LoadError(
                 f"{folder}: building {name} from {CONFIG} failed: "
-                f"{type(exc).__name__}: {_one_line(exc)}"
+                f"{type(exc).__name__}: {one_line(exc)}"
             ) from None
     if not isinstance(model, nn.Module):
         raise LoadError(f"{folder}: {name} built a {type(model).__name__}, not an nn.Module")

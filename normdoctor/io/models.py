@@ -9,7 +9,7 @@ Formats are recognised by content first (the extension only breaks ties):
 * zip with ``archive_format`` or ``models/``: a ``torch.export`` program (``.pt2``);
 * a pickle protocol byte first: a legacy (non-zip) ``torch.save`` file;
 * an 8-byte header length then ``{``: safetensors;
-* ``.onnx`` (or an ONNX protobuf): handed to :mod:`normdoctor.onnx_backend`;
+* ``.onnx`` (or an ONNX protobuf): handed to :mod:`normdoctor.sources.onnx`;
 * a folder with ``config.json`` (Hugging Face ``save_pretrained``): built offline with
   ``transformers`` from the config, weights read as above (:mod:`normdoctor.io.hf`).
 
@@ -56,7 +56,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import LoadError, UnsafeFileError
+from ..errors import LoadError, UnsafeFileError, one_line
 from . import hf
 from .archive import CheckedZip
 from .pt2 import quiet_torch_export_logs, read_exported_program
@@ -135,14 +135,6 @@ class Checkpoint:
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-def _one_line(exc: BaseException | str, limit: int = 240) -> str:
-    """The first line of an exception's message, shortened; ANSI escapes removed."""
-    text = exc if isinstance(exc, str) else (str(exc) or type(exc).__name__)
-    text = re.sub(r"\x1b\[[0-9;]*m", "", text).strip()
-    line = text.splitlines()[0].strip() if text else ""
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _listing(keys: list[str] | tuple[str, ...] | set[str]) -> str:
@@ -603,9 +595,9 @@ def _inert_load(path: Path) -> tuple[Any, list[str]]:
     except LoadError:
         raise
     except RuntimeError as exc:
-        raise LoadError(f"{path}: corrupt tensor data ({_one_line(exc)})") from None
+        raise LoadError(f"{path}: corrupt tensor data ({one_line(exc)})") from None
     except Exception as exc:  # whatever a malformed pickle makes the inert unpickler raise
-        raise LoadError(f"{path}: truncated or corrupt archive ({_one_line(exc)})") from None
+        raise LoadError(f"{path}: truncated or corrupt archive ({one_line(exc)})") from None
     return root, unpickler.foreign
 
 
@@ -617,9 +609,9 @@ def _read_torch_file(
         obj = _torch_load(path, weights_only=True, map_location=map_location, zipped=zipped)
     except pickle.UnpicklingError as exc:
         if "weights only" not in str(exc).lower() and "weights_only" not in str(exc):
-            raise LoadError(f"{path}: truncated or corrupt checkpoint ({_one_line(exc)})") from None
+            raise LoadError(f"{path}: truncated or corrupt checkpoint ({one_line(exc)})") from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, struct.error) as exc:
-        raise LoadError(f"{path}: truncated or corrupt checkpoint ({_one_line(exc)})") from None
+        raise LoadError(f"{path}: truncated or corrupt checkpoint ({one_line(exc)})") from None
     else:
         return _classify(obj, path)
     # weights_only refused: the file names classes or functions outside torch's allowlist.
@@ -631,7 +623,7 @@ def _read_torch_file(
                     path, weights_only=False, map_location=map_location, zipped=zipped
                 )
         except Exception as exc:
-            raise LoadError(f"{path}: unpickling failed ({_one_line(exc)})") from None
+            raise LoadError(f"{path}: unpickling failed ({one_line(exc)})") from None
         return _classify(obj, path)
     if not zipped:
         with open(path, "rb") as fh:
@@ -660,7 +652,7 @@ def _read_safetensors(path: Path, map_location: Any) -> _Contents:
         sd = load_file(str(path), device=device)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise LoadError(
-            f"{path}: truncated or corrupt safetensors file ({_one_line(exc)})"
+            f"{path}: truncated or corrupt safetensors file ({one_line(exc)})"
         ) from None
     if not sd:
         raise LoadError(f"{path}: the safetensors file holds no tensors")
@@ -916,9 +908,7 @@ def _read_export(path: Path, *, trust_pickle: bool) -> _Contents:
                 warnings.simplefilter("ignore")
                 program = torch.export.load(fh)
         except Exception as exc:
-            raise LoadError(
-                f"{path}: cannot load the exported program ({_one_line(exc)})"
-            ) from None
+            raise LoadError(f"{path}: cannot load the exported program ({one_line(exc)})") from None
     else:
         program, read_notes = read_exported_program(path)
     state_dict = {k: v.detach() for k, v in program.state_dict.items()}
@@ -928,7 +918,7 @@ def _read_export(path: Path, *, trust_pickle: bool) -> _Contents:
             module = torch.export.unflatten(program)
     except Exception as exc:
         raise LoadError(
-            f"{path}: cannot unflatten the exported program into modules ({_one_line(exc)}); "
+            f"{path}: cannot unflatten the exported program into modules ({one_line(exc)}); "
             "its norm layers cannot be probed"
         ) from None
     notes, caveats = _rebuild_norm_modules(module)
@@ -956,7 +946,7 @@ def _read_onnx_static(path: Path) -> _Contents:
         # which refuses locations outside the model's folder
         proto = onnx.load(str(path), format="protobuf", load_external_data=False)
     except Exception as exc:
-        raise LoadError(f"{path}: not a readable ONNX model ({_one_line(exc)})") from None
+        raise LoadError(f"{path}: not a readable ONNX model ({one_line(exc)})") from None
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
         proto = _load_onnx_model(path).proto
     inits = {t.name: t for t in proto.graph.initializer}
@@ -984,7 +974,7 @@ def _read_onnx_static(path: Path) -> _Contents:
 
 def _load_onnx_model(path: Path) -> Any:
     try:
-        from normdoctor.onnx_backend import OnnxModel
+        from normdoctor.sources.onnx import OnnxModel
     except ImportError:
         raise LoadError("ONNX support needs `pip install normdoctor[onnx]`") from None
     return OnnxModel.load(path)
@@ -1114,7 +1104,7 @@ def import_object(spec: str, *, what: str = "arch", error: type[Exception] = Loa
         raise
     except Exception as exc:
         raise error(
-            f"cannot import {target!r} for {what} {spec!r}: {type(exc).__name__}: {_one_line(exc)}"
+            f"cannot import {target!r} for {what} {spec!r}: {type(exc).__name__}: {one_line(exc)}"
         ) from None
     obj: Any = module
     for part in attr.split("."):
@@ -1180,7 +1170,7 @@ def _build_arch(
             else ""
         )
         raise LoadError(
-            f"building arch {label!r} failed{hint}: {type(exc).__name__}: {_one_line(exc)}"
+            f"building arch {label!r} failed{hint}: {type(exc).__name__}: {one_line(exc)}"
         ) from None
     if not isinstance(model, nn.Module):
         raise LoadError(f"arch {label!r} returned a {type(model).__name__}, not an nn.Module")
@@ -1274,7 +1264,7 @@ def load_state_dict_into(
         model.load_state_dict(aligned, strict=False)
     except RuntimeError as exc:
         raise LoadError(
-            f"the {source} does not fit architecture {label}: {_one_line(exc)}"
+            f"the {source} does not fit architecture {label}: {one_line(exc)}"
         ) from None
     notes = []
     if how:
@@ -1298,7 +1288,7 @@ def _apply_manifest(model: nn.Module, manifest: dict[str, Any], path: Path) -> n
         raise
     except Exception as exc:
         raise LoadError(
-            f"{path}: rebuilding the patched layers failed: {type(exc).__name__}: {_one_line(exc)}"
+            f"{path}: rebuilding the patched layers failed: {type(exc).__name__}: {one_line(exc)}"
         ) from None
     return rebuilt if isinstance(rebuilt, nn.Module) else model
 
@@ -1382,7 +1372,7 @@ def load_model(
         An ``nn.Module``, with the resolved input path in its ``normdoctor_source`` attribute (the
         patcher refuses to overwrite that file) and one-line remarks about how it was built in
         ``normdoctor_load_notes``; for ``.onnx`` files an ``OnnxModel`` from
-        :mod:`normdoctor.onnx_backend`.  For a Hugging Face folder (``config.json`` with
+        :mod:`normdoctor.sources.onnx`.  For a Hugging Face folder (``config.json`` with
         ``model.safetensors``) the ``transformers`` model its config describes, in eval mode as
         ``from_pretrained`` gives it (needs ``normdoctor[hf]``; with ``arch``, the folder's
         weights go into ``arch`` instead and ``transformers`` is not needed).

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import GraphProto, ModelProto, NodeProto, numpy_helper
 
-from ..layers import NormFamily, NormLayer
+from ...layers import NormFamily, NormLayer
 
 __all__ = [
     "Constants",

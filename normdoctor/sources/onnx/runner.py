@@ -25,7 +25,7 @@ import onnx
 import torch
 from onnx import ModelProto, helper
 
-from ..errors import DataError
+from ...errors import DataError
 from .graph import Shapes, data_inputs, static_dim
 from .rewrite import add_outputs, copy_model, relax_batch
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import LoadError
+from ...errors import LoadError
 
 __all__ = ["EXTRA_HINT", "OnnxUnavailableError", "require"]
 

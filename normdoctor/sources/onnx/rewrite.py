@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
-from ..errors import ConversionError
+from ...errors import ConversionError
 from .graph import Shapes, data_inputs, iter_nodes, subgraphs
 
 __all__ = [

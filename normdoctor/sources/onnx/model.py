@@ -34,22 +34,22 @@ import onnx
 import torch
 from onnx import ModelProto, TensorProto, numpy_helper
 
-from .. import __version__
-from ..batching import GroupBy, plan_batches
-from ..checks import Finding
-from ..errors import ConversionError, DataError, LoadError, NormDoctorError, ScanError
-from ..layers import NormFamily, NormLayer, select_layers
-from ..metrics import DEFAULT_NONIID_THRESHOLD, DEFAULT_THRESHOLD
-from ..outputs import Outputs
-from ..probe import PATHS, LayerMeasurement, NormState, Recorder
-from ..report import LayerStatus, ScanReport
-from ..scan import (
+from ..._version import __version__
+from ...batching import GroupBy, plan_batches
+from ...checks import Finding
+from ...errors import ConversionError, DataError, LoadError, NormDoctorError, ScanError
+from ...layers import NormFamily, NormLayer, select_layers
+from ...metrics import DEFAULT_NONIID_THRESHOLD, DEFAULT_THRESHOLD
+from ...outputs import Outputs
+from ...recording import PATHS, LayerMeasurement, NormState, Recorder
+from ...report import LayerStatus, ScanReport
+from ...scan import (
     DEFAULT_AGREEMENT_THRESHOLD,
     DEFAULT_DIVERGENCE_THRESHOLD,
     EndToEndMeter,
     assemble_report,
 )
-from ..stats import Moments, channel_moments
+from ...stats import Moments, channel_moments
 from .graph import (
     Constants,
     NormNode,
@@ -243,7 +243,7 @@ class OnnxModel:
         ``norm-in-subgraph`` (listed, not scanned), ``running-stats-not-constant`` (statistics
         fed at run time).
         """
-        from ..checks import Finding, Severity, static_checks
+        from ...checks import Finding, Severity, static_checks
 
         a = self._analysis()
         info = {

@@ -1,0 +1,1 @@
+"""Sources: what a scan runs on (see :class:`Source`)."""

@@ -1,0 +1,267 @@
+"""The PyTorch source: an ``nn.Module``'s norm layers, the two paths, forward hooks.
+
+:class:`Probe` owns everything that touches the model: it attaches one pre-hook per measured
+layer, switches the model between the two paths (DESIGN.md), and on exit, normal or not,
+removes every hook and restores every module's ``training`` flag, every attribute it changed and
+every norm buffer bit for bit.  The hook is the hot path: it runs once per layer per batch and
+hands the input to the layer's :class:`~normdoctor.recording.Recorder`.
+
+:class:`TorchSource` is the :class:`~normdoctor.sources.Source` the scan driver runs; the
+forward helpers (:func:`default_forward`, :func:`model_device_dtype`, :func:`output_tensor`,
+:func:`to_device`) are shared with the fixes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from .. import _fused
+from ..batching import Batch, first_tensor
+from ..layers import BATCH_DEPENDENT, NormFamily, NormLayer, norm_family
+from ..recording import PATHS, LayerMeasurement, PathName, Recorder, Scratch
+
+__all__ = ["Probe", "default_forward", "model_device_dtype", "output_tensor", "to_device"]
+
+
+Forward = Callable[[nn.Module, Any], Any]
+
+
+def default_forward(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype | None]:
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.device, t.dtype
+    for t in model.buffers():
+        return t.device, None
+    return torch.device("cpu"), None
+
+
+def output_tensor(out: Any) -> torch.Tensor | None:
+    """The first tensor of a model's output (``.logits`` of output objects)."""
+    for name in ("logits", "last_hidden_state"):
+        if not isinstance(out, (torch.Tensor, dict, list, tuple)) and hasattr(out, name):
+            return getattr(out, name)
+    return first_tensor(out)
+
+
+def to_device(batch: Batch, device: torch.device, dtype: torch.dtype | None) -> Batch:
+    def move(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        if t.is_floating_point() and dtype is not None and t.dtype != dtype:
+            return t.to(device=device, dtype=dtype)
+        return t.to(device)
+
+    labels = batch.labels.to(device) if batch.labels is not None else None
+    return Batch(tree_map(move, batch.inputs), labels, batch.size, batch.index)
+
+
+_set = object.__setattr__  # plain attributes (bools), never tensors or modules
+
+
+def _one_value_per_channel(x: torch.Tensor, module: nn.Module) -> bool:
+    """The input leaves one value per channel to normalize over in train mode (torch raises)."""
+    if x.dim() < 2:
+        return False
+    per_channel = x.numel() // max(x.shape[1], 1)
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        return x.dim() > 2 and per_channel // max(x.shape[0], 1) == 1
+    return per_channel == 1
+
+
+class Probe:
+    """Context manager that records the inputs of batch-dependent norm layers.
+
+    Example::
+
+        with Probe(model, layers) as probe:
+            for x in batches:
+                with probe.path("train"):
+                    model(x)
+        measurements = probe.results("train")
+
+    On exit every hook is removed and the model is restored exactly: ``training`` flags of every
+    module, ``track_running_stats`` and the norm buffers (values and objects).
+    """
+
+    def __init__(
+        self, model: nn.Module, layers: Sequence[NormLayer], paths: Sequence[PathName] = PATHS
+    ):
+        self.model = model
+        self.layers = [layer for layer in layers if layer.batch_dependent and layer.materialized]
+        self._order_only = [layer for layer in layers if not layer.batch_dependent]
+        self.paths = tuple(paths)
+        self._modules = dict(model.named_modules())
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._recorders: dict[PathName, dict[str, Recorder]] = {}
+        self._active: dict[str, Recorder] | None = None
+        self._train_active = False
+        # Layers the train path switches (module -> family), and per layer the calls whose input
+        # held one value per channel (N x spatial = 1): BatchNorm cannot normalize that in train
+        # mode, so the layer runs in eval mode for that call and records nothing.
+        self._switched: dict[nn.Module, NormFamily] = {}
+        self.single_value: dict[str, int] = {}
+        self._held: list[nn.Module] = []
+        self._scratch = Scratch()
+        self.order: list[str] = []
+        self._seen: set[str] = set()
+        self.last_layer: str | None = None
+
+    # -- state saving ----------------------------------------------------------------------
+    def _save(self) -> None:
+        self._flags = [(m, m.training) for m in self.model.modules()]
+        self._norm_state = []
+        measured = {layer.name for layer in self.layers}
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.modules.batchnorm._NormBase) or name in measured:
+                buffers = dict(module._buffers)
+                values = {k: v.detach().clone() for k, v in buffers.items() if v is not None}
+                self._norm_state.append(
+                    (module, getattr(module, "track_running_stats", None), buffers, values)
+                )
+        # Layers the train path switches to batch statistics (frozen ones have no such mode).
+        self._switch = []
+        for module, track, buffers, _values in self._norm_state:
+            family = norm_family(module)
+            if family in BATCH_DEPENDENT and family is not NormFamily.FROZEN:
+                self._switch.append((module, family, track, buffers))
+
+    def _restore(self) -> None:
+        """Every flag, attribute and norm buffer back as saved (objects and values)."""
+        for module, flag in self._flags:
+            module.training = flag
+        for module, track, buffers, values in self._norm_state:
+            if track is not None:
+                module.track_running_stats = track
+            for key, tensor in buffers.items():
+                module._buffers[key] = tensor
+                if tensor is not None and key in values:
+                    with torch.no_grad():
+                        tensor.copy_(values[key])
+
+    # -- context manager -------------------------------------------------------------------
+    def __enter__(self) -> Probe:
+        self._save()
+        try:
+            if _fused.kernel() is not None:
+                _fused.match_threads()
+            self.model.eval()
+            for path in self.paths:
+                self._recorders[path] = {
+                    layer.name: Recorder.for_module(self._modules[layer.name], layer)
+                    for layer in self.layers
+                }
+            self._switched = {module: family for module, family, _t, _b in self._switch}
+            for layer in self.layers:
+                module = self._modules[layer.name]
+                self._handles.append(module.register_forward_pre_hook(self._hook_for(layer.name)))
+                if module in self._switched:
+                    self._handles.append(module.register_forward_hook(self._release))
+            for layer in self._order_only:  # batch-independent: only where it runs in the order
+                module = self._modules[layer.name]
+                self._handles.append(module.register_forward_pre_hook(self._order_hook(layer.name)))
+        except BaseException:
+            self._close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._active = None
+        self._scratch = Scratch()  # let the buffer go
+        self._restore()
+
+    def _hook_for(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            active = self._active
+            if active is None or not args or not isinstance(args[0], torch.Tensor):
+                return
+            self.last_layer = name
+            if name not in self._seen:
+                self._seen.add(name)
+                self.order.append(name)
+            x = args[0]
+            if self._train_active and module.training and _one_value_per_channel(x, module):
+                # BatchNorm over pooled features at batch size 1: torch raises in train mode.
+                # This call runs in eval mode instead and is not recorded (not measurable).
+                _set(module, "training", False)
+                self._held.append(module)
+                self.single_value[name] = self.single_value.get(name, 0) + 1
+                return
+            active[name].observe(x, self._scratch)
+
+        return hook
+
+    def _release(self, module: nn.Module, _args: tuple, _out: Any) -> None:
+        """After a call held in eval mode by the pre-hook: back to train mode."""
+        if self._held and self._held[-1] is module:
+            self._held.pop()
+            _set(module, "training", True)
+
+    def _order_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if self._active is not None and name not in self._seen:
+                self._seen.add(name)
+                self.order.append(name)
+
+        return hook
+
+    # -- the two paths ---------------------------------------------------------------------
+    @contextmanager
+    def path(self, path: PathName) -> Iterator[None]:
+        """Run the body on ``path``: "train" (norm layers use batch statistics, nothing else
+        changes mode, running statistics untouched) or "eval" (``model.eval()``).
+
+        The whole model was put in eval mode on entering the probe; a path only switches the
+        batch-dependent norm layers, so the cost per batch does not grow with the model's size.
+        """
+        if path not in self._recorders:
+            raise ValueError(f"path {path!r} not recorded by this probe (paths: {self.paths})")
+        train = path == "train"
+        # object.__setattr__: nn.Module.__setattr__ checks its parameter, buffer and submodule
+        # dicts on every call, which at batch size 1 costs more than the layer itself.
+        if train:
+            for module, family, _track, _buffers in self._switch:
+                _set(module, "training", True)
+                _set(module, "track_running_stats", False)
+                if family is NormFamily.INSTANCE_TRACKED:
+                    # InstanceNorm updates running stats whenever it is handed them.
+                    module._buffers["running_mean"] = None
+                    module._buffers["running_var"] = None
+        self._active = self._recorders[path]
+        self._train_active = train
+        try:
+            yield
+        finally:
+            self._active = None
+            self._train_active = False
+            self._held.clear()
+            if train:
+                for module, family, track, buffers in self._switch:
+                    _set(module, "training", False)
+                    _set(module, "track_running_stats", track)
+                    if family is NormFamily.INSTANCE_TRACKED:
+                        module._buffers["running_mean"] = buffers["running_mean"]
+                        module._buffers["running_var"] = buffers["running_var"]
+
+    def results(self, path: PathName) -> dict[str, LayerMeasurement | None]:
+        """Per layer name, what ``path`` recorded (``None``: the layer never ran)."""
+        return {name: rec.finish() for name, rec in self._recorders[path].items()}

@@ -12,7 +12,8 @@ import dataclasses
 import enum
 import json
 import math
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ __all__ = [
     "Verdict",
     "finite_or_none",
     "floats",
+    "register_presenter",
 ]
 
 SCHEMA_VERSION = 1
@@ -463,25 +465,31 @@ class ScanReport:
     def from_json(text: str) -> ScanReport:
         return ScanReport.from_dict(json.loads(text))
 
+    # -- rendering: normdoctor.render draws reports; these two stay for notebooks ---------------
     def plot(self, kind: str = "drift", **kwargs: Any) -> Any:
-        """A matplotlib ``Figure``: ``kind`` is "drift", "channels", "batches" or "end_to_end"."""
-        from .render import plots
+        """A matplotlib ``Figure``: ``kind`` is "drift", "channels", "batches" or "end_to_end".
 
-        draw = {
-            "drift": plots.drift_figure,
-            "channels": plots.channels_figure,
-            "batches": plots.batch_distribution_figure,
-            "end_to_end": plots.end_to_end_figure,
-        }
-        if kind not in draw:
-            raise ValueError(f"kind must be one of {sorted(draw)}, got {kind!r}")
-        return draw[kind](self, **kwargs)
+        Deprecated: call :func:`normdoctor.render.plot` (``render.plot(report, kind)``).
+        """
+        warnings.warn(
+            "ScanReport.plot() is deprecated: use normdoctor.render.plot(report, kind)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return _presenter("plot")(self, kind, **kwargs)
 
     def save_report(self, out_dir: Any, **kwargs: Any) -> Any:
-        """Write the self-contained HTML drift report; see :func:`normdoctor.render.save_report`."""
-        from .render import save_report
+        """Write the self-contained HTML drift report; see :func:`normdoctor.render.save_report`.
 
-        return save_report(self, out_dir, **kwargs)
+        Deprecated: call :func:`normdoctor.render.save_report` (``save_report(report, out_dir)``).
+        """
+        warnings.warn(
+            "ScanReport.save_report() is deprecated: use "
+            "normdoctor.render.save_report(report, out_dir)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return _presenter("save_report")(self, out_dir, **kwargs)
 
     def summary(self) -> str:
         """A few plain-text lines: composition, verdict, end-to-end, flagged layers."""
@@ -497,6 +505,32 @@ class ScanReport:
             )
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+
+# -- the rendering hook ----------------------------------------------------------------------
+# This module is data: it never imports normdoctor.render (render imports it).  The deprecated
+# ScanReport.plot()/save_report() reach render's functions through this table instead, which
+# normdoctor.render fills when it is imported (normdoctor/__init__ imports it).
+
+_PRESENTERS: dict[str, Callable[..., Any]] = {}
+
+
+def register_presenter(name: str, function: Callable[..., Any]) -> None:
+    """Make ``function(report, ...)`` what ``ScanReport.<name>(...)`` calls ("plot", "save_report").
+
+    Called by :mod:`normdoctor.render` when it is imported; nothing else needs it.
+    """
+    _PRESENTERS[name] = function
+
+
+def _presenter(name: str) -> Callable[..., Any]:
+    function = _PRESENTERS.get(name)
+    if function is None:
+        raise RuntimeError(
+            f"ScanReport.{name}() needs normdoctor.render: import it and call "
+            f"normdoctor.render.{name}(report, ...)"
+        )
+    return function
 
 
 def _fmt(x: float | None) -> str:

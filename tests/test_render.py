@@ -885,3 +885,72 @@ def test_render_imports_nothing_heavy_and_leaves_pyplot_alone(
     )
     env = {**os.environ, "MPLBACKEND": "module://nonexistent_backend"}  # must not be consulted
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO)
+
+
+# -- rendering is called on reports, not by them -------------------------------------------------
+
+
+def test_report_module_never_imports_render() -> None:
+    """report.py is data: render imports it, never the other way round (not even lazily)."""
+    import ast
+
+    tree = ast.parse((REPO / "normdoctor" / "report.py").read_text(encoding="utf-8"))
+    imported = [
+        (node.module or "") if isinstance(node, ast.ImportFrom) else alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    ]
+    assert not [m for m in imported if "render" in m.split(".")], imported
+
+
+def test_render_plot_draws_each_kind(drifting: ScanReport) -> None:
+    for kind, draw in (
+        ("drift", plots.drift_figure),
+        ("channels", plots.channels_figure),
+        ("batches", plots.batch_distribution_figure),
+        ("end_to_end", plots.end_to_end_figure),
+    ):
+        assert plots.headline(normdoctor.render.plot(drifting, kind)) == plots.headline(
+            draw(drifting)
+        )
+    with pytest.raises(ValueError, match="kind must be one of"):
+        normdoctor.render.plot(drifting, "pie")
+
+
+def test_report_plot_and_save_report_still_work_deprecated(
+    drifting: ScanReport, tmp_path: Path
+) -> None:
+    with pytest.warns(DeprecationWarning, match=r"normdoctor\.render\.plot\(report, kind\)"):
+        fig = drifting.plot("channels", k=2)
+    assert len(fig.axes) == 4 and plots.headline(fig) == plots.headline(
+        plots.channels_figure(drifting, k=2)
+    )
+    with pytest.warns(DeprecationWarning, match=r"normdoctor\.render\.save_report\(report"):
+        index = drifting.save_report(tmp_path / "r", formats=("png",))
+    assert index == (tmp_path / "r" / "index.html").absolute() and index.is_file()
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="kind must be one of"):
+        drifting.plot("pie")
+
+
+@pytest.mark.xfail(
+    reason="needs `from . import render` in normdoctor/__init__.py (the package wires its layers)",
+    strict=False,
+)
+def test_report_plot_works_after_import_normdoctor_alone(
+    drifting: ScanReport, tmp_path: Path
+) -> None:
+    """A notebook: ``import normdoctor``, a report, ``report.plot()``; render never named."""
+    src = tmp_path / "r.json"
+    src.write_text(drifting.to_json())
+    code = (
+        "import warnings\n"
+        "import normdoctor\n"
+        f"rep = normdoctor.ScanReport.from_json(open({str(src)!r}).read())\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    fig = rep.plot('drift')\n"
+        "assert type(fig).__name__ == 'Figure', fig\n"
+        "assert w and w[0].category is DeprecationWarning, w\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

@@ -1,8 +1,14 @@
 """Presentation of scan results: matplotlib figures and a self-contained HTML page.
 
+Rendering is called on reports, not by them: ``render.plot(report, "drift")``,
+``render.save_report(report, "out")``.  :mod:`normdoctor.report` is data and never imports this
+package; importing it installs :func:`plot` and :func:`save_report` behind the deprecated
+``ScanReport.plot()`` and ``ScanReport.save_report()`` (:func:`normdoctor.report.register_presenter`).
+
 Nothing here imports matplotlib until a figure is drawn.
 """
 
+from ..report import register_presenter
 from .html import figures, save_report
 from .plots import (
     NothingToPlot,
@@ -12,6 +18,7 @@ from .plots import (
     drift_figure,
     end_to_end_figure,
     headline,
+    plot,
     series_figure,
     sweep_figure,
 )
@@ -25,7 +32,11 @@ __all__ = [
     "end_to_end_figure",
     "figures",
     "headline",
+    "plot",
     "save_report",
     "series_figure",
     "sweep_figure",
 ]
+
+register_presenter("plot", plot)
+register_presenter("save_report", save_report)

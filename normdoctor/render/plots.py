@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import statistics
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..report import LayerReport, LayerStatus, ScanReport
@@ -35,6 +35,7 @@ __all__ = [
     "end_to_end_figure",
     "headline",
     "measured_layers",
+    "plot",
     "series_figure",
     "sweep_batch_size",
     "sweep_figure",
@@ -51,6 +52,23 @@ _HEADLINES: weakref.WeakKeyDictionary[Figure, str] = weakref.WeakKeyDictionary()
 
 class NothingToPlot(ValueError):
     """The figure would be empty; the message says why (shown on the page instead)."""
+
+
+def plot(report: ScanReport, kind: str = "drift", **kwargs: Any) -> Figure:
+    """One figure of one report: ``kind`` is "drift", "channels", "batches" or "end_to_end".
+
+    ``kwargs`` go to the figure's function (:func:`drift_figure`, :func:`channels_figure`,
+    :func:`batch_distribution_figure`, :func:`end_to_end_figure`).
+    """
+    draw: dict[str, Callable[..., Figure]] = {
+        "drift": drift_figure,
+        "channels": channels_figure,
+        "batches": batch_distribution_figure,
+        "end_to_end": end_to_end_figure,
+    }
+    if kind not in draw:
+        raise ValueError(f"kind must be one of {sorted(draw)}, got {kind!r}")
+    return draw[kind](report, **kwargs)
 
 
 def caption(fig: Figure) -> str:

@@ -369,8 +369,8 @@ class ImageFolderData(Dataset):
             try:
                 # Only the common raster decoders: Pillow picks one by content, and a ".png"
                 # that is really EPS would otherwise reach Ghostscript.
-                with Image.open(file, formats=_IMAGE_FORMATS) as img:
-                    img = ImageOps.exif_transpose(img)
+                with Image.open(file, formats=_IMAGE_FORMATS) as opened:
+                    img = ImageOps.exif_transpose(opened)
                     img = img.convert("L" if grayscale else "RGB")
                     if size is not None and img.size != (size[1], size[0]):
                         img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)

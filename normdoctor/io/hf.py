@@ -211,7 +211,7 @@ def fill_tied(model: nn.Module, sd: dict[str, torch.Tensor]) -> list[str]:
         if isinstance(tensor, torch.Tensor) and tensor.numel():
             ident = (
                 tensor.untyped_storage().data_ptr(),
-                tensor.storage_offset(),
+                int(tensor.storage_offset()),
                 tuple(tensor.shape),
             )
             by_storage.setdefault(ident, []).append(key)

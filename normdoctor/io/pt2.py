@@ -38,7 +38,7 @@ import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -113,9 +113,9 @@ def _builtin_operators() -> dict[str, Any]:
         found[f"{fn.__module__}.{fn.__name__}"] = fn
     for name in ("sym_int", "sym_float", "sym_ite", "sym_max", "sym_min", "sym_not", "sym_sqrt",
                  "sym_sum"):  # fmt: skip
-        fn = getattr(torch, name, None)
-        if fn is not None:
-            found[f"torch.{name}"] = fn
+        sym = getattr(torch, name, None)
+        if sym is not None:
+            found[f"torch.{name}"] = sym
     found["torch._C._set_grad_enabled"] = torch._C._set_grad_enabled
     return found
 
@@ -564,7 +564,12 @@ def read_exported_program(path: Path) -> tuple[Any, list[str]]:
         with warnings.catch_warnings(), quiet_torch_export_logs():
             warnings.simplefilter("ignore")
             program = ExportedProgramDeserializer().deserialize(
-                serialized, state_dict, constants, example_inputs
+                serialized,
+                state_dict,
+                constants,
+                # the (args, kwargs) torch.export.save wrote, read with weights_only=True and
+                # checked to be a tuple or dict above: torch's deserializer takes it as stored
+                cast("tuple[tuple[torch.Tensor, ...], dict[str, Any]] | None", example_inputs),
             )
     except UnsafeFileError:
         raise

@@ -30,12 +30,15 @@ class Opaque:
     """Stand-in for a class or function a pickle names; never imports or runs anything."""
 
     _nd_qualname = "?"
+    _nd_args: tuple[Any, ...]  # the arguments it was called or built with
+    _nd_state: Any  # what BUILD set (None when nothing)
+    _nd_items: list[Any]  # what APPEND/APPENDS/SETITEM(S) added: items, or (key, value) pairs
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Opaque:
         self = object.__new__(cls)
         self._nd_args = args
-        self._nd_state: Any = None
-        self._nd_items: list[Any] = []
+        self._nd_state = None
+        self._nd_items = []
         return self
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -71,6 +74,7 @@ class _Call:
     """An allowlisted function as the unpickler hands it out: attributes cannot be set on it."""
 
     __slots__ = ("fn",)
+    fn: Callable[..., Any]
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         object.__setattr__(self, "fn", fn)

@@ -27,24 +27,26 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from .layers import RUNNING_STATS, NormFamily, find_norm_layers
-
-if TYPE_CHECKING:
-    from .io.models import Checkpoint
+from .layers import RUNNING_STATS, NormFamily, NormLayer, find_norm_layers
 
 __all__ = [
+    "CARRIED",
     "DEAD_GAMMA_RTOL",
     "EXPLOSIVE_GAIN",
+    "NORM_KEYS",
     "SUSPICIOUS_MOMENTUM",
     "Finding",
     "Severity",
+    "StaticSource",
+    "StoredNormLayer",
     "static_checks",
     "static_checks_for",
+    "stored_norm_layers",
 ]
 
 #: Eval-mode gain |gamma| / sqrt(running_var + eps) above which a channel is called explosive.
@@ -162,28 +164,96 @@ def _views_from_module(model: nn.Module) -> list[_View]:
     return views
 
 
-_NORM_KEYS = ("running_mean", "running_var", "num_batches_tracked", "weight", "bias")
+#: The tensors a norm layer keeps in a state_dict, by the last segment of their key.
+NORM_KEYS = ("running_mean", "running_var", "num_batches_tracked", "weight", "bias")
+#: Attributes a file may or may not carry beside a norm layer's tensors.
+CARRIED = ("momentum", "eps")
+#: What a :class:`NormLayer` record holds for an attribute the file does not carry:
+#: placeholders, never shown (:attr:`StoredNormLayer.unknown` says which they are).
+_PLACEHOLDERS: dict[str, Any] = {"momentum": None, "eps": 0.0}
+
+
+@dataclass(frozen=True, slots=True)
+class StoredNormLayer:
+    """A norm layer with running statistics as a state_dict stores it (no module to ask).
+
+    Attributes:
+        name: the module name, the common prefix of its keys (``""`` for the root).
+        tensors: its tensors by the last segment of their key (among :data:`NORM_KEYS`), detached.
+        info: what the file records about the layer besides its tensors (``kind``, ``eps``,
+            ``momentum``, ...; see :attr:`normdoctor.io.Checkpoint.layer_info`), often nothing.
+    """
+
+    name: str
+    tensors: Mapping[str, torch.Tensor]
+    info: Mapping[str, Any]
+
+    @property
+    def unknown(self) -> tuple[str, ...]:
+        """The attributes of :data:`CARRIED` the file does not carry for this layer (a bare
+        state_dict or a traced TorchScript archive stores no momentum or eps)."""
+        return tuple(attr for attr in CARRIED if attr not in self.info)
+
+    def norm_layer(self) -> NormLayer:
+        """The layer as a :class:`~normdoctor.layers.NormLayer` record, from buffer names alone:
+        the attributes in :attr:`unknown` hold placeholders (eps 0.0, momentum None)."""
+        kind = str(self.info.get("kind", "BatchNorm (from state_dict)"))
+        if "Instance" in kind:
+            family = NormFamily.INSTANCE_TRACKED
+        elif "running_mean" in self.tensors:
+            family = NormFamily.BATCH
+        else:  # running_var alone: EvoNorm-B0-like
+            family = NormFamily.BATCH_VAR
+        stats = self.tensors.get("running_mean", self.tensors.get("running_var"))
+        values = {attr: self.info.get(attr, _PLACEHOLDERS[attr]) for attr in CARRIED}
+        return NormLayer(
+            name=self.name,
+            kind=kind,
+            family=family,
+            num_features=int(stats.numel()) if stats is not None else 0,
+            eps=float(values["eps"]),
+            momentum=values["momentum"],
+            affine="weight" in self.tensors,
+            track_running_stats=True,
+        )
+
+
+def stored_norm_layers(
+    state_dict: Mapping[str, Any], layer_info: Mapping[str, Mapping[str, Any]] | None = None
+) -> list[StoredNormLayer]:
+    """The norm layers of a state_dict without its architecture: every key prefix with a
+    ``running_mean`` or ``running_var`` tensor, in the state_dict's order (the model's).
+
+    Args:
+        state_dict: keys as in ``state_dict()``; values that are not tensors are skipped.
+        layer_info: per layer name what the file records besides the tensors, as
+            :attr:`normdoctor.io.Checkpoint.layer_info` carries it.
+    """
+    info = layer_info or {}
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        prefix, _, leaf = str(key).rpartition(".")
+        if leaf in NORM_KEYS and isinstance(value, torch.Tensor):
+            groups.setdefault(prefix, {})[leaf] = value.detach()
+    return [
+        StoredNormLayer(name=name, tensors=tensors, info=info.get(name, {}))
+        for name, tensors in groups.items()  # insertion order: the state_dict's, i.e. the model's
+        if "running_mean" in tensors or "running_var" in tensors
+    ]
 
 
 def _views_from_state_dict(
     sd: Mapping[str, Any], layer_info: Mapping[str, Mapping[str, Any]]
 ) -> list[_View]:
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in sd.items():
-        prefix, _, leaf = str(key).rpartition(".")
-        if leaf in _NORM_KEYS and isinstance(value, torch.Tensor):
-            groups.setdefault(prefix, {})[leaf] = value.detach()
     views = []
-    for name, tensors in groups.items():  # insertion order: the state_dict's, i.e. the model's
-        if "running_mean" not in tensors and "running_var" not in tensors:
-            continue
-        info = layer_info.get(name, {})
+    for layer in stored_norm_layers(sd, layer_info):
+        tensors, info = layer.tensors, layer.info
         kind = info.get("kind")
         eps = info.get("eps")
         instance = bool(kind and "InstanceNorm" in str(kind))
         views.append(
             _View(
-                name=name,
+                name=layer.name,
                 kind=str(kind) if kind else None,
                 running_mean=tensors.get("running_mean"),
                 running_var=tensors.get("running_var"),
@@ -415,8 +485,23 @@ def static_checks(
     return findings
 
 
-def static_checks_for(checkpoint: Checkpoint) -> list[Finding]:
-    """:func:`static_checks` on what :func:`normdoctor.io.load_checkpoint` read."""
+class StaticSource(Protocol):
+    """What the static checks read from a model file: a :class:`normdoctor.io.Checkpoint`, or
+    anything with the same three attributes (this module does not import the loaders)."""
+
+    @property
+    def module(self) -> nn.Module | None: ...
+
+    @property
+    def state_dict(self) -> Mapping[str, torch.Tensor] | None: ...
+
+    @property
+    def layer_info(self) -> Mapping[str, Mapping[str, Any]]: ...
+
+
+def static_checks_for(checkpoint: StaticSource) -> list[Finding]:
+    """:func:`static_checks` on what :func:`normdoctor.io.load_checkpoint` read: its live module
+    when it has one, else its state_dict with the layer attributes the file records."""
     if checkpoint.module is not None:
         return static_checks(checkpoint.module)
     if checkpoint.state_dict is not None:

@@ -24,6 +24,8 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 __all__ = [
     "BATCH_DEPENDENT",
+    "BATCH_NORMS",
+    "INSTANCE_NORMS",
     "RUNNING_STATS",
     "NormFamily",
     "NormLayer",
@@ -388,3 +390,12 @@ def select_layers(
         patterns = [patterns]
     patterns = list(patterns)
     return [layer for layer in layers if any(fnmatch.fnmatchcase(layer.name, p) for p in patterns)]
+
+
+#: torch's BatchNorm and InstanceNorm classes by the dimensionality of their inputs (1d/2d/3d).
+BATCH_NORMS: dict[int, type[_BatchNorm]] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+INSTANCE_NORMS: dict[int, type[_InstanceNorm]] = {
+    1: nn.InstanceNorm1d,
+    2: nn.InstanceNorm2d,
+    3: nn.InstanceNorm3d,
+}

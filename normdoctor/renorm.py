@@ -29,13 +29,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from .errors import ConversionError
+from .layers import BATCH_NORMS
 
 __all__ = [
     "BatchRenorm1d",
@@ -48,6 +50,37 @@ Schedule = Callable[[int], tuple[float, float]]
 
 #: The parameters and buffers a plain BatchNorm owns (any subset, depending on affine/tracking).
 BN_TENSORS = frozenset({"weight", "bias", "running_mean", "running_var", "num_batches_tracked"})
+#: BatchNorm's affine parameters and its running-statistics buffers.
+BN_PARAMETERS = ("weight", "bias")
+BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def carry_tensors(
+    src: nn.Module, dst: nn.Module, *, src_prefix: str = "", dst_prefix: str = ""
+) -> None:
+    """Give ``dst`` the very tensor objects of ``src``'s BatchNorm parameters and buffers.
+
+    ``weight`` and ``bias`` go to the parameter slots ``dst`` has (``None`` where ``src`` has
+    none); ``{src_prefix}running_mean``, ``running_var`` and ``num_batches_tracked`` go to the
+    buffer slots ``{dst_prefix}...`` that ``dst`` has.  The same objects, not copies, so that an
+    optimizer holding them keeps working.  This is how every conversion and its inverse take
+    over a layer's tensors (a kept BatchNorm's buffers live under the ``bn_`` prefix).
+    """
+    for key in BN_PARAMETERS:
+        if key in dst._parameters:
+            dst._parameters[key] = src._parameters.get(key)
+    for key in BN_BUFFERS:
+        if dst_prefix + key in dst._buffers:
+            dst._buffers[dst_prefix + key] = src._buffers.get(src_prefix + key)
+
+
+def bn_device_dtype(module: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
+    """Device and floating dtype of a (possibly converted) BatchNorm's tensors, or ``None``."""
+    for key in ("weight", "running_mean", "bn_running_mean", "bias", "running_var"):
+        t = getattr(module, key, None)
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            return t.device, t.dtype
+    return None, None
 
 
 def _ramp(step: int, start: float, end: float, hold: int, reach: int) -> float:
@@ -96,6 +129,7 @@ class BatchRenorm(_BatchNorm):
     :class:`BatchRenorm3d`."""
 
     _bn_class: type[_BatchNorm] = _BatchNorm
+    renorm_step: torch.Tensor
 
     def __init__(
         self,
@@ -144,7 +178,9 @@ class BatchRenorm(_BatchNorm):
         # Eval mode (or no running statistics at all): exactly BatchNorm.
         out = self._renorm(input) if self.training and running else super().forward(input)
         for name in self._post:
-            out = self._modules[name](out)  # type: ignore[misc]
+            child = self._modules[name]
+            assert child is not None
+            out = child(out)
         return out
 
     def _renorm(self, input: torch.Tensor) -> torch.Tensor:
@@ -248,12 +284,12 @@ class BatchRenorm(_BatchNorm):
         """
         if not isinstance(bn, _BatchNorm):
             raise ConversionError(f"expected a BatchNorm layer, got {type(bn).__name__}")
-        if isinstance(bn, _BN_CLASSES) and not isinstance(bn, cls._bn_class):
+        if isinstance(bn, tuple(BATCH_NORMS.values())) and not isinstance(bn, cls._bn_class):
             raise ConversionError(
                 f"{cls.__name__}.from_batchnorm needs a {cls._bn_class.__name__}, "
                 f"got {type(bn).__name__}"
             )
-        plain = type(bn) in (*_BN_CLASSES, nn.SyncBatchNorm) or isinstance(bn, BatchRenorm)
+        plain = type(bn) in (*BATCH_NORMS.values(), nn.SyncBatchNorm) or isinstance(bn, BatchRenorm)
         extra = set(bn._parameters) | set(bn._buffers)
         if not plain and (
             type(bn).forward is not _BatchNorm.forward or list(bn.children()) or extra - BN_TENSORS
@@ -263,14 +299,13 @@ class BatchRenorm(_BatchNorm):
                 "or extra tensors); use normdoctor.patch.patch(model, to='renorm'), which keeps "
                 "that behaviour or refuses"
             )
-        return cls._carry(bn, **options)  # type: ignore[arg-type]
+        return cls.carry(bn, **options)
 
     @classmethod
-    def _carry(cls, bn: _BatchNorm, **options: object) -> BatchRenorm:
-        """Build from ``bn``'s hyper-parameters and take over its tensors (no checks)."""
-        ref = next((t for t in (bn.weight, bn.running_mean) if t is not None), None)
-        device = ref.device if ref is not None else None
-        dtype = ref.dtype if ref is not None else None
+    def carry(cls, bn: _NormBase, **options: Any) -> BatchRenorm:
+        """Build from ``bn``'s hyper-parameters and take over its tensors (no checks: the
+        conversions of :mod:`normdoctor.convert` check subclasses themselves)."""
+        device, dtype = bn_device_dtype(bn)
         if isinstance(bn, BatchRenorm) and not options:
             c = bn.schedule_config
             options = dict(
@@ -290,14 +325,9 @@ class BatchRenorm(_BatchNorm):
             bn.track_running_stats,
             device=device,
             dtype=dtype,
-            **options,  # type: ignore[arg-type]
+            **options,
         )
-        with torch.no_grad():
-            for key in ("weight", "bias"):
-                if getattr(bn, key, None) is not None:
-                    new._parameters[key] = bn._parameters[key]
-            for key in ("running_mean", "running_var", "num_batches_tracked"):
-                new._buffers[key] = bn._buffers.get(key)
+        carry_tensors(bn, new)
         new.training = bn.training
         if hasattr(bn, "qconfig"):
             new.qconfig = bn.qconfig
@@ -356,6 +386,3 @@ class BatchRenorm3d(BatchRenorm, nn.BatchNorm3d):
     """
 
     _bn_class = nn.BatchNorm3d
-
-
-_BN_CLASSES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,8 +17,10 @@ from normdoctor.checks import (
     Severity,
     static_checks,
     static_checks_for,
+    stored_norm_layers,
 )
 from normdoctor.io import load_checkpoint
+from normdoctor.layers import NormFamily, find_norm_layers
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 
@@ -272,3 +275,79 @@ def test_findings_are_sorted_and_round_trip():
 def test_static_checks_rejects_other_objects():
     with pytest.raises(TypeError, match=r"nn\.Module or a state_dict"):
         static_checks([1, 2, 3])  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------- state_dict -> layers
+
+
+def test_stored_norm_layers_finds_the_layers_with_running_statistics_in_model_order():
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        _trained_bn(c=4),
+        nn.GroupNorm(2, 4),
+        nn.Sequential(_trained_bn(nn.BatchNorm2d, 4, affine=False)),
+    )
+    stored = stored_norm_layers(model.state_dict())
+    assert [s.name for s in stored] == ["1", "3.0"]
+    assert sorted(stored[0].tensors) == [
+        "bias",
+        "num_batches_tracked",
+        "running_mean",
+        "running_var",
+        "weight",
+    ]
+    assert "weight" not in stored[1].tensors
+    assert all(s.unknown == ("momentum", "eps") for s in stored)
+    layers = [s.norm_layer() for s in stored]
+    assert [(x.family, x.num_features, x.affine) for x in layers] == [
+        (NormFamily.BATCH, 4, True),
+        (NormFamily.BATCH, 4, False),
+    ]
+    # the names and channel counts agree with the module's own layer records
+    live = [x for x in find_norm_layers(model) if x.track_running_stats]
+    assert [(x.name, x.num_features) for x in live] == [(x.name, x.num_features) for x in layers]
+
+
+def test_stored_norm_layers_takes_what_the_file_records():
+    sd = {"running_mean": torch.zeros(2), "running_var": torch.ones(2), "x_running_mean": 1}
+    info = {"": {"kind": "InstanceNorm2d", "eps": 1e-3}}
+    (stored,) = stored_norm_layers(sd, info)
+    assert stored.name == "" and stored.unknown == ("momentum",)
+    layer = stored.norm_layer()
+    assert layer.kind == "InstanceNorm2d" and layer.eps == 1e-3
+    assert layer.family is NormFamily.INSTANCE_TRACKED
+    assert layer.momentum is None  # a placeholder: `unknown` says so
+
+
+def test_a_running_var_alone_is_a_batch_var_layer():
+    sd = {"n.running_var": torch.ones(3), "n.weight": torch.ones(3)}
+    (stored,) = stored_norm_layers(sd)
+    layer = stored.norm_layer()
+    assert layer.family is NormFamily.BATCH_VAR and layer.num_features == 3
+
+
+def test_static_checks_for_reads_anything_shaped_like_a_checkpoint():
+    """The checks take the checkpoint's three attributes; they do not import the loaders."""
+
+    read = SimpleNamespace(
+        module=None,
+        state_dict={"bn.running_mean": torch.zeros(2), "bn.running_var": -torch.ones(2)},
+        layer_info={"bn": {"kind": "BatchNorm1d", "momentum": 0.9}},
+    )
+    codes = _codes(static_checks_for(read))
+    assert {"running-var-nonpositive", "momentum-convention"} <= set(codes)
+    assert static_checks_for(SimpleNamespace(module=None, state_dict=None, layer_info={})) == []
+    read.module = _net(_trained_bn())
+    assert static_checks_for(read) == []  # the live module wins
+
+
+def test_checks_do_not_import_the_loaders():
+    import ast
+
+    import normdoctor.checks as checks
+
+    tree = ast.parse(Path(checks.__file__).read_text())
+    imported = [
+        node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+    ] + [a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names]
+    assert not [m for m in imported if m == "io" or m.startswith(("io.", "normdoctor.io"))]

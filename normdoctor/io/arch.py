@@ -73,13 +73,13 @@ def import_object(spec: str, *, what: str = "arch", error: type[Exception] = Loa
     except Exception as exc:
         raise error(
             f"cannot import {target!r} for {what} {spec!r}: {type(exc).__name__}: {one_line(exc)}"
-        ) from None
+        ) from exc
     obj: Any = module
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
-        except AttributeError:
-            raise error(f"{target!r} has no attribute {attr!r} ({what} {spec!r})") from None
+        except AttributeError as exc:
+            raise error(f"{target!r} has no attribute {attr!r} ({what} {spec!r})") from exc
     return obj
 
 
@@ -139,7 +139,7 @@ def build_arch(
         )
         raise LoadError(
             f"building arch {label!r} failed{hint}: {type(exc).__name__}: {one_line(exc)}"
-        ) from None
+        ) from exc
     if not isinstance(model, nn.Module):
         raise LoadError(f"arch {label!r} returned a {type(model).__name__}, not an nn.Module")
     return model, note

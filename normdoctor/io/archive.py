@@ -101,7 +101,7 @@ class CheckedZip:
         try:
             return self._zf.read(self.prefix + name)
         except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-            raise _corrupt(self.path, f"entry {name}: {exc}") from None
+            raise _corrupt(self.path, f"entry {name}: {exc}") from exc
 
     def size(self, name: str) -> int:
         return self._zf.getinfo(self.prefix + name).file_size
@@ -115,7 +115,7 @@ class CheckedZip:
         try:
             zf = zipfile.ZipFile(fh)
         except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-            raise _corrupt(path, str(exc)) from None
+            raise _corrupt(path, str(exc)) from exc
         try:
             infos = zf.infolist()
             if len(infos) != count:

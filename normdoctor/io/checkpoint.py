@@ -289,11 +289,11 @@ def _lightning_contents(obj: Mapping[str, Any], path: Path) -> Contents:
     """The weights of a Lightning checkpoint, with its plain hyper-parameters."""
     try:
         contents = _classify(obj["state_dict"], path, 1)
-    except LoadError:
+    except LoadError as exc:
         raise LoadError(
             f"{path} is a Lightning checkpoint whose 'state_dict' entry holds "
             f"{_describe(obj['state_dict'])}, not weights"
-        ) from None
+        ) from exc
     raw = obj.get("hyper_parameters")
     items = _hparam_items(raw) if raw is not None else None
     if raw is not None and items is None:
@@ -372,9 +372,9 @@ def _inert_load(path: Path) -> tuple[Any, list[str]]:
     except LoadError:
         raise
     except RuntimeError as exc:
-        raise LoadError(f"{path}: corrupt tensor data ({one_line(exc)})") from None
+        raise LoadError(f"{path}: corrupt tensor data ({one_line(exc)})") from exc
     except Exception as exc:  # whatever a malformed pickle makes the inert unpickler raise
-        raise LoadError(f"{path}: truncated or corrupt archive ({one_line(exc)})") from None
+        raise LoadError(f"{path}: truncated or corrupt archive ({one_line(exc)})") from exc
     return root, unpickler.foreign
 
 
@@ -386,9 +386,9 @@ def read_torch_file(
         obj = _torch_load(path, weights_only=True, map_location=map_location, zipped=zipped)
     except pickle.UnpicklingError as exc:
         if "weights only" not in str(exc).lower() and "weights_only" not in str(exc):
-            raise LoadError(f"{path}: truncated or corrupt checkpoint ({one_line(exc)})") from None
+            raise LoadError(f"{path}: truncated or corrupt checkpoint ({one_line(exc)})") from exc
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, struct.error) as exc:
-        raise LoadError(f"{path}: truncated or corrupt checkpoint ({one_line(exc)})") from None
+        raise LoadError(f"{path}: truncated or corrupt checkpoint ({one_line(exc)})") from exc
     else:
         return _classify(obj, path)
     # weights_only refused: the file names classes or functions outside torch's allowlist.
@@ -400,7 +400,7 @@ def read_torch_file(
                     path, weights_only=False, map_location=map_location, zipped=zipped
                 )
         except Exception as exc:
-            raise LoadError(f"{path}: unpickling failed ({one_line(exc)})") from None
+            raise LoadError(f"{path}: unpickling failed ({one_line(exc)})") from exc
         return _classify(obj, path)
     if not zipped:
         with open(path, "rb") as fh:
@@ -408,8 +408,8 @@ def read_torch_file(
     root, foreign = _inert_load(path)
     try:
         contents = _classify(root, path)
-    except LoadError:
-        raise refusal(path, foreign) from None
+    except LoadError as exc:
+        raise refusal(path, foreign) from exc
     contents.refused = foreign
     if contents.format is not CheckpointFormat.PICKLE:
         contents.notes.append(
@@ -428,9 +428,7 @@ def read_safetensors(path: Path, map_location: Any) -> Contents:
     try:
         sd = load_file(str(path), device=device)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise LoadError(
-            f"{path}: truncated or corrupt safetensors file ({one_line(exc)})"
-        ) from None
+        raise LoadError(f"{path}: truncated or corrupt safetensors file ({one_line(exc)})") from exc
     if not sd:
         raise LoadError(f"{path}: the safetensors file holds no tensors")
     return Contents(CheckpointFormat.SAFETENSORS, state_dict=dict(sd))
@@ -463,7 +461,7 @@ def _read_export(path: Path, *, trust_pickle: bool) -> Contents:
                 warnings.simplefilter("ignore")
                 program = torch.export.load(fh)
         except Exception as exc:
-            raise LoadError(f"{path}: cannot load the exported program ({one_line(exc)})") from None
+            raise LoadError(f"{path}: cannot load the exported program ({one_line(exc)})") from exc
     else:
         program, read_notes = read_exported_program(path)
     state_dict = {k: v.detach() for k, v in program.state_dict.items()}
@@ -475,7 +473,7 @@ def _read_export(path: Path, *, trust_pickle: bool) -> Contents:
         raise LoadError(
             f"{path}: cannot unflatten the exported program into modules ({one_line(exc)}); "
             "its norm layers cannot be probed"
-        ) from None
+        ) from exc
     notes, caveats = rebuild_norm_modules(module)
     return Contents(
         CheckpointFormat.EXPORT,
@@ -494,14 +492,14 @@ def _read_onnx_static(path: Path) -> Contents:
     try:
         import onnx
         from onnx import numpy_helper
-    except ImportError:
-        raise LoadError("ONNX support needs `pip install normdoctor[onnx]`") from None
+    except ImportError as exc:
+        raise LoadError("ONNX support needs `pip install normdoctor[onnx]`") from exc
     try:
         # protobuf whatever the name says; external data only through the backend's loader,
         # which refuses locations outside the model's folder
         proto = onnx.load(str(path), format="protobuf", load_external_data=False)
     except Exception as exc:
-        raise LoadError(f"{path}: not a readable ONNX model ({one_line(exc)})") from None
+        raise LoadError(f"{path}: not a readable ONNX model ({one_line(exc)})") from exc
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
         proto = load_onnx_model(path).proto
     inits = {t.name: t for t in proto.graph.initializer}
@@ -530,8 +528,8 @@ def _read_onnx_static(path: Path) -> Contents:
 def load_onnx_model(path: Path) -> Any:
     try:
         from normdoctor.sources.onnx import OnnxModel
-    except ImportError:
-        raise LoadError("ONNX support needs `pip install normdoctor[onnx]`") from None
+    except ImportError as exc:
+        raise LoadError("ONNX support needs `pip install normdoctor[onnx]`") from exc
     return OnnxModel.load(path)
 
 
@@ -626,9 +624,7 @@ def load_state_dict_into(
     try:
         model.load_state_dict(aligned, strict=False)
     except RuntimeError as exc:
-        raise LoadError(
-            f"the {source} does not fit architecture {label}: {one_line(exc)}"
-        ) from None
+        raise LoadError(f"the {source} does not fit architecture {label}: {one_line(exc)}") from exc
     notes = []
     if how:
         notes.append(f"weights matched {how}")

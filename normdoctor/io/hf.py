@@ -74,7 +74,7 @@ def _read_json(path: Path, folder: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise LoadError(f"{folder}: {path.name} is not valid JSON ({one_line(exc)})") from None
+        raise LoadError(f"{folder}: {path.name} is not valid JSON ({one_line(exc)})") from exc
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -163,11 +163,11 @@ def build_model(folder: Path) -> tuple[nn.Module, list[str]]:
     with _offline():
         try:
             import transformers
-        except ImportError:
+        except ImportError as exc:
             raise LoadError(
                 f"{folder} is a Hugging Face model folder: building it needs transformers "
                 f"(`{HF_EXTRA_HINT}`), or pass --arch to load its weights into your own class"
-            ) from None
+            ) from exc
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -181,7 +181,7 @@ def build_model(folder: Path) -> tuple[nn.Module, list[str]]:
             raise LoadError(
                 f"{folder}: transformers {transformers.__version__} cannot read {CONFIG} "
                 f"for model_type {raw['model_type']!r}{custom}: {one_line(exc)}"
-            ) from None
+            ) from exc
         cls, name = _model_class(transformers, config)
         try:
             with warnings.catch_warnings():
@@ -191,7 +191,7 @@ def build_model(folder: Path) -> tuple[nn.Module, list[str]]:
             raise LoadError(
                 f"{folder}: building {name} from {CONFIG} failed: "
                 f"{type(exc).__name__}: {one_line(exc)}"
-            ) from None
+            ) from exc
     if not isinstance(model, nn.Module):
         raise LoadError(f"{folder}: {name} built a {type(model).__name__}, not an nn.Module")
     built = type(model).__name__

@@ -317,7 +317,7 @@ def load_model(
     except LoadError as exc:
         if not built:
             raise
-        raise LoadError(f"{exc} ({built})") from None
+        raise LoadError(f"{exc} ({built})") from exc
     if map_location not in (None, "cpu"):
         model.to(map_location)
     _warn(p, [n for n in notes if n.startswith("ignored")])

@@ -224,11 +224,11 @@ class _ProgramCheck:
             resolved = getattr(resolved, op)
             if overload is not None:
                 resolved = getattr(resolved, overload)
-        except (AttributeError, RuntimeError):
+        except (AttributeError, RuntimeError) as exc:
             raise LoadError(
                 f"{self.path}: the program calls {value}, an operator this torch does not have "
                 "(a custom operator must be registered before loading)"
-            ) from None
+            ) from exc
         wanted = torch._ops.OpOverload if overload is not None else torch._ops.HigherOrderOperator
         if not isinstance(resolved, wanted):
             raise self.fail(where, f"calls {value[:80]!r}, which is not an operator")
@@ -238,8 +238,8 @@ class _ProgramCheck:
             raise self.fail(where, "is not a plain symbolic expression")
         try:
             tree = ast.parse(value, mode="eval")
-        except (SyntaxError, ValueError, RecursionError, MemoryError):
-            raise self.fail(where, "is not a plain symbolic expression") from None
+        except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+            raise self.fail(where, "is not a plain symbolic expression") from exc
         strings: set[int] = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.Call):
@@ -279,8 +279,8 @@ class _ProgramCheck:
     def treespec(self, value: str, where: tuple[Any, ...]) -> None:
         try:
             protocol, spec = _strict_json(value.encode())
-        except (ValueError, TypeError, RecursionError):
-            raise self.fail(where, "is not an input/output structure") from None
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise self.fail(where, "is not an input/output structure") from exc
         if protocol != 1:
             raise self.fail(where, f"uses structure protocol {protocol!r}")
         self.spec_node(spec, where, 0)
@@ -298,8 +298,8 @@ class _ProgramCheck:
                 raise self.fail(where, "is not an input/output structure")
             try:
                 decoded = _strict_json(context.encode())
-            except (ValueError, RecursionError):
-                raise self.fail(where, "is not an input/output structure") from None
+            except (ValueError, RecursionError) as exc:
+                raise self.fail(where, "is not an input/output structure") from exc
             self.spec_context(decoded, where)
         if not isinstance(children, list):
             raise self.fail(where, "is not an input/output structure")
@@ -352,7 +352,7 @@ class _Reader:
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise UnsafeFileError(
                 f"{self.path}: refused, {name} is not plain JSON ({str(exc)[:120]})"
-            ) from None
+            ) from exc
 
     def weights_only(self, name: str) -> Any:
         """An entry written by torch.save, loaded with the restricted unpickler."""
@@ -367,8 +367,8 @@ class _Reader:
                     f"{self.path} holds pickled objects that are not plain tensors ({name}): "
                     "torch.export.load would unpickle them and run code from the file; pass "
                     "--trust-pickle (trust_pickle=True) only if you trust its source"
-                ) from None
-            raise LoadError(f"{self.path}: {name} is truncated or corrupt ({exc})") from None
+                ) from exc
+            raise LoadError(f"{self.path}: {name} is truncated or corrupt ({exc})") from exc
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
         """A legacy weights/constants entry: one torch.save'd dict of tensors."""
@@ -397,7 +397,7 @@ class _Reader:
         try:
             config = _dict_to_dataclass(schema.PayloadConfig, raw)
         except Exception as exc:
-            raise LoadError(f"{self.path}: {config_name} is not a payload index ({exc})") from None
+            raise LoadError(f"{self.path}: {config_name} is not a payload index ({exc})") from exc
         flats: dict[str, torch.Tensor] = {}
         out: dict[str, Any] = {}
         for fqn, meta in config.config.items():
@@ -439,7 +439,7 @@ class _Reader:
             except (AssertionError, KeyError, ValueError, RuntimeError, TypeError) as exc:
                 raise LoadError(
                     f"{self.path}: {config_name} entry {fqn!r} does not fit its data ({exc})"
-                ) from None
+                ) from exc
             if meta.is_param:
                 out[fqn] = nn.Parameter(tensor, requires_grad=bool(tm.requires_grad))
             else:
@@ -578,6 +578,6 @@ def read_exported_program(path: Path) -> tuple[Any, list[str]]:
         raise LoadError(
             f"{path}: cannot load the exported program ({type(exc).__name__}: "
             f"{text[0][:200] if text else ''})"
-        ) from None
+        ) from exc
     _check_graphs(program, path)
     return program, notes

@@ -35,10 +35,11 @@ objects (see there for what ``torch.export.load`` would run).
 
 The loader is a small package: :mod:`~normdoctor.io.sniff` tells what a file is by its bytes,
 :mod:`~normdoctor.io.checkpoint` reads the containers (state dicts, Lightning and patched
-checkpoints, pickled modules through the inert unpickler of :mod:`~normdoctor.io.unpickle`) and
-aligns state-dict keys, :mod:`~normdoctor.io.pt2` and :mod:`~normdoctor.io.unflatten` read and
-rebuild ``.pt2`` programs, :mod:`~normdoctor.io.arch` imports and builds ``--arch``, and this
-module puts them together.
+checkpoints, pickled modules through the inert unpickler of :mod:`~normdoctor.io.unpickle`),
+:mod:`~normdoctor.io.align` loads state dicts into models whatever their key prefixes,
+:mod:`~normdoctor.io.pt2` and :mod:`~normdoctor.io.unflatten` read and rebuild ``.pt2``
+programs, :mod:`~normdoctor.io.arch` imports and builds ``--arch``, and this module puts them
+together.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from torch import nn
 
 from ..errors import LoadError
 from . import hf
+from .align import load_state_dict_into
 from .arch import build_arch, import_object, resolve_arch
 from .checkpoint import (  # PATCH_KEY, PATCH_VERSION, WRAPPER_KEYS: re-exported, lived here
     PATCH_KEY,  # noqa: F401
@@ -65,7 +67,6 @@ from .checkpoint import (  # PATCH_KEY, PATCH_VERSION, WRAPPER_KEYS: re-exported
     Contents,
     apply_patch_manifest,
     load_onnx_model,
-    load_state_dict_into,
     read_contents,
     read_safetensors,
     read_torch_file,

@@ -6,7 +6,7 @@ A folder written by ``save_pretrained`` holds ``config.json`` and the weights
 the config's ``architectures`` names, when ``transformers`` has it, else
 ``AutoModelForImageClassification`` or ``AutoModel``) and the weights are read by normdoctor's own
 readers: safetensors, or ``torch.load(weights_only=True)`` with the inert fallback of
-:mod:`normdoctor.io.models` for ``.bin`` files.  ``from_pretrained`` is never called.
+:mod:`normdoctor.io.checkpoint` for ``.bin`` files.  ``from_pretrained`` is never called.
 
 Offline: ``transformers`` and ``huggingface_hub`` are told so (``HF_HUB_OFFLINE=1``,
 ``local_files_only=True``) while the folder is read, so nothing reaches the network, and code in

@@ -28,8 +28,9 @@ from torch import nn
 
 import normdoctor
 from normdoctor.metrics import Recommendation
+from normdoctor.render import draw as render_draw
+from normdoctor.render import end_to_end, plots, save_report, specs, trends
 from normdoctor.render import html as render_html
-from normdoctor.render import plots, save_report
 from normdoctor.render import style as S
 from normdoctor.render.html import figures
 from normdoctor.report import (
@@ -905,14 +906,14 @@ def test_report_module_never_imports_render() -> None:
 
 
 def test_render_plot_draws_each_kind(drifting: ScanReport) -> None:
-    for kind, draw in (
+    for kind, make in (
         ("drift", plots.drift_figure),
         ("channels", plots.channels_figure),
         ("batches", plots.batch_distribution_figure),
         ("end_to_end", plots.end_to_end_figure),
     ):
         assert plots.headline(normdoctor.render.plot(drifting, kind)) == plots.headline(
-            draw(drifting)
+            make(drifting)
         )
     with pytest.raises(ValueError, match="kind must be one of"):
         normdoctor.render.plot(drifting, "pie")
@@ -952,5 +953,127 @@ def test_report_plot_works_after_import_normdoctor_alone(
         "    fig = rep.plot('drift')\n"
         "assert type(fig).__name__ == 'Figure', fig\n"
         "assert w and w[0].category is DeprecationWarning, w\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+# -- figures as data: the specs the drawing functions draw ---------------------------------------
+
+
+def test_drift_spec_layers_and_values_are_the_reports(drifting: ScanReport) -> None:
+    spec = specs.drift_spec(drifting)
+    rows = plots.measured_layers(drifting)
+    assert [(b.index, b.name) for b in spec.bars] == [(i, layer.name) for i, layer in rows]
+    for b, (_, layer) in zip(spec.bars, rows, strict=True):
+        assert b.drift == layer.drift and b.status is layer.status
+        assert b.shift_part + b.noise_part + b.rest_part == pytest.approx(layer.drift)
+        share = layer.shift**2 / (layer.shift**2 + layer.noise**2)
+        assert b.shift_part == pytest.approx(layer.drift * share) and b.rest_part == 0.0
+    assert spec.threshold == drifting.threshold and spec.named
+    assert spec.top == max(max(layer.drift for _, layer in rows), drifting.threshold)
+    assert spec.value_label == S.DRIFT_LABEL and spec.layer_label == "layer (forward order)"
+    # The drawing draws exactly the spec: same title, caption, bars in the same order.
+    fig = render_draw.drift(spec)
+    assert plots.headline(fig) == spec.title and plots.caption(fig) == spec.caption
+    shift = _bars(fig.axes[0], "shift share")
+    assert [p.get_width() for p in shift] == [b.shift_part for b in spec.bars]
+
+
+def test_drift_spec_title_states_the_conclusion(healthy: ScanReport) -> None:
+    harmful = large_report()
+    n_dep = sum(1 for layer in harmful.layers if layer.batch_dependent)
+    spec = specs.drift_spec(harmful)
+    assert harmful.harmful and harmful.flagged
+    assert spec.title.startswith(f"{len(harmful.flagged_layers)} of {n_dep} layers drift; worst: ")
+    # Numbered view: every layer's # on the axis, the worst ten listed, worst first.
+    assert not spec.named and spec.n_layers == len(harmful.layers) == 200
+    worst = sorted(plots.measured_layers(harmful), key=lambda r: -(r[1].drift or 0.0))[:10]
+    assert [b.index for b in spec.worst] == [i for i, _ in worst]
+    assert spec.worst_lines[0] == f"worst 10 of {len(spec.bars)} layers"
+    assert "hatched" in spec.caption
+
+    ok = specs.drift_spec(healthy)
+    assert not healthy.harmful and not healthy.drifting_layers
+    assert ok.title.startswith(f"No layer drifts above {healthy.threshold:g}; worst: ")
+    assert "hatched" not in ok.caption
+    compounding = specs.drift_spec(dataclasses.replace(healthy, harmful=True))
+    assert "yet outputs diverge: the drift compounds" in compounding.title
+    harmless = dataclasses.replace(
+        healthy,
+        layers=tuple(
+            dataclasses.replace(layer, status=LayerStatus.HARMLESS) if layer.drift else layer
+            for layer in healthy.layers
+        ),
+    )
+    assert ", harmless on this data; " in specs.drift_spec(harmless).title
+
+
+def test_channels_and_batches_specs_are_the_reports(drifting: ScanReport) -> None:
+    spec = specs.channels_spec(drifting, k=2)
+    worst = sorted(plots.measured_layers(drifting), key=lambda r: -(r[1].drift or 0.0))[:2]
+    assert [row.index for row in spec.rows] == [i for i, _ in worst]
+    row, layer = spec.rows[0], worst[0][1]
+    assert list(row.mean.live[0]) == pytest.approx(list(layer.running_mean))
+    assert list(row.mean.live[1]) == pytest.approx(list(layer.train.pooled_mean))
+    assert row.var.log and not row.mean.log and row.mean.limits is not None
+    assert spec.title.startswith("Running statistics")
+
+    b = specs.batches_spec(drifting, k=2)
+    assert [r.index for r in b.rows] == [i for i, _ in worst]
+    batch_drift = sorted(worst[0][1].train.batch_drift)
+    assert sorted(b.rows[0].points) == pytest.approx(batch_drift)  # fewer than MAX_POINTS
+    assert b.rows[0].quantiles[0] >= batch_drift[0] and b.rows[0].quantiles[-1] <= batch_drift[-1]
+    assert b.rows[0].drift == worst[0][1].drift and b.threshold == drifting.threshold
+    assert specs.batches_spec(drifting, k=2) == b  # the same points and jitter every time
+
+
+def test_end_to_end_spec_values_are_the_reports(drifting: ScanReport, patched: ScanReport) -> None:
+    spec = end_to_end.end_to_end_spec(drifting, patched)
+    assert spec.labels == ("before patch", "after patch")
+    (div,) = [p for p in spec.panels if p.kind == "div"]
+    assert div.values == (
+        (drifting.end_to_end.rel_divergence,),
+        (patched.end_to_end.rel_divergence,),
+    )
+    assert div.threshold == drifting.divergence_threshold
+    assert spec.title.startswith("After the patch, output divergence is")
+    with pytest.raises(plots.NothingToPlot):
+        end_to_end.end_to_end_spec(dataclasses.replace(drifting, end_to_end=None))
+
+
+def test_sweep_and_series_specs_are_the_reports(
+    sweep: dict[int, ScanReport], checkpoints: list[ScanReport]
+) -> None:
+    spec = trends.sweep_spec(list(sweep.values())[::-1], 8)
+    assert spec.sizes == tuple(sorted(sweep)) and spec.ticks == tuple(sorted(sweep))
+    for curve in spec.curves.curves:
+        assert curve.values == tuple(sweep[b].layer(curve.name).drift for b in spec.sizes)
+    assert "training batch size 8" in spec.title
+    assert spec.lower is not None and spec.lower.kind == "div"  # no labels: output divergence
+
+    s = trends.series_spec(checkpoints)
+    assert s.n == 3 and s.first == 1 and s.tick_labels == tuple(r.model for r in checkpoints)
+    flagged = {
+        (float(j), r.layer(name).drift)
+        for j, r in enumerate(checkpoints)
+        for name in (layer.name for layer in r.layers)
+        if r.layer(name).flagged
+    }
+    assert set(s.marks[LayerStatus.FLAGGED]) == flagged
+    assert s.bold == tuple(r.flagged for r in checkpoints)
+    assert s.title.startswith("Drift appeared at epoch2.pt")
+
+
+def test_specs_need_no_matplotlib(drifting: ScanReport, tmp_path: Path) -> None:
+    src = tmp_path / "r.json"
+    src.write_text(drifting.to_json())
+    code = (
+        "import sys\n"
+        "from normdoctor.render import end_to_end, specs, trends\n"
+        "from normdoctor.report import ScanReport\n"
+        f"rep = ScanReport.from_json(open({str(src)!r}).read())\n"
+        "specs.drift_spec(rep); specs.channels_spec(rep); specs.batches_spec(rep)\n"
+        "end_to_end.end_to_end_spec(rep); trends.series_spec([rep, rep])\n"
+        "assert 'matplotlib' not in sys.modules, 'a spec imported matplotlib'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

@@ -325,16 +325,13 @@ def layers_table(
     """
     unknown = unknown or {}
     table = Table(box=None, pad_edge=False, header_style="bold", show_edge=False)
-    for col, kw in (
-        ("layer", {"overflow": "fold"}),
-        ("kind", {}),
-        ("ch", {"justify": "right"}),
-        ("running mean", {"justify": "right"}),
-        ("running var", {"justify": "right"}),
-        ("momentum", {"justify": "right"}),
-        ("can drift", {}),
-    ):
-        table.add_column(col, **kw)
+    table.add_column("layer", overflow="fold")
+    table.add_column("kind")
+    table.add_column("ch", justify="right")
+    table.add_column("running mean", justify="right")
+    table.add_column("running var", justify="right")
+    table.add_column("momentum", justify="right")
+    table.add_column("can drift")
     for layer in layers:
         mean, var = running.get(layer.name, (None, None))
         table.add_row(

@@ -7,7 +7,7 @@ by marker.  matplotlib is imported inside functions only, so importing this modu
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -76,7 +76,7 @@ def new_figure(width: float, height: float, *, constrained: bool = True) -> Figu
     return fig
 
 
-def style_axes(ax: Axes, *, grid: str = "y") -> None:
+def style_axes(ax: Axes, *, grid: Literal["x", "y", "both", ""] = "y") -> None:
     """Light value grid, no top/right spines, readable ticks."""
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)

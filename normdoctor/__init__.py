@@ -1,5 +1,6 @@
 """normdoctor: find and fix the train/inference mismatch of normalization layers."""
 
+from . import render  # noqa: F401  (serves the deprecated ScanReport.plot / save_report)
 from ._version import __version__
 from .errors import (
     ConversionError,

@@ -147,7 +147,8 @@ def match_threads() -> int:
     import numba  # already imported by kernel()
 
     before = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    most = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]  # set when numba loads
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), most)))
     return before
 
 

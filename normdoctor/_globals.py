@@ -64,7 +64,8 @@ def _restore(saved: _Saved) -> None:
     if now is not None:  # started or changed inside: numba's default is NUMBA_NUM_THREADS
         import numba
 
-        want = saved.numba_threads or numba.config.NUMBA_NUM_THREADS
+        most = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]  # set when numba loads
+        want = saved.numba_threads or most
         if now != want:
             numba.set_num_threads(want)
     if torch.get_num_threads() != saved.torch_threads:  # after numba: its pool start resets it

@@ -11,9 +11,9 @@ Two kinds of source:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -154,6 +154,14 @@ def sample_level(data: Any) -> tuple[str, Any, torch.Tensor | None] | None:
     return None
 
 
+def _label(item: Any) -> Any:
+    """The label of one dataset item (a ``DataError`` when it has none)."""
+    label = split_batch(default_collate([item]))[1]
+    if label is None:
+        raise DataError("group_by='label' needs labels in the data")
+    return label.item()
+
+
 def _group_keys(group_by: GroupBy, n: int, labels: torch.Tensor | None) -> list[Hashable]:
     if isinstance(group_by, str):
         if group_by != "label":
@@ -165,7 +173,11 @@ def _group_keys(group_by: GroupBy, n: int, labels: torch.Tensor | None) -> list[
         return labels.tolist()
     if callable(group_by):
         return [group_by(i) for i in range(n)]
-    keys = group_by.tolist() if isinstance(group_by, (torch.Tensor, np.ndarray)) else list(group_by)
+    keys = (
+        group_by.tolist()
+        if isinstance(group_by, (torch.Tensor, np.ndarray))
+        else list(cast(Sequence[Hashable], group_by))
+    )
     if len(keys) != n:
         raise DataError(f"group_by holds {len(keys)} keys for {n} samples")
     return keys
@@ -243,7 +255,7 @@ def plan_batches(
                 "not batches that are already formed"
             )
         total = None
-        if hasattr(data, "__len__"):
+        if isinstance(data, Sized):
             total = len(data) if max_batches is None else min(len(data), max_batches)
 
         def given() -> Iterator[Batch]:
@@ -262,9 +274,7 @@ def plan_batches(
     keys = None
     if group_by is not None:
         if source == "dataset" and isinstance(group_by, str):
-            labels = torch.as_tensor(
-                [split_batch(default_collate([inputs[i]]))[1].item() for i in range(n)]
-            )
+            labels = torch.as_tensor([_label(inputs[i]) for i in range(n)])
         keys = _group_keys(group_by, n, labels)
     index_batches = _index_batches(n, size, shuffle, seed, keys, subset)
     if max_batches is not None:

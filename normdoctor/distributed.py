@@ -56,6 +56,11 @@ def init_from_env(timeout: _dt.timedelta = DEFAULT_TIMEOUT) -> bool:
     return True
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes of the initialised group."""
+    return dist.get_rank(), dist.get_world_size()
+
+
 def _device_for_collectives() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())

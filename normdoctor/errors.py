@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 __all__ = [
+    "CompositionError",
     "ConversionError",
     "DataError",
     "LoadError",
@@ -38,6 +39,11 @@ class DataError(NormDoctorError):
 
 class ScanError(NormDoctorError):
     """The model failed while being scanned (the forward pass raised)."""
+
+
+class CompositionError(DataError):
+    """The model cannot run batches composed like this (a graph with a fixed batch size asked
+    for larger batches on the train path): that composition is not measurable, others may be."""
 
 
 class ConversionError(NormDoctorError):

@@ -16,6 +16,7 @@ import itertools
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -118,7 +119,7 @@ def _has_running_buffers(module: nn.Module) -> bool:
 
 def _vector(module: nn.Module, key: str) -> torch.Tensor | None:
     """``module``'s own 1-D floating tensor ``key`` (parameter or buffer), else None."""
-    t = module._parameters.get(key)
+    t: torch.Tensor | None = module._parameters.get(key)
     if t is None:
         t = module._buffers.get(key)
     if isinstance(t, torch.Tensor) and t.dim() == 1 and t.is_floating_point() and t.numel() > 0:
@@ -322,10 +323,11 @@ def _as_float(value: object) -> float | None:
 
 def _describe(name: str, module: nn.Module, family: NormFamily) -> NormLayer:
     lazy = isinstance(module, _LazyNormBase) and module.has_uninitialized_params()
+    attrs = cast(Any, module)  # plain attributes, which nn.Module's stubs type as tensors
     if family in (NormFamily.GROUP,):
-        num_features = int(module.num_channels)
+        num_features = int(attrs.num_channels)
     elif family in (NormFamily.LAYER, NormFamily.RMS):
-        shape = tuple(module.normalized_shape)
+        shape = tuple(attrs.normalized_shape)
         num_features = int(shape[-1]) if shape else 0
     elif family is NormFamily.LOCAL_RESPONSE or lazy:
         num_features = 0

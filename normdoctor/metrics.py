@@ -96,7 +96,7 @@ def layer_score(m2: Array, weights: Array) -> Array:
     xp = _ns(m2)
     total = float(weights.sum())
     if total == 0.0:
-        if xp is np:
+        if isinstance(m2, np.ndarray):
             return np.full(m2.shape[:-1], math.nan)
         return torch.full(m2.shape[:-1], math.nan, dtype=torch.float64, device=m2.device)
     m2 = xp.where(weights > 0, m2, 0.0)

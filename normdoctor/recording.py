@@ -96,7 +96,7 @@ class NormState:
 
 
 def module_state(module: nn.Module) -> NormState:
-    weight = module._parameters.get("weight")
+    weight: torch.Tensor | None = module._parameters.get("weight")
     if weight is None:
         weight = module._buffers.get("weight")
     return NormState(
@@ -267,6 +267,7 @@ class Recorder:
         vectors of C floats, and measured here NumPy runs them in about half of torch's time.
         On an accelerator they stay tensors on the device (no host synchronisation).
         """
+        assert self.shift64 is not None  # set by the first row
         t = (
             self._buffer()[: self.nrows],
             self.totals,

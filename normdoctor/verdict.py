@@ -172,14 +172,15 @@ def choose_reference(
     per sample also does well on one-label batches); the best contender wins, the running
     statistics' fit breaking ties.  Without evidence the best fit decides.  ``None``: no candidate.
     """
-    usable = [i for i, o in enumerate(outcomes) if o is not None and o.size]
+    arrays = {i: o for i, o in enumerate(outcomes) if o is not None and o.size}
+    usable = list(arrays)
     if kind not in ("labels", "targets"):
         fitted = [i for i in range(len(fits)) if fits[i] is not None]
         return min(fitted, key=lambda i: _fit(fits[i])) if fitted else (0 if fits else None)
     if not usable:
         return None
     sign = 1.0 if kind == "labels" else -1.0
-    quality = {i: sign * float(np.mean(outcomes[i])) for i in usable}
+    quality = {i: sign * float(np.mean(arrays[i])) for i in usable}
     best = max(usable, key=lambda i: quality[i])
 
     def worse(i: int, than: int) -> bool:

@@ -934,10 +934,6 @@ def test_report_plot_and_save_report_still_work_deprecated(
         drifting.plot("pie")
 
 
-@pytest.mark.xfail(
-    reason="needs `from . import render` in normdoctor/__init__.py (the package wires its layers)",
-    strict=False,
-)
 def test_report_plot_works_after_import_normdoctor_alone(
     drifting: ScanReport, tmp_path: Path
 ) -> None:

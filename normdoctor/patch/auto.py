@@ -22,13 +22,15 @@ from ..convert.core import has_running_stats
 from ..convert.record import record, records
 from ..convert.select import resolve, split_options
 from ..convert.targets import BATCHSTATS, RECALIBRATE, RENORM
-from ..errors import DataError
+from ..errors import ConversionError, DataError
 from ..report import ScanReport
 from ..scan import path_outcomes, scan
 from ..search import agreement as search_agreement
 from ..search import divergence as search_divergence
+from ..sources import Scannable
 from ..sources.torch import Probe, default_forward, model_device_dtype, output_tensor, to_device
 from .fix import apply_plan
+from .graph import apply_groups, is_graph
 from .recalibrate import Forward, batch_source
 
 __all__ = ["PatchCheck", "autopatch", "impact", "verify_patch"]
@@ -141,8 +143,8 @@ class PatchCheck:
 
 
 def verify_patch(
-    original: nn.Module,
-    patched: nn.Module,
+    original: nn.Module | Scannable,
+    patched: nn.Module | Scannable,
     data: Any,
     report: ScanReport,
     *,
@@ -218,7 +220,7 @@ def verify_patch(
 
 @preserved_globals()
 def autopatch(
-    model: nn.Module,
+    model: nn.Module | Scannable,
     data: Any,
     *,
     batch_size: int | None = None,
@@ -232,7 +234,7 @@ def autopatch(
     prior: float = 0.0,
     recalibrate_mode: str = "sequential",
     **scan_options: Any,
-) -> tuple[nn.Module, ScanReport, ScanReport]:
+) -> tuple[Any, ScanReport, ScanReport]:
     """Scan, apply each flagged layer's recommendation, scan again with the same batches.
 
     1. ``before = scan(model, data, ...)``.  Nothing flagged: a copy of the model is returned
@@ -271,8 +273,13 @@ def autopatch(
         recalibrate_mode: ``mode`` of :func:`recalibrate`.
         scan_options: more options of :func:`normdoctor.scan` (thresholds, device, forward...).
 
+    An :class:`~normdoctor.sources.onnx.OnnxModel` goes through the same scan, plan and
+    verification; its flagged nodes are rewritten by the graph itself (``renorm`` as
+    ``batchstats``; no ``minimal`` ranking, which switches modules one at a time).
+
     Returns:
-        ``(patched_model, before, after)``; the patched model carries ``normdoctor_conversions``.
+        ``(patched_model, before, after)``; a patched PyTorch model carries
+        ``normdoctor_conversions``.
     """
     if renorm_as not in (BATCHSTATS, RENORM, "skip"):
         raise ValueError(f"renorm_as must be 'batchstats', 'renorm' or 'skip', got {renorm_as!r}")
@@ -285,10 +292,16 @@ def autopatch(
         group_by=group_by,
         max_batches=max_batches,
     )
+    graph = is_graph(model)
+    if graph and renorm_as == RENORM:
+        raise ConversionError("renorm needs fine-tuning, which an ONNX graph cannot do")
+    if graph and minimal:
+        raise ConversionError("minimal=True ranks layers by switching modules: PyTorch only")
     before = scan(model, data, **composition, **scan_options)
     if not before.flagged:
         unchanged = copy.deepcopy(model)
-        record(unchanged, [], records(model))
+        if isinstance(model, nn.Module) and isinstance(unchanged, nn.Module):
+            record(unchanged, [], records(model))
         return unchanged, before, before
     # Fix and verify under the composition the scan judged against (the search's reference).
     c = before.composition
@@ -328,6 +341,17 @@ def autopatch(
     fwd = scan_options.get("forward")
     run_device = scan_options.get("device")
     calib = data if calib_data is None else calib_data
+    if graph:
+        groups: dict[str, list[str]] = {}
+        for name, kind in plan.items():
+            groups.setdefault(kind, []).append(name)
+        rewrite = {"batch_size": composition["batch_size"] or 64, "max_batches": max_batches}
+        providers = scan_options.get("providers")
+        if providers is not None:
+            rewrite["providers"] = providers
+        patched_graph = apply_groups(model, groups, calib, rewrite)
+        return _verified(model, patched_graph, data, before, composition, scan_options, notes)
+    assert isinstance(model, nn.Module)
     recal_opts = {"mode": recalibrate_mode, "device": run_device}
 
     def build(names: Sequence[str]) -> nn.Module:
@@ -367,6 +391,22 @@ def autopatch(
                 )
                 break
     patched = full if chosen else copy.deepcopy(model)
+    return _verified(model, patched, data, before, composition, scan_options, notes)
+
+
+def _verified(
+    model: Any,
+    patched: Any,
+    data: Any,
+    before: ScanReport,
+    composition: dict[str, Any],
+    scan_options: dict[str, Any],
+    notes: list[str],
+) -> tuple[Any, ScanReport, ScanReport]:
+    """Scan ``patched`` again under ``composition`` and measure it against ``model``."""
+    fwd = scan_options.get("forward")
+    run_device = scan_options.get("device")
+    max_batches = composition.get("max_batches")
     after = scan(patched, data, **composition, **scan_options)
     check = verify_patch(
         model,

@@ -30,6 +30,7 @@ from ..convert.targets import AUTO, CONVERSIONS, INSTANCE, RECALIBRATE, TARGETS
 from ..errors import ConversionError, DataError
 from ..report import ScanReport
 from ..sources.torch import Probe, default_forward, model_device_dtype, to_device
+from .graph import is_graph, patch_graph
 from .recalibrate import Forward, batch_source, recalibrate
 
 __all__ = ["apply_plan", "input_shapes", "patch"]
@@ -80,7 +81,9 @@ def patch(
 
     Args:
         model: the model; with ``inplace=False`` (default) it is deep-copied first and never
-            modified.
+            modified.  An :class:`~normdoctor.sources.onnx.OnnxModel` is rewritten into a new
+            graph (``recalibrate``, ``instance``, ``batchstats``; options ``batch_size``,
+            ``max_batches``, ``progress``, ``providers``).
         to: the conversion.
         layers: which layers: ``None`` (every BatchNorm with running statistics; for
             ``"instance"`` also tracked InstanceNorm, for ``"recalibrate"`` every layer with
@@ -111,6 +114,8 @@ def patch(
         ConversionError: a layer cannot be converted (named in the message); nothing changed.
         DataError: ``"recalibrate"`` without data, or data that never reaches a layer.
     """
+    if is_graph(model):  # an ONNX graph rewrites itself
+        return patch_graph(model, to, layers, data, options)
     if to not in (*TARGETS, AUTO):
         raise ConversionError(f"to must be one of {', '.join((*TARGETS, AUTO))}; got {to!r}")
     plan = resolve(model, layers, to)

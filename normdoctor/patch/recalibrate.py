@@ -297,7 +297,7 @@ def _measure(
                 error = exc
             if sharded:
                 _dist.raise_if_any_failed(error)
-                _dist.merge_recorders(list(probe._recorders[path].values()))
+                _dist.merge_recorders(probe.recorders(path))
                 keys = ["__batches__", *(layer.name for layer in layers)]  # same on every rank
                 summed = _dist.all_reduce_sums(
                     {k: torch.tensor(float(v)) for k, v in counts.items()}, keys
@@ -328,8 +328,8 @@ def _normalize_with_measured(probe: Probe, path: str, modules: dict[str, nn.Modu
     deletes the instance attribute again).
     """
     swapped = []
-    recorders = probe._recorders[path]
-    for name, rec in recorders.items():
+    for layer in probe.layers:
+        name, rec = layer.name, probe.recorder(path, layer.name)
         module = modules[name]
         if type(module) not in BATCH_NORMS.values() or "forward" in module.__dict__:
             continue

@@ -23,10 +23,28 @@ from torch.utils._pytree import tree_map
 
 from .. import _fused
 from ..batching import Batch, first_tensor
-from ..layers import BATCH_DEPENDENT, NormFamily, NormLayer, norm_family
-from ..recording import PATHS, LayerMeasurement, PathName, Recorder, Scratch
+from ..errors import ScanError
+from ..layers import BATCH_DEPENDENT, NormFamily, NormLayer, find_norm_layers, norm_family
+from ..recording import (
+    PATHS,
+    LayerMeasurement,
+    NormState,
+    PathName,
+    Recorder,
+    Scratch,
+    module_state,
+)
+from ..report import ScanReport
 
-__all__ = ["Probe", "default_forward", "model_device_dtype", "output_tensor", "to_device"]
+__all__ = [
+    "Probe",
+    "TorchSession",
+    "TorchSource",
+    "default_forward",
+    "model_device_dtype",
+    "output_tensor",
+    "to_device",
+]
 
 
 Forward = Callable[[nn.Module, Any], Any]
@@ -265,3 +283,122 @@ class Probe:
     def results(self, path: PathName) -> dict[str, LayerMeasurement | None]:
         """Per layer name, what ``path`` recorded (``None``: the layer never ran)."""
         return {name: rec.finish() for name, rec in self._recorders[path].items()}
+
+    def recorders(self, path: PathName | None = None) -> list[Recorder]:
+        """The recorders of ``path`` (default: of every path, path by path) in layer order:
+        what the exact merge over ranks combines."""
+        paths = self.paths if path is None else (path,)
+        return [r for p in paths for r in self._recorders[p].values()]
+
+    def recorder(self, path: PathName, name: str) -> Recorder:
+        """The recorder of layer ``name`` on ``path``."""
+        return self._recorders[path][name]
+
+
+class TorchSession:
+    """One recording stage on an ``nn.Module`` (see :class:`normdoctor.sources.Session`)."""
+
+    def __init__(self, source: TorchSource, paths: Sequence[PathName]) -> None:
+        self.source = source
+        self.probe = Probe(source.model, source.layers, paths)
+        self.order: list[str] = self.probe.order
+        self.single_value: dict[str, int] = self.probe.single_value
+        self.notes: list[str] = []
+
+    def __enter__(self) -> TorchSession:
+        self._grad = torch.no_grad()
+        self._grad.__enter__()
+        try:
+            self.probe.__enter__()
+        except BaseException:
+            self._grad.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.probe.__exit__(*exc)
+        finally:
+            self._grad.__exit__(*exc)
+
+    def prepare(self, batch: Batch) -> Batch:
+        return to_device(batch, self.source.target, self.source.dtype)
+
+    def run(self, path: PathName, batch: Batch, index: int) -> Any:
+        probe = self.probe
+        try:
+            with probe.path(path):
+                return self.source.forward(self.source.model, batch.inputs)
+        except Exception as exc:  # the model's own error, with where it happened
+            where = f" after norm layer {probe.last_layer!r}" if probe.last_layer else ""
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise ScanError(
+                f"forward failed on batch {index} ({path} path){where}: "
+                f"{type(exc).__name__}: {first}"
+            ) from exc
+        except SystemExit as exc:  # the model's code tried to end the process
+            raise ScanError(
+                f"forward failed on batch {index} ({path} path): the model called "
+                f"sys.exit({exc.code})"
+            ) from exc
+
+    def results(self, path: PathName) -> dict[str, LayerMeasurement | None]:
+        return self.probe.results(path)
+
+    def recorders(self) -> list[Recorder]:
+        return self.probe.recorders()
+
+
+class TorchSource:
+    """An ``nn.Module`` as a scan source (see :class:`normdoctor.sources.Source`).
+
+    Args:
+        model: the model; left exactly as it was.
+        forward: ``forward(model, inputs) -> output`` (default :func:`default_forward`).
+        device: run there (the model is moved there and back); default: where it is.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        forward: Forward | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.model = model
+        self.name = type(model).__name__
+        self.forward: Forward = forward or default_forward
+        self.layers: list[NormLayer] = find_norm_layers(model)
+        self.modules = dict(model.named_modules())
+        self.home, self.dtype = model_device_dtype(model)
+        self.target = torch.device(device) if device is not None else self.home
+        self.measures = bool(self.layers)  # batch-independent layers' order is measured too
+        self.folded = False
+
+    def notes(self) -> list[str]:
+        unmaterialized = [layer.name for layer in self.layers if not layer.materialized]
+        if unmaterialized:  # saving their state would fail; a forward would materialize them
+            raise ScanError(
+                f"lazy layer(s) never materialized: {', '.join(unmaterialized)}; run one "
+                "forward pass of the model first"
+            )
+        return list(getattr(self.model, "normdoctor_load_notes", ()))  # what loading decided
+
+    def states(self) -> dict[str, NormState]:
+        return {layer.name: module_state(self.modules[layer.name]) for layer in self.layers}
+
+    @contextmanager
+    def placed(self) -> Iterator[None]:
+        if self.target != self.home:
+            self.model.to(self.target)
+        try:
+            yield
+        finally:
+            if self.target != self.home:
+                self.model.to(self.home)
+
+    def session(self, paths: Sequence[PathName]) -> TorchSession:
+        return TorchSession(self, paths)
+
+    def finish(self, report: ScanReport) -> ScanReport:
+        return report

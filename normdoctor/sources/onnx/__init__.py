@@ -2,8 +2,9 @@
 
 One statistics and metrics pipeline serves every source (DESIGN.md): a graph delivers the input
 of each ``BatchNormalization`` node by exposing it as an extra graph output and running
-onnxruntime; the numbers go through the same :class:`~normdoctor.probe.Recorder` and
-:func:`~normdoctor.scan.assemble_report` as a PyTorch model's.
+onnxruntime (:mod:`.source`); the numbers go through the same
+:class:`~normdoctor.recording.Recorder` and the same driver (:func:`normdoctor.scan.scan`) as a
+PyTorch model's.
 
 Importing this package never imports onnx; asking for :class:`OnnxModel` does, and raises
 :class:`OnnxUnavailableError` (a :class:`~normdoctor.errors.LoadError` and an ``ImportError``)

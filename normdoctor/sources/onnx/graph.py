@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -86,7 +87,8 @@ def data_inputs(graph: GraphProto) -> list[onnx.ValueInfoProto]:
     return [i for i in graph.input if i.name not in inits]
 
 
-def _attr(node: NodeProto, name: str, default: object) -> object:
+def _attr(node: NodeProto, name: str, default: Any) -> Any:
+    """The value of attribute ``name`` (its Python type depends on the attribute)."""
     for a in node.attribute:
         if a.name == name:
             return onnx.helper.get_attribute_value(a)
@@ -317,8 +319,9 @@ def _describe(
         if consts is not None and (arr := consts.get(value)) is not None:
             return int(arr.size)
         dims = shapes.dims.get(value)
-        if dims is not None and all(isinstance(d, int) for d in dims):
-            return int(np.prod(dims)) if dims else 1
+        ints = [d for d in dims if isinstance(d, int)] if dims is not None else []
+        if dims is not None and len(ints) == len(dims):
+            return int(np.prod(ints)) if ints else 1
         return 0
 
     eps = _f32(float(_attr(node, "epsilon", 1e-5)))

@@ -20,12 +20,9 @@ Opset 6 and older
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +38,11 @@ from ...errors import ConversionError, DataError, LoadError, NormDoctorError, Sc
 from ...layers import NormFamily, NormLayer, select_layers
 from ...metrics import DEFAULT_NONIID_THRESHOLD, DEFAULT_THRESHOLD
 from ...outputs import Outputs
-from ...recording import PATHS, LayerMeasurement, NormState, Recorder
-from ...report import LayerStatus, ScanReport
+from ...recording import PATHS
+from ...report import ScanReport
 from ...scan import (
     DEFAULT_AGREEMENT_THRESHOLD,
     DEFAULT_DIVERGENCE_THRESHOLD,
-    EndToEndMeter,
-    assemble_report,
 )
 from ...stats import Moments, channel_moments
 from .graph import (
@@ -66,12 +61,14 @@ from .rewrite import (
     copy_model,
     dynamic_dims,
     feed_running_stats,
+    node_index,
     replace_nodes,
     set_running_stats,
     subgraph_reads,
     to_instance_nodes,
 )
 from .runner import Engine
+from .source import GraphAnalysis, OnnxSource, first_line
 
 __all__ = ["PATCHES", "OnnxModel"]
 
@@ -80,14 +77,6 @@ PATCHES = ("recalibrate", "instance", "batchstats")
 _METADATA_KEY = "normdoctor.patches"
 Progress = Callable[[int, int | None], None]
 _LARGE = 1_800_000_000  # bytes: above this a model is written with external data
-
-
-@dataclass(frozen=True, slots=True)
-class _Analysis:
-    run_model: ModelProto
-    shapes: Shapes
-    nodes: tuple[NormNode, ...]
-    notes: tuple[str, ...]
 
 
 class OnnxModel:
@@ -113,7 +102,7 @@ class OnnxModel:
         self.history = tuple(history)
         self._protected = frozenset(protected)
         self._external_data = external_data
-        self._analysis_cache: _Analysis | None = None
+        self._analysis_cache: GraphAnalysis | None = None
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
@@ -130,7 +119,7 @@ class OnnxModel:
         try:
             proto = onnx.load(str(p), load_external_data=False)
         except Exception as exc:
-            raise LoadError(f"{p}: not a readable ONNX model ({_first_line(exc)})") from exc
+            raise LoadError(f"{p}: not a readable ONNX model ({first_line(exc)})") from exc
         if not proto.graph.node and not proto.graph.output:
             raise LoadError(f"{p}: not an ONNX model (no graph)")
         base = p.resolve().parent
@@ -141,7 +130,7 @@ class OnnxModel:
             try:
                 onnx.external_data_helper.load_external_data_for_model(proto, str(base))
             except Exception as exc:
-                raise LoadError(f"{p}: cannot read its external data ({_first_line(exc)})") from exc
+                raise LoadError(f"{p}: cannot read its external data ({first_line(exc)})") from exc
         return cls(proto, path=p, protected=protected, external_data=bool(files))
 
     # -- analysis --------------------------------------------------------------------------
@@ -150,7 +139,7 @@ class OnnxModel:
         """The opset of the default (ai.onnx) domain."""
         return default_opset(self.proto)
 
-    def _analysis(self) -> _Analysis:
+    def analysis(self) -> GraphAnalysis:
         if self._analysis_cache is None:
             notes = []
             run_model = self.proto
@@ -165,7 +154,7 @@ class OnnxModel:
                 except Exception as exc:
                     notes.append(
                         f"opset {self.opset} graph could not be upgraded for onnxruntime "
-                        f"({_first_line(exc)}); scans may fail"
+                        f"({first_line(exc)}); scans may fail"
                     )
             # Families follow the file's own opset (BatchNormalization-6 without is_test is in
             # training mode); values and shapes come from the graph onnxruntime runs.
@@ -183,7 +172,7 @@ class OnnxModel:
                 )
             if not nodes:
                 found_notes = found_notes or ["no normalization nodes in the graph"]
-            self._analysis_cache = _Analysis(
+            self._analysis_cache = GraphAnalysis(
                 run_model, shapes, tuple(nodes), tuple(found_notes + notes)
             )
         return self._analysis_cache
@@ -195,15 +184,15 @@ class OnnxModel:
         inside If/Loop/Scan bodies come last, named ``<parent>/<attribute>/<node>``, listed but
         never scanned.  ``momentum`` is converted to PyTorch's convention (1 - ONNX momentum).
         """
-        return [rec.layer for rec in self._analysis().nodes]
+        return [rec.layer for rec in self.analysis().nodes]
 
     def norm_nodes(self) -> list[NormNode]:
         """The discovery records behind :meth:`find_norm_layers` (inputs, constants, scope)."""
-        return list(self._analysis().nodes)
+        return list(self.analysis().nodes)
 
     def notes(self) -> list[str]:
         """What the graph itself tells: folded BatchNorm, nodes in subgraphs, unscannable nodes."""
-        a = self._analysis()
+        a = self.analysis()
         out = list(a.notes)
         out += [
             f"{rec.name}: {rec.why}"
@@ -219,7 +208,7 @@ class OnnxModel:
         (only those that are constants of the graph), values CPU tensors in the graph's dtype.
         """
         out: dict[str, torch.Tensor] = {}
-        for rec in self._analysis().nodes:
+        for rec in self.analysis().nodes:
             if not rec.is_batchnorm or rec.where is not None:
                 continue
             for role, key in (
@@ -245,7 +234,7 @@ class OnnxModel:
         """
         from ...checks import Finding, Severity, static_checks
 
-        a = self._analysis()
+        a = self.analysis()
         info = {
             rec.name: {"kind": rec.op_type, "eps": rec.layer.eps, "momentum": rec.layer.momentum}
             for rec in a.nodes
@@ -276,7 +265,7 @@ class OnnxModel:
     # -- running ---------------------------------------------------------------------------
     def run(self, inputs: Any, *, providers: Sequence[str] | None = None) -> list[np.ndarray]:
         """Plain inference (eval path) in onnxruntime: the graph outputs for one batch."""
-        a = self._analysis()
+        a = self.analysis()
         engine = Engine(a.run_model, {}, {}, a.shapes, providers=providers, label=self.name)
         feeds = engine.feeds(inputs)
         size = int(next(iter(feeds.values())).shape[0]) if feeds else 0
@@ -321,99 +310,49 @@ class OnnxModel:
             DataError: the data cannot be batched or does not fit the graph's inputs.
             ScanError: onnxruntime failed on a batch.
         """
-        paths = _validate(paths, threshold)
-        plan = plan_batches(
+        from ...scan import scan  # the one driver for every source
+
+        if stated:
+            return scan(
+                self,
+                data,
+                train_batch_size=batch_size,
+                train_group_by=group_by,
+                shuffle=shuffle,
+                seed=seed,
+                max_batches=max_batches,
+                paths=paths,
+                threshold=threshold,
+                noniid_threshold=noniid_threshold,
+                agreement_threshold=agreement_threshold,
+                divergence_threshold=divergence_threshold,
+                progress=progress,
+                model_name=model_name,
+                providers=providers,
+                search=False,
+            )
+        return scan(
+            self,
             data,
             batch_size=batch_size,
             shuffle=shuffle,
             seed=seed,
             group_by=group_by,
             max_batches=max_batches,
-        )
-        a = self._analysis()
-        name = model_name or self.name
-        notes = list(a.notes)
-        layers = [rec.layer for rec in a.nodes]
-        measured = [rec for rec in a.nodes if rec.measurable]
-        if not layers:
-            notes.append("no normalization layers found in the model: nothing can drift")
-            warnings.warn(f"{name}: no normalization layers found; nothing to scan", stacklevel=2)
-        for rec in a.nodes:
-            if rec.where is None and rec.is_batchnorm and rec.why and not rec.measurable:
-                notes.append(f"{rec.name}: {rec.why}")
-        engine = Engine(
-            a.run_model,
-            {"train": _train_variant(measured, a.shapes)},
-            {rec.name: rec.inputs["x"] for rec in measured},
-            a.shapes,
-            providers=providers,
-            label=name,
-        )
-        recorders = {
-            p: {
-                rec.name: Recorder(
-                    rec.layer, _t(rec.state["mean"]), _t(rec.state["var"]), _t(rec.state["scale"])
-                )
-                for rec in measured
-            }
-            for p in paths
-        }
-        sizes: list[int] = []
-        e2e = EndToEndMeter()
-        if measured or progress is not None:
-            for i, batch in enumerate(plan.batches):
-                feeds = engine.feeds(batch.inputs)
-                sizes.append(batch.size)
-                outs: dict[str, torch.Tensor | None] = {}
-                for path in paths:
-                    try:
-                        out, taps = engine.run(path, feeds, batch.size)
-                    except NormDoctorError:
-                        raise
-                    except Exception as exc:
-                        raise ScanError(
-                            f"onnxruntime failed on batch {i} ({path} path): {_first_line(exc)}"
-                        ) from exc
-                    for key, value in taps.items():
-                        recorders[path][key].observe(torch.from_numpy(np.asarray(value)))
-                    outs[path] = torch.from_numpy(np.asarray(out[0])) if out else None
-                if len(outs) == 2:
-                    e2e.update(outs["train"], outs["eval"], batch.labels, batch.size)
-                if progress is not None:
-                    progress(i + 1, plan.total)
-        if measured and not sizes:
-            raise DataError("the data yielded no batches")
-        notes.extend(engine.notes)
-        results: dict[str, dict[str, LayerMeasurement | None]] = {
-            p: {key: rec.finish() for key, rec in recorders[p].items()} for p in paths
-        }
-        order = [rec.name for rec in a.nodes if rec.where is None] if sizes else []
-        composition = plan.composition(sizes)
-        report = assemble_report(
-            model_name=name,
-            layers=layers,
-            states={rec.name: _state(rec) for rec in a.nodes},
-            results=results,
-            order=order,
-            end_to_end=e2e.result(),
-            composition=composition,
             paths=paths,
             threshold=threshold,
             noniid_threshold=noniid_threshold,
             agreement_threshold=agreement_threshold,
             divergence_threshold=divergence_threshold,
-            notes=notes,
-            stated=stated,
-            folded=any("folded at export, nothing to measure" in n for n in notes),
+            progress=progress,
+            model_name=model_name,
+            providers=providers,
+            search=False,
         )
-        why = {rec.name: rec.why for rec in a.nodes if rec.why and not rec.measurable}
-        fixed = tuple(
-            dataclasses.replace(r, reason=why[r.name])
-            if r.name in why and r.status is LayerStatus.NOT_EXECUTED
-            else r
-            for r in report.layers
-        )
-        return dataclasses.replace(report, layers=fixed)
+
+    def as_source(self, *, providers: Sequence[str] | None = None) -> OnnxSource:
+        """This graph as the scan driver runs it (:class:`~normdoctor.sources.onnx.source.OnnxSource`)."""
+        return OnnxSource(self.name, self.analysis(), providers=providers)
 
     # -- rewrites --------------------------------------------------------------------------
     def patch(
@@ -451,7 +390,7 @@ class OnnxModel:
         """
         if to not in PATCHES:
             raise ConversionError(f"unknown patch {to!r}: expected one of {', '.join(PATCHES)}")
-        a = self._analysis()
+        a = self.analysis()
         batchnorms = [rec for rec in a.nodes if rec.is_batchnorm]
         if not batchnorms:
             reason = next((n for n in a.notes if n.startswith("no BatchNormalization")), None)
@@ -498,7 +437,7 @@ class OnnxModel:
         else:
             replacements = {}
             for rec in targets:
-                node = new.graph.node[_index(new, rec.output)]
+                node = new.graph.node[node_index(new, rec.output)]
                 if to == "instance":
                     replacements[rec.output] = to_instance_nodes(
                         new, node, shapes, names, rec.layer.eps
@@ -520,7 +459,7 @@ class OnnxModel:
             onnx.checker.check_model(new)
         except Exception as exc:
             raise ConversionError(
-                f"{self.name}: the rewritten graph fails onnx.checker ({_first_line(exc)})"
+                f"{self.name}: the rewritten graph fails onnx.checker ({first_line(exc)})"
             ) from exc
         patched = OnnxModel(
             new,
@@ -542,7 +481,7 @@ class OnnxModel:
         progress: Progress | None,
         providers: Sequence[str] | None,
     ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int]:
-        a = self._analysis()
+        a = self.analysis()
         base = copy_model(a.run_model)
         fed = feed_running_stats(base, [rec.output for rec in targets], Names(base))
         depth = _depths(base, {rec.output for rec in targets})
@@ -589,7 +528,7 @@ class OnnxModel:
                     raise
                 except Exception as exc:
                     raise ScanError(
-                        f"onnxruntime failed while recalibrating: {_first_line(exc)}"
+                        f"onnxruntime failed while recalibrating: {first_line(exc)}"
                     ) from exc
                 samples += batch.size
                 for out in layer_outputs:
@@ -616,7 +555,7 @@ class OnnxModel:
         (``var`` unbiased, as stored).  The values are written into the initializers, in their
         dtype.
         """
-        recs = {rec.name: rec for rec in self._analysis().nodes if rec.is_batchnorm}
+        recs = {rec.name: rec for rec in self.analysis().nodes if rec.is_batchnorm}
         unknown = sorted(set(stats) - {n for n, r in recs.items() if r.where is None})
         if unknown:
             raise ConversionError(f"no BatchNormalization node of the main graph named {unknown}")
@@ -693,7 +632,7 @@ class OnnxModel:
         try:
             onnx.checker.check_model(self.proto)
         except Exception as exc:
-            raise ConversionError(f"{self.name}: fails onnx.checker ({_first_line(exc)})") from exc
+            raise ConversionError(f"{self.name}: fails onnx.checker ({first_line(exc)})") from exc
         external = self._external_data or self.proto.ByteSize() > _LARGE
         location = resolved.parent / f"{resolved.name}.data"
         if external and str(location) in self._protected:
@@ -728,57 +667,6 @@ class OnnxModel:
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
-
-
-def _t(value: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.array(value, copy=True)).reshape(-1)
-
-
-def _state(rec: NormNode) -> NormState:
-    scale = rec.state.get("scale")
-    weight = _t(scale) if scale is not None and np.ndim(scale) == 1 else None
-    mean, var = rec.state.get("mean"), rec.state.get("var")
-    return NormState(
-        _t(mean) if mean is not None else None,
-        _t(var) if var is not None else None,
-        weight,
-    )
-
-
-def _validate(paths: Sequence[str], threshold: float) -> tuple[str, ...]:
-    if isinstance(paths, str):
-        paths = tuple(p.strip() for p in paths.split(","))
-    paths = tuple(dict.fromkeys(paths))
-    if not paths or any(p not in PATHS for p in paths):
-        raise ValueError(f"paths must be a non-empty subset of {PATHS}, got {paths!r}")
-    if not (threshold > 0):
-        raise ValueError(f"threshold must be positive, got {threshold!r}")
-    return paths
-
-
-def _index(model: ModelProto, output: str) -> int:
-    for i, node in enumerate(model.graph.node):
-        if node.output and node.output[0] == output:
-            return i
-    raise ConversionError(f"no node of the main graph produces {output!r}")
-
-
-def _train_variant(measured: Sequence[NormNode], shapes: Shapes) -> Callable[[ModelProto], None]:
-    def prepare(model: ModelProto) -> None:
-        names = Names(model)
-        opset = default_opset(model)
-        replacements = {}
-        for rec in measured:
-            node = model.graph.node[_index(model, rec.output)]
-            replacements[rec.output] = batchstats_nodes(
-                model, node, shapes, names, rec.layer.eps, opset
-            )
-        replace_nodes(model, replacements)
-
-    return prepare
 
 
 def _depths(model: ModelProto, targets: set[str]) -> dict[str, int]:

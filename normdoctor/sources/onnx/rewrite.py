@@ -7,14 +7,14 @@ reads the replaced node's inputs (defined earlier) and produces its outputs.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from ...errors import ConversionError
-from .graph import Shapes, data_inputs, iter_nodes, subgraphs
+from .graph import NormNode, Shapes, data_inputs, default_opset, iter_nodes, subgraphs
 
 __all__ = [
     "BATCH_DIM",
@@ -24,10 +24,12 @@ __all__ = [
     "copy_model",
     "dynamic_dims",
     "feed_running_stats",
+    "node_index",
     "relax_batch",
     "replace_nodes",
     "set_running_stats",
     "to_instance_nodes",
+    "train_variant",
 ]
 
 BATCH_DIM = "normdoctor_batch"
@@ -282,7 +284,7 @@ def feed_running_stats(
     """In place: each listed BatchNormalization reads its running statistics from new graph
     inputs.  Returns, per node output, the (mean, var) input names to feed."""
     g = model.graph
-    fed = {}
+    fed: dict[str, tuple[str, str]] = {}
     for output in outputs:
         node = g.node[_find(model, output)]
         pair = []
@@ -374,3 +376,28 @@ def subgraph_reads(node: NodeProto) -> set[str]:
         for inner in iter_nodes(body):
             found.update(i for i in inner.input if i)
     return found
+
+
+def node_index(model: ModelProto, output: str) -> int:
+    for i, node in enumerate(model.graph.node):
+        if node.output and node.output[0] == output:
+            return i
+    raise ConversionError(f"no node of the main graph produces {output!r}")
+
+
+def train_variant(measured: Sequence[NormNode], shapes: Shapes) -> Callable[[ModelProto], None]:
+    """The rewrite that turns a graph into its train path: each measured BatchNormalization
+    normalizes with the current batch's mean and biased variance (running statistics unused)."""
+
+    def prepare(model: ModelProto) -> None:
+        names = Names(model)
+        opset = default_opset(model)
+        replacements = {}
+        for rec in measured:
+            node = model.graph.node[node_index(model, rec.output)]
+            replacements[rec.output] = batchstats_nodes(
+                model, node, shapes, names, rec.layer.eps, opset
+            )
+        replace_nodes(model, replacements)
+
+    return prepare

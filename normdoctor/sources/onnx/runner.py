@@ -25,7 +25,7 @@ import onnx
 import torch
 from onnx import ModelProto, helper
 
-from ...errors import DataError
+from ...errors import CompositionError, DataError
 from .graph import Shapes, data_inputs, static_dim
 from .rewrite import add_outputs, copy_model, relax_batch
 
@@ -180,7 +180,7 @@ class Engine:
             return self._raw(variant, True, {**feeds, **extra})
         if variant in self.per_sample and size % self.fixed == 0:
             return self._chunked(variant, feeds, extra, size)
-        raise DataError(self._refusal(variant, size))
+        raise CompositionError(self._refusal(variant, size))
 
     def _chunked(
         self,

@@ -1,0 +1,632 @@
+"""From measurements to a report: per-layer scores, the end-to-end comparison, the verdict.
+
+Whatever source recorded them (:mod:`normdoctor.sources`), the driver (:mod:`normdoctor.scan`)
+hands this module the per-layer :class:`~normdoctor.recording.LayerMeasurement` of each path,
+the stored states and the paired end-to-end comparison; :func:`assemble_report` scores every
+layer, judges the model from the evidence (:mod:`normdoctor.verdict`) and builds the
+:class:`~normdoctor.report.ScanReport`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import distributed as _dist
+from ._version import __version__
+from .errors import DataError
+from .layers import NormFamily, NormLayer
+from .metrics import (
+    DEFAULT_NONIID_THRESHOLD,
+    DEFAULT_THRESHOLD,
+    Recommendation,
+    layer_score,
+    mismatch_sq,
+    recommend,
+)
+from .recording import LayerMeasurement, NormState
+from .report import (
+    Candidate,
+    Composition,
+    EndToEnd,
+    Evidence,
+    LayerReport,
+    LayerStatus,
+    PathReport,
+    ScanReport,
+    Verdict,
+    finite_or_none,
+    floats,
+)
+from .search import (
+    Spec,
+)
+from .sources.torch import output_tensor
+from .verdict import ALPHA, judge, mcnemar_p, paired_z_p
+
+__all__ = [
+    "DEFAULT_AGREEMENT_THRESHOLD",
+    "DEFAULT_DIVERGENCE_THRESHOLD",
+    "EndToEndMeter",
+    "LossFn",
+    "assemble_report",
+    "not_measurable",
+    "sample_outcomes",
+    "single_evidence",
+    "unmeasured_reason",
+]
+
+
+#: Below this fraction of equal predictions between the two paths, eval mode harms a classifier.
+DEFAULT_AGREEMENT_THRESHOLD = 0.95
+#: Above this relative RMS output difference, eval mode harms a model that is not a classifier.
+DEFAULT_DIVERGENCE_THRESHOLD = 0.3
+
+Forward = Callable[[nn.Module, Any], Any]
+Progress = Callable[[int, int | None], None]
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def sample_outcomes(
+    out: torch.Tensor, labels: torch.Tensor | None, size: int, loss: LossFn | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Per-sample (prediction, correct, loss) of one path's output; None where not defined.
+
+    Predictions exist for classifier outputs (N, K > 1); ``correct`` for integer labels (N,);
+    ``loss`` for targets of the output's shape (mean squared error per sample) or, with
+    ``loss``, whatever per-sample loss it returns (averaged over non-batch dimensions).
+    """
+    pred = out.argmax(1) if out.dim() == 2 and out.shape[1] > 1 and out.shape[0] == size else None
+    if labels is None or labels.dim() == 0 or labels.shape[0] != size:
+        return pred, None, None
+    labels = labels.to(out.device)
+    if loss is not None:
+        value = loss(out, labels)
+        if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != size:
+            raise DataError(
+                "loss must return one loss per sample (shape (N,) or (N, ...), "
+                "as with reduction='none')"
+            )
+        return pred, None, value.detach().double().reshape(size, -1).mean(1)
+    if pred is not None and labels.dim() == 1 and not labels.is_floating_point():
+        return pred, pred == labels, None
+    if labels.is_floating_point() and labels.numel() == out.numel():
+        diff = out.detach().double() - labels.double().reshape(out.shape)
+        return pred, None, diff.square().reshape(size, -1).mean(1)
+    return pred, None, None
+
+
+class EndToEndMeter:
+    """Device-side sums comparing the outputs of both paths (one small tensor, one add a batch).
+
+    The keys a batch gives depend on what it allows (classifier output, labels, targets); the
+    accumulator keeps those every batch so far gave.
+    """
+
+    def __init__(self, loss: LossFn | None = None) -> None:
+        self._acc: torch.Tensor | None = None
+        self._keys: tuple[str, ...] = ()
+        self.loss = loss
+        self.batches = 0
+        self.samples = 0
+
+    @property
+    def sums(self) -> dict[str, torch.Tensor]:
+        if self._acc is None:
+            return {}
+        return dict(zip(self._keys, self._acc, strict=True))
+
+    def update(self, out_t: Any, out_e: Any, labels: torch.Tensor | None, size: int) -> None:
+        t, e = output_tensor(out_t), output_tensor(out_e)
+        if t is None or e is None or t.shape != e.shape:
+            return
+        self.batches += 1
+        self.samples += size
+        t64, e64 = t.detach().double(), e.detach().double()
+        finite = torch.isfinite(t64) & torch.isfinite(e64)
+        parts = {
+            "nonfinite": (~finite).sum(),
+            "diff": torch.where(finite, t64 - e64, 0.0).square().sum(),
+            "norm": torch.where(finite, t64, 0.0).square().sum(),
+        }
+        pred_t, correct_t, loss_t = sample_outcomes(t, labels, size, self.loss)
+        pred_e, correct_e, loss_e = sample_outcomes(e, labels, size, self.loss)
+        if pred_t is not None and pred_e is not None:
+            parts["agree"] = (pred_t == pred_e).sum()
+        if correct_t is not None and correct_e is not None:
+            parts.update(
+                correct_t=correct_t.sum(),
+                correct_e=correct_e.sum(),
+                t_only=(correct_t & ~correct_e).sum(),
+                e_only=(correct_e & ~correct_t).sum(),
+            )
+        if loss_t is not None and loss_e is not None:
+            ok = torch.isfinite(loss_t) & torch.isfinite(loss_e)
+            d = torch.where(ok, loss_e - loss_t, 0.0)
+            parts.update(
+                loss_n=ok.sum(),
+                loss_t=torch.where(ok, loss_t, 0.0).sum(),
+                loss_e=torch.where(ok, loss_e, 0.0).sum(),
+                loss_d2=d.square().sum(),
+            )
+        keys = tuple(parts)
+        values = torch.stack([v.to(torch.float64) for v in parts.values()])
+        if self._acc is None:
+            self._keys, self._acc = keys, values
+        elif keys == self._keys:
+            self._acc += values
+        else:  # a batch that allows fewer comparisons: keep the ones every batch gave
+            common = tuple(k for k in self._keys if k in parts)
+            old = self.sums
+            self._keys = common
+            self._acc = torch.stack([old[k] + parts[k].to(torch.float64) for k in common])
+
+    def all_reduce(self) -> None:
+        """Sum the comparison over ranks (torch.distributed); ranks keep the keys all gave."""
+        mine = dict(self.sums)
+        mine.update(
+            batches=torch.tensor(float(self.batches)), samples=torch.tensor(float(self.samples))
+        )
+        order = [
+            "nonfinite",
+            "diff",
+            "norm",
+            "agree",
+            "correct_t",
+            "correct_e",
+            "t_only",
+            "e_only",
+            "loss_n",
+            "loss_t",
+            "loss_e",
+            "loss_d2",
+            "batches",
+            "samples",
+        ]
+        merged = _dist.all_reduce_sums(mine, tuple(order))
+        self.batches = int(merged.pop("batches"))
+        self.samples = int(merged.pop("samples"))
+        present = [k for k in order if k in merged]
+        self._keys = tuple(present)
+        self._acc = (
+            torch.stack([merged[k].to(torch.float64).reshape(()) for k in present])
+            if present
+            else None
+        )
+
+    def result(self) -> EndToEnd | None:
+        if self.batches == 0 or self._acc is None:
+            return None
+        s = {k: float(v) for k, v in self.sums.items()}
+        n = self.samples
+        kwargs: dict[str, Any] = {}
+        if "correct_t" in s:
+            kwargs.update(
+                metric="accuracy",
+                acc_train=s["correct_t"] / n,
+                acc_eval=s["correct_e"] / n,
+                p_value=mcnemar_p(s["t_only"], s["e_only"]),
+            )
+        elif "loss_t" in s and s["loss_n"] > 0:
+            m = int(s["loss_n"])
+            kwargs.update(
+                metric="mse" if self.loss is None else "loss",
+                loss_train=s["loss_t"] / m,
+                loss_eval=s["loss_e"] / m,
+                p_value=paired_z_p(m, s["loss_e"] - s["loss_t"], s["loss_d2"]),
+            )
+        return EndToEnd(
+            batches=self.batches,
+            samples=n,
+            rel_divergence=finite_or_none(_relative(s["diff"], s["norm"])),
+            agreement=s["agree"] / n if "agree" in s else None,
+            acc_train=kwargs.pop("acc_train", None),
+            acc_eval=kwargs.pop("acc_eval", None),
+            nonfinite_outputs=int(s.get("nonfinite", 0)),
+            **kwargs,
+        )
+
+
+def _relative(diff: float, norm: float) -> float:
+    """sqrt(diff / norm): the relative RMS difference of two outputs."""
+    if norm > 0:
+        return math.sqrt(diff / norm)
+    return 0.0 if diff == 0 else math.inf
+
+
+def _floats(a: np.ndarray | torch.Tensor) -> tuple[float | None, ...]:
+    """A float64 vector as a tuple of floats, non-finite values as None (fast when all finite)."""
+    a = a.numpy() if isinstance(a, torch.Tensor) else a
+    values = a.tolist()
+    return tuple(values) if np.isfinite(a).all() else floats(values)
+
+
+def _path_report(m: LayerMeasurement, eps: float) -> PathReport:
+    # NumPy on CPU views: a few dozen operations on vectors of C floats per layer.  Degenerate
+    # running statistics (var < -eps, NaN) give NaN here, reported as null, not as warnings.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return _path_report_unchecked(m, eps)
+
+
+def _path_report_unchecked(m: LayerMeasurement, eps: float) -> PathReport:
+    w = m.weights.numpy()
+    rm, rv = m.running_mean.numpy(), m.running_var.numpy()
+    pm, pv = m.pooled.mean.numpy(), m.pooled.var.numpy()
+    channel_m2, scores = m.channel_m2.numpy(), m.unit_scores.numpy()
+    drift = finite_or_none(float(layer_score(channel_m2, w)))
+    finite = np.isfinite(scores)
+    if finite.any():
+        worst_idx = int(np.where(finite, scores, -math.inf).argmax())
+        worst = float(scores[worst_idx])
+    else:
+        worst_idx, worst = None, None
+    s_r = np.sqrt(rv + eps)
+    shift = finite_or_none(float(layer_score(mismatch_sq(pm, pv, rm, rv, eps), w)))
+    noise = finite_or_none(float(layer_score(m.noise_m2.numpy(), w)))
+    fit = finite_or_none(float(layer_score(m.fit_m2.numpy(), w)))
+    noniid = None
+    if m.noniid is not None:
+        ratio = m.noniid.numpy()
+        ok = np.isfinite(ratio) & (w > 0)
+        if ok.any():
+            values = np.sort(ratio[ok])
+            noniid = finite_or_none(float(values[(values.size - 1) // 2]))  # the lower median
+    mean_shift = (pm - rm) / s_r
+    var_log_ratio = 0.5 * np.log((pv + eps) / (rv + eps))
+    return PathReport(
+        batches=m.units,
+        samples=m.samples,
+        nonfinite_batches=m.nonfinite_units,
+        drift=drift,
+        drift_worst=finite_or_none(worst),
+        worst_batch=worst_idx,
+        shift=shift,
+        noise=noise,
+        noniid=noniid,
+        pooled_mean=_floats(pm),
+        pooled_var=_floats(pv),
+        channel_drift=_floats(np.sqrt(channel_m2)),
+        mean_shift=_floats(mean_shift),
+        var_log_ratio=_floats(var_log_ratio),
+        batch_drift=_floats(scores),
+        fit=fit,
+    )
+
+
+def _static_channels(state: NormState) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(dead channels with gamma ~ 0, degenerate channels with unusable running stats)."""
+    dead: tuple[int, ...] = ()
+    weight = state.weight
+    if isinstance(weight, torch.Tensor) and weight.numel():
+        g = np.abs(_numpy64(weight))
+        gmax = float(g.max()) if np.isfinite(g).all() else float(np.nanmax(g, initial=0.0))
+        dead = tuple(np.flatnonzero(g <= 1e-6 * gmax if gmax > 0 else g >= 0).tolist())
+    degenerate: tuple[int, ...] = ()
+    rm, rv = state.running_mean, state.running_var
+    if isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor):
+        m, v = _numpy64(rm), _numpy64(rv)
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(m) | ~np.isfinite(v) | (v <= 0)
+        degenerate = tuple(np.flatnonzero(bad).tolist())
+    return dead, degenerate
+
+
+def _numpy64(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float64).numpy()
+
+
+def _layer_report(
+    layer: NormLayer,
+    state: NormState,
+    measured: dict[str, LayerMeasurement | None],
+    order: int | None,
+    threshold: float,
+    noniid_threshold: float,
+    harmful: bool | None,
+) -> LayerReport:
+    base: dict[str, Any] = dict(
+        name=layer.name,
+        kind=layer.kind,
+        family=str(layer.family),
+        num_features=layer.num_features,
+        eps=layer.eps,
+        momentum=layer.momentum,
+        affine=layer.affine,
+        track_running_stats=layer.track_running_stats,
+        batch_dependent=layer.batch_dependent,
+        order=order,
+    )
+    if state.running_mean is not None and state.running_var is not None:
+        base["running_mean"] = _floats(_numpy64(state.running_mean))
+        base["running_var"] = _floats(_numpy64(state.running_var))
+    dead, degenerate = _static_channels(state)
+    base["dead_channels"], base["degenerate_channels"] = dead, degenerate
+    if not layer.batch_dependent:
+        return LayerReport(
+            **base,
+            executed=order is not None,
+            status=LayerStatus.NOT_MEASURED,
+            flagged=False,
+            recommendation=Recommendation.OK,
+            reason=unmeasured_reason(layer.family),
+        )
+    paths = {p: _path_report(m, layer.eps) for p, m in measured.items() if m is not None}
+    if not paths:
+        why = (
+            "lazy layer never materialized"
+            if not layer.materialized
+            else "no batch reached this layer"
+        )
+        return LayerReport(
+            **base,
+            executed=False,
+            status=LayerStatus.NOT_EXECUTED,
+            flagged=False,
+            recommendation=Recommendation.OK,
+            reason=why,
+        )
+    head_path = "train" if "train" in paths else "eval"
+    head, m = paths[head_path], measured[head_path]
+    assert m is not None
+    drift = head.drift if head.drift is not None else math.nan
+    # On the eval path a sample's layer input does not depend on its batch mates, so the spread
+    # of batch means tests batch composition alone; on the train path upstream BatchNorm layers
+    # pull every batch mean together and the ratio reads low.
+    noniid = paths["eval"].noniid if "eval" in paths else head.noniid
+    rec, reason = recommend(
+        drift=drift,
+        shift=head.shift if head.shift is not None else math.nan,
+        noise=head.noise if head.noise is not None else math.nan,
+        noniid=noniid,
+        per_sample=m.per_sample,
+        spatial=m.spatial,
+        degenerate=len(degenerate),
+        threshold=threshold,
+        noniid_threshold=noniid_threshold,
+    )
+    if layer.family is NormFamily.FROZEN and rec not in (
+        Recommendation.OK,
+        Recommendation.RECALIBRATE,
+    ):
+        # A frozen layer normalized with its running statistics in training too: batch noise
+        # never reached it, only a population shift can be wrong, and recalibration fixes that.
+        s = head.shift if head.shift is not None else math.nan
+        rec, reason = (
+            (Recommendation.RECALIBRATE, f"frozen: population shift {s:.3g} over {threshold:g}")
+            if s > threshold
+            else (
+                Recommendation.OK,
+                f"frozen (running statistics in training too): batch noise does not apply; "
+                f"shift {s:.3g}",
+            )
+        )
+    drifting = rec is not Recommendation.OK
+    if not drifting:
+        status, flagged = LayerStatus.OK, False
+    elif harmful is False and not degenerate:
+        status, flagged = LayerStatus.HARMLESS, False
+        reason = (
+            f"drift {drift:.3g}, but eval mode is not worse on this data; if it mattered: {rec}"
+        )
+        rec = Recommendation.OK
+    elif harmful is None and not degenerate:
+        status, flagged = LayerStatus.DRIFTS, False
+        reason = f"{reason}; whether eval mode is wrong is undetermined (if it is: {rec})"
+    else:
+        status, flagged = LayerStatus.FLAGGED, True
+    return LayerReport(
+        **base,
+        executed=True,
+        status=status,
+        flagged=flagged,
+        recommendation=rec,
+        reason=reason,
+        train=paths.get("train"),
+        eval=paths.get("eval"),
+    )
+
+
+def unmeasured_reason(family: NormFamily) -> str:
+    """Why a layer that is not measured is not (it is listed all the same)."""
+    if family is NormFamily.BATCH_STATS_ONLY:
+        return "uses batch statistics in train and eval mode: nothing to drift"
+    if family is NormFamily.BATCH_VAR:
+        return (
+            "batch-dependent (batch variance in training, running_var at inference, no "
+            "running_mean): not measured"
+        )
+    if family is NormFamily.BATCH_OTHER:
+        return "BatchNorm semantics in a class of its own: not measured"
+    return "batch-independent: same statistics in train and eval mode"
+
+
+def not_measurable(r: LayerReport) -> LayerReport:
+    """A layer that got one value per channel on the train path (its train-path numbers, if any
+    came from other batches, are kept)."""
+    if r.train is not None and r.train.batches:
+        return r
+    return dataclasses.replace(
+        r,
+        status=LayerStatus.NOT_MEASURABLE,
+        flagged=False,
+        recommendation=Recommendation.OK,
+        reason="one value per channel at this batch size (pooled features): BatchNorm cannot "
+        "normalize it in train mode, so the model was not trained this way; scan with larger "
+        "batches to measure it",
+        train=None,
+    )
+
+
+def single_evidence(e: EndToEnd | None, composition: Composition, stated: bool) -> Evidence | None:
+    """The evidence of a scan at one composition (no search): its paired comparison."""
+    if e is None:
+        return None
+    kind = (
+        "labels" if e.acc_train is not None else "targets" if e.loss_train is not None else "none"
+    )
+    quality = e.acc_train if kind == "labels" else e.loss_train
+    spec = Spec(composition.batch_size or 0, composition.group_by)
+    description = spec.description if composition.source != "batches" else composition.description
+    candidate = Candidate(
+        description=description,
+        batch_size=composition.batch_size,
+        group_by=composition.group_by,
+        samples=e.samples,
+        quality=quality,
+        agreement=e.agreement,
+        rel_divergence=e.rel_divergence,
+        p_value=e.p_value,
+    )
+    return Evidence(
+        kind=kind,
+        metric=e.metric,
+        higher_is_better=kind == "labels",
+        eval_quality=e.acc_eval if kind == "labels" else e.loss_eval,
+        reference=0,
+        stated=stated,
+        p_value=e.p_value,
+        candidates=(candidate,),
+    )
+
+
+def assemble_report(
+    *,
+    model_name: str,
+    layers: Sequence[NormLayer],
+    states: dict[str, NormState],
+    results: dict[str, dict[str, LayerMeasurement | None]],
+    order: Sequence[str],
+    end_to_end: EndToEnd | None,
+    composition: Composition,
+    paths: Sequence[str],
+    threshold: float = DEFAULT_THRESHOLD,
+    noniid_threshold: float = DEFAULT_NONIID_THRESHOLD,
+    agreement_threshold: float = DEFAULT_AGREEMENT_THRESHOLD,
+    divergence_threshold: float = DEFAULT_DIVERGENCE_THRESHOLD,
+    alpha: float = ALPHA,
+    notes: Sequence[str] = (),
+    evidence: Evidence | None = None,
+    stated: bool = False,
+    folded: bool = False,
+    unmeasurable: dict[str, int] | None = None,
+) -> ScanReport:
+    """Measurements to a judged :class:`ScanReport`; shared by every backend (torch, ONNX).
+
+    Args:
+        layers: every norm layer found (batch-independent ones included).
+        states: per layer name, its running statistics and gamma.
+        results: per path, per layer name, what a :class:`~normdoctor.probe.Recorder` measured.
+        order: layer names in execution order.
+        evidence: what the composition search found; default: the paired comparison of
+            ``end_to_end`` at ``composition`` (``stated``: training's composition, as stated).
+        folded: BatchNorm was folded into convolutions at export (nothing left to measure).
+        unmeasurable: per layer name, the train-path calls that held one value per channel.
+    """
+    notes = list(notes)
+    if evidence is None:
+        evidence = single_evidence(end_to_end, composition, stated)
+    if evidence is None:
+        harmful, why = None, "the two paths were not both run: nothing compares them end to end"
+    else:
+        harmful, why = judge(evidence, agreement_threshold, divergence_threshold, alpha)
+    position = {n: i for i, n in enumerate(order)}
+
+    def build(harm: bool | None, layer_threshold: float) -> list[LayerReport]:
+        return [
+            _layer_report(
+                layer,
+                states[layer.name],
+                {p: results.get(p, {}).get(layer.name) for p in paths},
+                position.get(layer.name),
+                layer_threshold,
+                noniid_threshold,
+                harm,
+            )
+            for layer in layers
+        ]
+
+    reports = build(harmful, threshold)
+    if unmeasurable:
+        reports = [not_measurable(r) if r.name in unmeasurable else r for r in reports]
+    measured = [r for r in reports if r.batch_dependent]
+    executed = [r for r in measured if r.executed]
+    drifting = [
+        r
+        for r in reports
+        if r.status in (LayerStatus.FLAGGED, LayerStatus.DRIFTS, LayerStatus.HARMLESS)
+    ]
+    if not layers:
+        status, why = (
+            (
+                Verdict.CANNOT_CHECK,
+                "BatchNorm folded into convolutions at export: nothing to measure",
+            )
+            if folded
+            else (Verdict.OK, "no normalization layers: nothing can drift")
+        )
+    elif not measured:
+        status = Verdict.CANNOT_CHECK if folded else Verdict.OK
+        why = (
+            "BatchNorm folded into convolutions at export: nothing to measure"
+            if folded
+            else "no batch-dependent normalization layers: nothing can drift"
+        )
+    elif not executed:
+        status, why = Verdict.NOT_MEASURABLE, "no batch-dependent layer could be measured"
+    elif harmful:
+        status = Verdict.HARMFUL
+        if not any(r.flagged for r in reports):
+            # Eval mode is worse although no layer passes the threshold: the drift compounds.
+            status = Verdict.COMPOUNDING
+            reports = build(True, 0.0)
+    elif harmful is False:
+        status = Verdict.HARMLESS if drifting else Verdict.OK
+    else:
+        status = Verdict.UNDETERMINED if drifting or evidence is not None else Verdict.OK
+        if status is Verdict.OK:
+            why = f"{len(executed)} batch-dependent layers within threshold {threshold:g}"
+    if status is Verdict.OK and harmful is False and not drifting and executed:
+        why = f"{len(executed)} batch-dependent layers within threshold {threshold:g}; {why}"
+    reports.sort(key=lambda r: (r.order is None, r.order if r.order is not None else 0))
+    for r in reports:
+        if r.train is not None and r.train.nonfinite_batches:
+            notes.append(
+                f"{r.name}: {r.train.nonfinite_batches} batch(es) with NaN/Inf inputs were skipped"
+            )
+        if r.degenerate_channels:
+            notes.append(
+                f"{r.name}: {len(r.degenerate_channels)} channel(s) with running_var <= 0, NaN or Inf"
+            )
+    if end_to_end is not None and end_to_end.nonfinite_outputs:
+        notes.append(
+            f"{end_to_end.nonfinite_outputs} NaN/Inf output values were left out of the comparison"
+        )
+    if status is Verdict.COMPOUNDING:
+        notes.append(
+            "outputs are worse in eval mode although no single layer exceeds the threshold: "
+            "the drift compounds; every layer carries its would-be fix"
+        )
+    return ScanReport(
+        normdoctor_version=__version__,
+        model=model_name,
+        composition=composition,
+        paths=tuple(paths),
+        threshold=threshold,
+        agreement_threshold=agreement_threshold,
+        divergence_threshold=divergence_threshold,
+        layers=tuple(reports),
+        end_to_end=end_to_end,
+        harmful=True if status.harmful else (False if harmful is False else None),
+        notes=tuple(notes),
+        status=status,
+        reason=why,
+        evidence=evidence,
+    )

@@ -43,6 +43,22 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.randint(0, 5, (100,), generator=gen)
 
 
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
+
+
+def onnx_model():
+    from normdoctor.sources.onnx import OnnxModel
+
+    return OnnxModel.load(SAMPLES / "healthy.onnx")
+
+
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    import numpy as np
+
+    d = np.load(SAMPLES / "data" / "test.npz")
+    return torch.from_numpy(d["inputs"]), torch.from_numpy(d["labels"])
+
+
 def run(rank: int, world: int, init_file: str, out_dir: str, mode: str) -> None:
     dist.init_process_group(
         "gloo",
@@ -74,6 +90,9 @@ def run(rank: int, world: int, init_file: str, out_dir: str, mode: str) -> None:
             )
             state = {k: v.tolist() for k, v in fixed.state_dict().items() if "running" in k}
             (out / f"rank{rank}.json").write_text(json.dumps(state))
+        elif mode == "onnx":  # the same driver shards an ONNX graph's scan
+            report = nd.scan(onnx_model(), digits(), batch_size=32, distributed=True)
+            (out / f"rank{rank}.json").write_text(report.to_json())
         else:
             report = nd.scan(m, data(), batch_size=8, distributed=True)  # 13 batches: 7 + 6
             (out / f"rank{rank}.json").write_text(report.to_json())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -61,6 +62,37 @@ def test_two_process_scan_equals_one_process_scan_with_uneven_shards(tmp_path):
     e0, e1 = r0.end_to_end, single.end_to_end
     assert e0.agreement == e1.agreement and e0.acc_eval == e1.acc_eval
     assert math.isclose(e0.rel_divergence, e1.rel_divergence, rel_tol=1e-9)
+
+
+@pytest.mark.onnx
+def test_an_onnx_scan_shards_like_a_torch_one(tmp_path):
+    """The one driver shards any source: two ranks over healthy.onnx equal one process."""
+    pytest.importorskip("onnxruntime")
+    from _dist_worker import digits, onnx_model
+
+    _spawn(tmp_path, "onnx")
+    assert not list(tmp_path.glob("*.error")), [p.read_text() for p in tmp_path.glob("*.error")]
+    single = nd.scan(onnx_model(), digits(), batch_size=32)
+    r0 = nd.ScanReport.from_json((tmp_path / "rank0.json").read_text())
+    r1 = nd.ScanReport.from_json((tmp_path / "rank1.json").read_text())
+    assert r0 == r1 and r0.composition == single.composition  # 12 batches of 32 and 8
+    assert r0.end_to_end.samples == 360 and r0.status == single.status
+    e0, e1 = r0.end_to_end, single.end_to_end
+    assert (e0.agreement, e0.acc_train, e0.acc_eval) == (e1.agreement, e1.acc_train, e1.acc_eval)
+    # float32 taps, float64 sums re-based onto one shift: the same to float32 rounding (1e-5).
+    for a, b in zip(r0.layers, single.layers, strict=True):
+        assert (a.flagged, a.recommendation) == (b.flagged, b.recommendation)
+        for path in ("train", "eval"):
+            pa, pb = getattr(a, path), getattr(b, path)
+            assert (pa.batches, pa.samples) == (pb.batches, pb.samples)
+            for field in ("pooled_mean", "pooled_var", "drift", "shift", "noise"):
+                np.testing.assert_allclose(
+                    np.asarray(getattr(pa, field), float),
+                    np.asarray(getattr(pb, field), float),
+                    rtol=1e-5,
+                    atol=1e-6,
+                    err_msg=f"{a.name} {path} {field}",
+                )
 
 
 def test_a_failing_rank_fails_every_rank_without_hanging(tmp_path):

@@ -1031,3 +1031,24 @@ def test_folded_count_stays_quiet_when_most_batchnorm_is_kept():
     assert note.startswith("no BatchNormalization left: folded at export, nothing to measure")
     assert "3 of 3 convolutions look folded" in note
     assert OnnxModel.load(SM / "healthy.onnx").notes() == []
+
+
+# -- fixes dispatch on the model --------------------------------------------------------------------
+def test_patch_and_autopatch_take_a_graph_and_verify_it(test_data):
+    """normdoctor.patch / autopatch rewrite an OnnxModel through the graph's own rewrites and
+    verify the result like a PyTorch model's (same scan, same paired measurement)."""
+    tiny = OnnxModel.load(SM / "tiny-batch.onnx")
+    fixed = normdoctor.patch(tiny, to="instance")
+    assert isinstance(fixed, OnnxModel) and fixed is not tiny
+    assert {r.op_type for r in fixed.norm_nodes()} == {"InstanceNormalization"}
+    assert {r.op_type for r in tiny.norm_nodes()} == {"BatchNormalization"}  # untouched
+    with pytest.raises(ConversionError, match="fine-tuning"):
+        normdoctor.patch(tiny, to="renorm")
+    patched, before, after = normdoctor.autopatch(tiny, test_data, train_batch_size=1)
+    assert before.status.harmful and not after.status.harmful
+    check = patched.normdoctor_verification
+    assert isinstance(patched, OnnxModel) and check.ok and check.metric == "accuracy"
+    assert check.after > check.before + 0.3  # 37% -> about 98% in eval mode, same samples
+    healthy = OnnxModel.load(SM / "healthy.onnx")
+    same, b, a = normdoctor.autopatch(healthy, test_data, batch_size=32)
+    assert a is b and not b.status.harmful and isinstance(same, OnnxModel)

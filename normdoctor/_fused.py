@@ -115,11 +115,11 @@ def use(choice: str | None = None) -> bool:
     if choice != "torch":
         try:
             _kernel = _build()
-        except ImportError:
+        except ImportError as exc:
             if choice == "numba":
                 raise NormDoctorError(
                     "the fused kernel needs numba, which does not import here: pip install numba"
-                ) from None
+                ) from exc
         except Exception as exc:  # a numba/LLVM failure must not stop a scan
             if choice == "numba":
                 raise NormDoctorError(f"the fused kernel failed to compile: {exc}") from exc

@@ -20,6 +20,7 @@ from torch import nn
 
 from . import distributed as _dist
 from ._version import __version__
+from .checks import DEAD_GAMMA_RTOL
 from .errors import DataError
 from .layers import NormFamily, NormLayer
 from .metrics import (
@@ -308,7 +309,7 @@ def _static_channels(state: NormState) -> tuple[tuple[int, ...], tuple[int, ...]
     if isinstance(weight, torch.Tensor) and weight.numel():
         g = np.abs(_numpy64(weight))
         gmax = float(g.max()) if np.isfinite(g).all() else float(np.nanmax(g, initial=0.0))
-        dead = tuple(np.flatnonzero(g <= 1e-6 * gmax if gmax > 0 else g >= 0).tolist())
+        dead = tuple(np.flatnonzero(g <= DEAD_GAMMA_RTOL * gmax if gmax > 0 else g >= 0).tolist())
     degenerate: tuple[int, ...] = ()
     rm, rv = state.running_mean, state.running_var
     if isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor):

@@ -297,7 +297,7 @@ def _rename_noreplace(src: str, dst: str) -> None:
         os.rename(src, dst)
     except OSError as exc:
         if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
-            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst) from None
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst) from exc
         raise
 
 
@@ -486,8 +486,8 @@ class Outputs:
     def _get(self, path: PathLike, folder: bool) -> _Output:
         try:
             out = self._outputs[os.fspath(path)]
-        except KeyError:
-            raise KeyError(f"{path} was not declared as an output") from None
+        except KeyError as exc:
+            raise KeyError(f"{path} was not declared as an output") from exc
         if out.folder != folder:
             raise TypeError(f"{out.label} was declared as a {'folder' if out.folder else 'file'}")
         return out
@@ -542,7 +542,7 @@ class Outputs:
         except (FileNotFoundError, NotADirectoryError):  # a missing or non-folder parent
             out.exists = False
         except OSError as exc:
-            raise OutputError(f"cannot write {out.path}: {_reason(exc)}") from None
+            raise OutputError(f"cannot write {out.path}: {_reason(exc)}") from exc
         else:
             out.exists = True
             out.dev_ino = (st.st_dev, st.st_ino)
@@ -760,12 +760,12 @@ class Outputs:
         if not os.path.lexists(out.real) or not out.force:
             try:
                 _rename_noreplace(tmp, out.real)
-            except FileExistsError:
+            except FileExistsError as exc:
                 if not out.force:
                     raise OutputExistsError(
                         f"output folder {out.path} appeared while this command worked (another "
                         "normdoctor run?); nothing was written"
-                    ) from None
+                    ) from exc
             else:
                 _forget(tmp)
                 out.staged = None

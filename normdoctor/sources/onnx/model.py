@@ -34,6 +34,7 @@ from onnx import ModelProto, TensorProto, numpy_helper
 from ..._version import __version__
 from ...batching import GroupBy, plan_batches
 from ...checks import Finding
+from ...convert.targets import BATCHSTATS, INSTANCE, RECALIBRATE
 from ...errors import ConversionError, DataError, LoadError, NormDoctorError, ScanError
 from ...layers import NormFamily, NormLayer, select_layers
 from ...metrics import DEFAULT_NONIID_THRESHOLD, DEFAULT_THRESHOLD
@@ -73,7 +74,7 @@ from .source import GraphAnalysis, OnnxSource, first_line
 __all__ = ["PATCHES", "OnnxModel"]
 
 #: Rewrites :meth:`OnnxModel.patch` knows.
-PATCHES = ("recalibrate", "instance", "batchstats")
+PATCHES = (RECALIBRATE, INSTANCE, BATCHSTATS)
 _METADATA_KEY = "normdoctor.patches"
 Progress = Callable[[int, int | None], None]
 _LARGE = 1_800_000_000  # bytes: above this a model is written with external data

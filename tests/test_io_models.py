@@ -650,11 +650,19 @@ def _manifest() -> dict:
     }
 
 
-def test_patched_checkpoint_needs_the_patch_module(tmp_path, monkeypatch):
+def test_patched_checkpoint_loads_without_the_fixes(tmp_path, monkeypatch):
+    """The loader rebuilds patched layers with normdoctor.convert (layer 2), never with the
+    fixes in normdoctor.patch (layer 6, which runs models)."""
+    from normdoctor.convert import save_patched
+    from normdoctor.patch import patch
+
+    patched = patch(DigitsCNN(), to="instance", layers="norm1")
+    save_patched(patched, tmp_path / "patched.pt")
+    monkeypatch.setitem(sys.modules, "normdoctor.patch", None)  # importing it would fail
+    rebuilt = load_model(tmp_path / "patched.pt", ARCH)
+    assert type(rebuilt.norm1) is type(patched.norm1)
+    assert rebuilt.normdoctor_conversions == patched.normdoctor_conversions
     torch.save({"normdoctor_patch": _manifest(), "state_dict": _sd(DigitsCNN())}, tmp_path / "p.pt")
-    monkeypatch.setitem(sys.modules, "normdoctor.patch", None)  # as if not installed
-    with pytest.raises(LoadError, match=r"apply_manifest"):
-        load_model(tmp_path / "p.pt", ARCH)
     ckpt = load_checkpoint(tmp_path / "p.pt")
     assert ckpt.format is CheckpointFormat.PATCHED and ckpt.manifest == _manifest()
     with pytest.raises(LoadError, match=r"--arch"):

@@ -24,6 +24,7 @@ from typing import Any, TypeGuard
 import torch
 from torch import nn
 
+from ..convert.manifest import MANIFEST_KEY, MANIFEST_VERSION, apply_manifest, check_file_manifest
 from ..errors import LoadError, UnsafeFileError, one_line
 from ._messages import listing
 from .arch import on_sys_path
@@ -63,8 +64,8 @@ WRAPPER_KEYS = (
 )
 #: Prefixes that wrappers add in front of every key: DataParallel/DDP and torch.compile.
 _WRAPPER_SEGMENTS = ("module.", "_orig_mod.")
-PATCH_KEY = "normdoctor_patch"
-PATCH_VERSION = 1
+PATCH_KEY = MANIFEST_KEY  # the old names of the manifest format (normdoctor.convert.manifest)
+PATCH_VERSION = MANIFEST_VERSION
 
 
 class CheckpointFormat(enum.StrEnum):
@@ -314,19 +315,11 @@ def _lightning_contents(obj: Mapping[str, Any], path: Path) -> Contents:
 
 
 def _patched_contents(obj: Mapping[str, Any], path: Path) -> Contents:
-    manifest = obj[PATCH_KEY]
-    if not isinstance(manifest, Mapping) or manifest.get("version") != PATCH_VERSION:
-        version = manifest.get("version") if isinstance(manifest, Mapping) else None
-        raise LoadError(
-            f"{path}: normdoctor patch manifest version {version!r} is not supported "
-            f"(this normdoctor reads version {PATCH_VERSION})"
-        )
-    if not isinstance(manifest.get("conversions"), list):
-        raise LoadError(f"{path}: the normdoctor patch manifest has no list of conversions")
+    manifest = check_file_manifest(obj[MANIFEST_KEY], path)
     sd = obj.get("state_dict")
     if not _is_tensor_dict(sd):
         raise LoadError(f"{path}: a normdoctor-patched checkpoint without a state_dict")
-    return Contents(CheckpointFormat.PATCHED, state_dict=_tensors_only(sd), manifest=dict(manifest))
+    return Contents(CheckpointFormat.PATCHED, state_dict=_tensors_only(sd), manifest=manifest)
 
 
 # ------------------------------------------------------------------------- torch.save files
@@ -536,20 +529,13 @@ def load_onnx_model(path: Path) -> Any:
 
 def apply_patch_manifest(model: nn.Module, manifest: dict[str, Any], path: Path) -> nn.Module:
     try:
-        from normdoctor.patch import apply_manifest
-    except ImportError:
-        raise LoadError(
-            f"{path} was patched by normdoctor, but normdoctor.patch.apply_manifest is not "
-            "available in this installation to rebuild the converted layers"
-        ) from None
-    try:
         rebuilt = apply_manifest(model, manifest)
     except LoadError:
         raise
     except Exception as exc:
         raise LoadError(
             f"{path}: rebuilding the patched layers failed: {type(exc).__name__}: {one_line(exc)}"
-        ) from None
+        ) from exc
     return rebuilt if isinstance(rebuilt, nn.Module) else model
 
 

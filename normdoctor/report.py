@@ -13,11 +13,15 @@ import enum
 import json
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .checks import Finding
 from .metrics import Recommendation
+
+if TYPE_CHECKING:
+    from .layers import NormLayer
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -25,14 +29,20 @@ __all__ = [
     "Composition",
     "EndToEnd",
     "Evidence",
+    "LayerListing",
     "LayerReport",
     "LayerStatus",
+    "LayersReport",
+    "PatchReport",
     "PathReport",
     "ScanReport",
+    "SeriesReport",
+    "SweepReport",
     "Verdict",
     "finite_or_none",
     "floats",
     "register_presenter",
+    "scan_result_from_dict",
 ]
 
 SCHEMA_VERSION = 1
@@ -555,3 +565,188 @@ def _tuples(value: Any) -> Any:
     if isinstance(value, list):
         return tuple(_tuples(v) for v in value)
     return value
+
+
+# -- what a command writes around its scans (sweep, series, patch) and the layers listing --------
+# Each envelope's to_dict() is the JSON the command writes (README, "JSON schema"): the same
+# keys in the same order; from_dict() reads it back, so that ``X.from_dict(x.to_dict()) == x``.
+
+
+def _check_schema(what: str, d: Mapping[str, Any], kind: str | None = None) -> None:
+    version = d.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ValueError(
+            f"unsupported {what} schema_version {version!r} (expected {SCHEMA_VERSION})"
+        )
+    if kind is not None and d.get("kind") != kind:
+        raise ValueError(f"expected a {kind!r} JSON, got kind {d.get('kind')!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SweepReport:
+    """One model scanned once per batch size (``scan --batch-sizes``): how drift grows as
+    batches shrink.  The first batch size is the main scan."""
+
+    schema_version: int = SCHEMA_VERSION
+    batch_sizes: tuple[int, ...]
+    reports: tuple[ScanReport, ...]
+
+    @property
+    def main(self) -> ScanReport:
+        return self.reports[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "kind": "sweep",
+            "batch_sizes": list(self.batch_sizes),
+            "reports": [r.to_dict() for r in self.reports],
+        }
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> SweepReport:
+        _check_schema("SweepReport", d, "sweep")
+        return SweepReport(
+            schema_version=d["schema_version"],
+            batch_sizes=tuple(d["batch_sizes"]),
+            reports=tuple(ScanReport.from_dict(r) for r in d["reports"]),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SeriesReport:
+    """Checkpoints of one architecture scanned in turn (``scan run_dir/*.pt``): drift per
+    layer over checkpoints.  The last checkpoint is the main scan."""
+
+    schema_version: int = SCHEMA_VERSION
+    models: tuple[str, ...]  # the files as given on the command line
+    reports: tuple[ScanReport, ...]
+
+    @property
+    def main(self) -> ScanReport:
+        return self.reports[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "kind": "series",
+            "models": list(self.models),
+            "reports": [r.to_dict() for r in self.reports],
+        }
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> SeriesReport:
+        _check_schema("SeriesReport", d, "series")
+        return SeriesReport(
+            schema_version=d["schema_version"],
+            models=tuple(d["models"]),
+            reports=tuple(ScanReport.from_dict(r) for r in d["reports"]),
+        )
+
+
+def scan_result_from_dict(d: Mapping[str, Any]) -> ScanReport | SweepReport | SeriesReport:
+    """What ``scan --json`` wrote: one scan, a sweep or a series (by its ``kind``)."""
+    kind = d.get("kind")
+    if kind == "sweep":
+        return SweepReport.from_dict(d)
+    if kind == "series":
+        return SeriesReport.from_dict(d)
+    return ScanReport.from_dict(dict(d))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PatchReport:
+    """``patch``: the scan of the original model and the scan of the patched one."""
+
+    schema_version: int = SCHEMA_VERSION
+    before: ScanReport
+    after: ScanReport
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "kind": "patch",
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+        }
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> PatchReport:
+        _check_schema("PatchReport", d, "patch")
+        return PatchReport(
+            schema_version=d["schema_version"],
+            before=ScanReport.from_dict(d["before"]),
+            after=ScanReport.from_dict(d["after"]),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LayerListing:
+    """One normalization layer as ``layers`` lists it; values the file does not carry are
+    ``None`` and named in ``unknown`` (a ``None`` momentum that is not unknown is PyTorch's
+    cumulative average)."""
+
+    name: str
+    kind: str
+    family: str
+    num_features: int
+    eps: float | None
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+    batch_dependent: bool
+    unknown: tuple[str, ...] = ()
+
+    @staticmethod
+    def from_layer(layer: NormLayer, unknown: Sequence[str] = ()) -> LayerListing:
+        return LayerListing(
+            name=layer.name,
+            kind=layer.kind,
+            family=str(layer.family),
+            num_features=layer.num_features,
+            eps=None if "eps" in unknown else layer.eps,
+            momentum=None if "momentum" in unknown else layer.momentum,
+            affine=layer.affine,
+            track_running_stats=layer.track_running_stats,
+            batch_dependent=layer.batch_dependent,
+            unknown=tuple(unknown),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["unknown"] = list(self.unknown)
+        return d
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> LayerListing:
+        kwargs = {f.name: d[f.name] for f in dataclasses.fields(LayerListing) if f.name in d}
+        kwargs["unknown"] = tuple(d.get("unknown", ()))
+        return LayerListing(**kwargs)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LayersReport:
+    """``layers``: every normalization layer of a model file and the static findings."""
+
+    schema_version: int = SCHEMA_VERSION
+    model: str  # the file as given on the command line
+    layers: tuple[LayerListing, ...]
+    findings: tuple[Finding, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "model": self.model,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "findings": [f.to_dict() for f in self.findings],
+        }
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> LayersReport:
+        _check_schema("LayersReport", d)
+        return LayersReport(
+            schema_version=d["schema_version"],
+            model=d["model"],
+            layers=tuple(LayerListing.from_dict(x) for x in d["layers"]),
+            findings=tuple(Finding.from_dict(f) for f in d["findings"]),
+        )

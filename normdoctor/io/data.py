@@ -146,8 +146,8 @@ def _parse_normalize(text: str, grayscale: bool) -> tuple[tuple[float, ...], tup
 def _parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(part) for part in re.split(r"[,x]", text.strip()))
-    except ValueError:
-        raise DataError(f"random data shape {text!r} must be integers like 64,3,32,32") from None
+    except ValueError as exc:
+        raise DataError(f"random data shape {text!r} must be integers like 64,3,32,32") from exc
     if not shape or any(d < 1 for d in shape):
         raise DataError(f"random data shape {text!r} must be positive integers like 64,3,32,32")
     return shape
@@ -207,7 +207,7 @@ def _load_npy(path: Path) -> Any:
     try:
         value = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        raise DataError(f"{path}: cannot read the .npy file ({one_line(exc)})") from None
+        raise DataError(f"{path}: cannot read the .npy file ({one_line(exc)})") from exc
     return _inputs_labels(_array(value, str(path)), None, str(path))
 
 
@@ -216,7 +216,7 @@ def _load_npz(path: Path) -> Any:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {k: archive[k] for k in archive.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{path}: cannot read the .npz file ({one_line(exc)})") from None
+        raise DataError(f"{path}: cannot read the .npz file ({one_line(exc)})") from exc
     return _from_mapping(arrays, str(path))
 
 
@@ -256,8 +256,8 @@ def _load_pt(path: Path) -> Any:
             raise DataError(
                 f"{path}: holds pickled Python objects, which normdoctor does not unpickle; save "
                 "plain tensors, e.g. torch.save({'inputs': x, 'labels': y}, path)"
-            ) from None
-        raise DataError(f"{path}: cannot read the data file ({message})") from None
+            ) from exc
+        raise DataError(f"{path}: cannot read the data file ({message})") from exc
     where = str(path)
     if isinstance(obj, torch.Tensor):
         return _inputs_labels(obj, None, where)
@@ -290,7 +290,7 @@ def _from_callable(spec: str) -> Any:
     except Exception as exc:
         raise DataError(
             f"data function {spec!r} failed: {type(exc).__name__}: {one_line(exc)}"
-        ) from None
+        ) from exc
     if result is None or isinstance(result, (str, bytes)):
         raise DataError(
             f"data function {spec!r} returned {type(result).__name__}: expected tensors or an "
@@ -336,8 +336,8 @@ class ImageFolderData(Dataset):
     ) -> None:
         try:
             from PIL import Image, ImageOps
-        except ImportError:
-            raise DataError("image folders need Pillow: `pip install normdoctor[images]`") from None
+        except ImportError as exc:
+            raise DataError("image folders need Pillow: `pip install normdoctor[images]`") from exc
         self.root = Path(root)
         channels = 1 if grayscale else 3
         # No normalization unless asked: a model trained on [0, 1] pixels given ImageNet-
@@ -378,7 +378,7 @@ class ImageFolderData(Dataset):
             except Exception as exc:
                 raise DataError(
                     f"{file}: cannot decode image ({one_line(exc)}); remove or replace it"
-                ) from None
+                ) from exc
             hw = (int(array.shape[0]), int(array.shape[1]))
             if first is None:
                 first = (file, hw)

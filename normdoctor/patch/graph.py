@@ -9,14 +9,16 @@ graph cannot be fine-tuned, so ``renorm`` is refused where it is asked for and a
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ..convert.manifest import save_patched
 from ..convert.targets import AUTO, BATCHSTATS, RENORM, TARGETS
 from ..errors import ConversionError
 from ..report import ScanReport
 
-__all__ = ["is_graph", "patch_graph"]
+__all__ = ["apply_groups", "is_graph", "patch_graph", "save_fixed"]
 
 #: patch() options a graph rewrite takes (the rest are PyTorch-only).
 GRAPH_OPTIONS = ("batch_size", "max_batches", "progress", "providers")
@@ -78,3 +80,13 @@ def apply_groups(
     for fix, names in groups.items():
         patched = patched.patch(fix, data=data, layers=list(names), **options)
     return patched
+
+
+def save_fixed(
+    model: Any, path: str | os.PathLike[str], *, source: str | os.PathLike[str] | None = None
+) -> object:
+    """Write a fixed model so that it loads back: a graph as a new checked ONNX file, a
+    PyTorch model as its state_dict plus the conversion manifest (:func:`save_patched`)."""
+    if is_graph(model):
+        return model.save(path)
+    return save_patched(model, path, source=source)

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from ..batching import Batch
+from ..checks import Finding
 from ..layers import NormLayer
 from ..recording import LayerMeasurement, NormState, PathName, Recorder
 from ..report import ScanReport
@@ -97,6 +99,15 @@ class Source(Protocol):
 
     def states(self) -> dict[str, NormState]:
         """Per layer, the stored running statistics and affine weight."""
+        ...
+
+    def static_checks(self) -> list[Finding]:
+        """What the stored statistics tell without data (:mod:`normdoctor.checks`)."""
+        ...
+
+    def input_files(self) -> tuple[Path, ...]:
+        """Files the model reads beside its own (an ONNX graph's external data): inputs that
+        no output may replace."""
         ...
 
     def placed(self) -> AbstractContextManager[None]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from torch.utils._pytree import tree_map
 
 from .. import _fused
 from ..batching import Batch, first_tensor
+from ..checks import Finding, static_checks
 from ..errors import ScanError
 from ..layers import BATCH_DEPENDENT, NormFamily, NormLayer, find_norm_layers, norm_family
 from ..recording import (
@@ -386,6 +388,12 @@ class TorchSource:
 
     def states(self) -> dict[str, NormState]:
         return {layer.name: module_state(self.modules[layer.name]) for layer in self.layers}
+
+    def static_checks(self) -> list[Finding]:
+        return static_checks(self.model)
+
+    def input_files(self) -> tuple[Path, ...]:
+        return ()
 
     @contextmanager
     def placed(self) -> Iterator[None]:

@@ -353,7 +353,19 @@ class OnnxModel:
 
     def as_source(self, *, providers: Sequence[str] | None = None) -> OnnxSource:
         """This graph as the scan driver runs it (:class:`~normdoctor.sources.onnx.source.OnnxSource`)."""
-        return OnnxSource(self.name, self.analysis(), providers=providers)
+        return OnnxSource(
+            self.name,
+            self.analysis(),
+            providers=providers,
+            checks=self.static_checks,
+            files=self.input_files,
+        )
+
+    @property
+    def input_files(self) -> tuple[Path, ...]:
+        """The files this model was read from (the graph and its external data): inputs no
+        output may replace."""
+        return tuple(Path(p) for p in sorted(self._protected))
 
     # -- rewrites --------------------------------------------------------------------------
     def patch(

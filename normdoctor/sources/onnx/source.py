@@ -11,9 +11,10 @@ stage of a scan (its sessions are the expensive part), and their taps feed the s
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 from onnx import ModelProto
 
 from ...batching import Batch
+from ...checks import Finding
 from ...errors import NormDoctorError, ScanError
 from ...layers import NormLayer
 from ...recording import LayerMeasurement, NormState, PathName, Recorder
@@ -123,10 +125,18 @@ class OnnxSource:
     """An ONNX graph as a scan source (see :class:`normdoctor.sources.Source`)."""
 
     def __init__(
-        self, name: str, analysis: GraphAnalysis, *, providers: Sequence[str] | None = None
+        self,
+        name: str,
+        analysis: GraphAnalysis,
+        *,
+        providers: Sequence[str] | None = None,
+        checks: Callable[[], list[Finding]] = list,
+        files: Sequence[Path] = (),
     ) -> None:
         a = analysis
         self.name = name
+        self._checks = checks
+        self._files = tuple(files)
         self.nodes = a.nodes
         self.layers: list[NormLayer] = [rec.layer for rec in a.nodes]
         self.measured = [rec for rec in a.nodes if rec.measurable]
@@ -152,6 +162,12 @@ class OnnxSource:
 
     def states(self) -> dict[str, NormState]:
         return {rec.name: node_state(rec) for rec in self.nodes}
+
+    def static_checks(self) -> list[Finding]:
+        return self._checks()
+
+    def input_files(self) -> tuple[Path, ...]:
+        return self._files
 
     @contextmanager
     def placed(self) -> Iterator[None]:

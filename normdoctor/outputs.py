@@ -208,6 +208,8 @@ def _writing(where: object) -> Iterator[None]:
     """``OSError`` inside becomes :class:`OutputError`: ``cannot write WHERE: reason``."""
     try:
         yield
+    except OutputExistsError:  # says what appeared, in its own words
+        raise
     except OutputError as exc:
         if isinstance(exc.__cause__, OSError):  # a nested writer named its temporary path
             raise OutputError(f"cannot write {where}: {_reason(exc.__cause__)}") from exc.__cause__

@@ -439,7 +439,7 @@ class ScanReport:
             value = getattr(self, f.name)
             if f.name == "layers":
                 d["layers"] = [layer.to_dict() for layer in value]
-            elif dataclasses.is_dataclass(value):
+            elif dataclasses.is_dataclass(value) and not isinstance(value, type):
                 d[f.name] = _plain(dataclasses.asdict(value))
             else:
                 d[f.name] = _plain(value)

@@ -62,8 +62,6 @@ WRAPPER_KEYS = (
     "params",
     "weights",
 )
-#: Prefixes that wrappers add in front of every key: DataParallel/DDP and torch.compile.
-_WRAPPER_SEGMENTS = ("module.", "_orig_mod.")
 PATCH_KEY = MANIFEST_KEY  # the old names of the manifest format (normdoctor.convert.manifest)
 PATCH_VERSION = MANIFEST_VERSION
 

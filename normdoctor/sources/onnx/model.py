@@ -313,32 +313,17 @@ class OnnxModel:
         """
         from ...scan import scan  # the one driver for every source
 
-        if stated:
-            return scan(
-                self,
-                data,
-                train_batch_size=batch_size,
-                train_group_by=group_by,
-                shuffle=shuffle,
-                seed=seed,
-                max_batches=max_batches,
-                paths=paths,
-                threshold=threshold,
-                noniid_threshold=noniid_threshold,
-                agreement_threshold=agreement_threshold,
-                divergence_threshold=divergence_threshold,
-                progress=progress,
-                model_name=model_name,
-                providers=providers,
-                search=False,
-            )
+        composition: dict[str, Any] = (
+            {"train_batch_size": batch_size, "train_group_by": group_by}  # as training's
+            if stated
+            else {"batch_size": batch_size, "group_by": group_by}
+        )
         return scan(
             self,
             data,
-            batch_size=batch_size,
+            **composition,
             shuffle=shuffle,
             seed=seed,
-            group_by=group_by,
             max_batches=max_batches,
             paths=paths,
             threshold=threshold,

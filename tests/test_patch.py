@@ -709,3 +709,34 @@ def test_onnx_export_of_patched_model(to, test_split, recwarn):
     out = session.run(None, {session.get_inputs()[0].name: x[:20].numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(out, patched(x[:20]).numpy(), rtol=0, atol=F32_ATOL)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("affine", [True, False])
+def test_instance_fast_path_at_batch_size_one_equals_instance_norm(dim, dtype, affine):
+    """At N = 1 the converted layer runs BatchNorm's train-mode kernel (faster on CPU); it must
+    equal F.instance_norm, outputs and gradients, to the dtype's rounding (float32: a few ulp
+    of values of order 1 -> 1e-5; float64: 1e-12)."""
+    from normdoctor.patch import InstanceNormFromBN1d, InstanceNormFromBN2d, InstanceNormFromBN3d
+
+    cls = {1: InstanceNormFromBN1d, 2: InstanceNormFromBN2d, 3: InstanceNormFromBN3d}[dim]
+    gen = torch.Generator().manual_seed(dim)
+    layer = cls(6, eps=1e-3, affine=affine, dtype=dtype)
+    if affine:
+        with torch.no_grad():
+            layer.weight.copy_(torch.rand(6, generator=gen, dtype=dtype) + 0.5)
+            layer.bias.copy_(torch.randn(6, generator=gen, dtype=dtype))
+    for n in (1, 3):  # the fast path and the InstanceNorm path
+        x = (torch.randn(n, 6, *[5] * dim, generator=gen, dtype=dtype) * 3 + 2).requires_grad_()
+        y = layer(x)
+        x_ref = x.detach().clone().requires_grad_()
+        ref = torch.nn.functional.instance_norm(
+            x_ref, None, None, layer.weight, layer.bias, True, 0.0, layer.eps
+        )
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(y, ref, rtol=tol, atol=tol)
+        g = torch.randn(y.shape, generator=gen, dtype=dtype)
+        (grad,) = torch.autograd.grad(y, x, g)
+        (grad_ref,) = torch.autograd.grad(ref, x_ref, g)
+        torch.testing.assert_close(grad, grad_ref, rtol=10 * tol, atol=10 * tol)

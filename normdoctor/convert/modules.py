@@ -201,7 +201,13 @@ class InstanceNormFromBN(KeepsBatchNorm):
                 "normalize per sample (need spatial dimensions with at least 2 elements); "
                 "use to='batchstats' or 'renorm' for this layer"
             )
-        return self._apply_post(super().forward(input))
+        if input.shape[0] == 1:
+            # One sample: BatchNorm's train-mode kernel over (N=1, spatial) is InstanceNorm,
+            # and on CPU about 3x faster than torch.instance_norm at these sizes (bench_patch).
+            out = F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        else:
+            out = super().forward(input)
+        return self._apply_post(out)
 
     @classmethod
     def carry(cls, bn: _NormBase) -> InstanceNormFromBN:

@@ -20,12 +20,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..outputs import Outputs
 from ..report import LayerReport, LayerStatus, ScanReport, Verdict
 from . import plots
-from .style import num, pct
+from .style import PAGE_CSS, num, pct
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -37,14 +37,20 @@ FIGURE_NAMES = {
     "end_to_end": "What eval mode does to the outputs",
     "series": "Drift over the checkpoint series",
     "drift": "Drift per layer",
+    "drift_after": "Drift per layer after the patch",
     "sweep": "Drift against batch size",
     "batches": "Per-batch mismatch",
     "channels": "Running against observed statistics",
 }
-#: Above this many layers the page shows the worst ones first and every layer in an appendix.
+#: Above this many layers the page shows the worst ones in full and the rest grouped by finding.
 MAX_TABLE_ROWS = 40
 WORST_ROWS = 20
 PNG_DPI = 144
+#: On a narrow screen a figure is shown no smaller than this many CSS px per figure inch (it
+#: scrolls sideways in its box instead): 7.5 pt legend text is then 10 px, 8 pt ticks 10.7 px.
+READABLE_PX_PER_INCH = 96
+#: SVG text stays text (searchable, editable in slides), in the figures' font or a near one.
+SVG_FONTS = ["DejaVu Sans", "Bitstream Vera Sans", "Verdana", "Arial", "Helvetica", "sans-serif"]
 
 Sweep = Mapping[int, ScanReport] | Sequence[ScanReport]
 
@@ -57,12 +63,15 @@ def _build(
     series: Sequence[ScanReport] | None = None,
 ) -> tuple[dict[str, Figure], dict[str, str]]:
     """(figures by key, reasons for the figures left out)."""
+    top = _shared_drift_top(report, patched)
     makers: dict[str, Callable[[], Figure]] = {
         "end_to_end": lambda: plots.end_to_end_figure(report, patched),
-        "drift": lambda: plots.drift_figure(report),
+        "drift": lambda: plots.drift_figure(report, axis_top=top),
         "batches": lambda: plots.batch_distribution_figure(report),
         "channels": lambda: plots.channels_figure(report),
     }
+    if patched is not None:
+        makers["drift_after"] = lambda: plots.drift_figure(patched, axis_top=top)
     if sweep is not None:
         makers["sweep"] = lambda: plots.sweep_figure(sweep, train_batch_size)
     if series is not None:
@@ -79,6 +88,16 @@ def _build(
     return figs, skipped
 
 
+def _shared_drift_top(report: ScanReport, patched: ScanReport | None) -> float | None:
+    """One drift scale for the before and after figures (None without a patched scan)."""
+    if patched is None:
+        return None
+    drifts = [
+        layer.drift or 0.0 for r in (report, patched) for _, layer in plots.measured_layers(r)
+    ]
+    return max([*drifts, report.threshold, patched.threshold])
+
+
 def figures(
     report: ScanReport,
     sweep: Sweep | None = None,
@@ -91,6 +110,8 @@ def figures(
     ``sweep``, ``batches``, ``channels`` (page order).
 
     Figures that would be empty are left out (:func:`save_report` says why on the page).
+    Given ``patched``, ``drift_after`` is the patched model's drift per layer, on the same
+    scale as ``drift``.
 
     Args:
         report: the scan.
@@ -116,10 +137,16 @@ def _check_formats(formats: Iterable[str]) -> tuple[str, ...]:
 
 
 def _render(fig: Figure, fmt: str) -> bytes:
+    import matplotlib as mpl
+
     buf = io.BytesIO()
     # No software/date metadata: identical reports give identical files.
     meta = {"Software": None} if fmt == "png" else {"Date": None, "Creator": None}
-    fig.savefig(buf, format=fmt, dpi=PNG_DPI, metadata=meta)
+    # SVG: text as <text> elements, not glyph outlines.  The font stack is what the SVG names
+    # for the generic family the figures use; PNGs are drawn as before.
+    rc: dict[str, Any] = {"svg.fonttype": "none", "font.sans-serif": SVG_FONTS}
+    with mpl.rc_context(rc if fmt == "svg" else {}):  # type: ignore[arg-type]
+        fig.savefig(buf, format=fmt, dpi=PNG_DPI, metadata=meta)
     return buf.getvalue()
 
 
@@ -130,6 +157,7 @@ class _Shown:
     headline: str
     caption: str
     files: tuple[str, ...]
+    width_in: float  # the figure's width in inches (its readable size on a narrow screen)
 
 
 def save_report(
@@ -144,6 +172,7 @@ def save_report(
     train_batch_size: int | None = None,
     series: Sequence[ScanReport] | None = None,
     outputs: Outputs | None = None,
+    provenance: Mapping[str, str] | None = None,
 ) -> Path:
     """Write ``out_dir/index.html`` (self-contained) and the figures as image files.
 
@@ -164,6 +193,9 @@ def save_report(
             line passes the last one), and the page's header says so.
         outputs: a plan in which ``out_dir`` was declared (with its ``force``) and checked: the
             report is rendered and staged there, and appears when the plan commits.
+        provenance: what the report was made from, printed in the page's footer, e.g.
+            ``{"model_sha256": ..., "data_sha256": ...}`` (the command line passes the sha256 of
+            the model and data files); keys are shown with ``_`` as spaces, in the order given.
 
     Returns:
         The path of ``index.html``.
@@ -182,7 +214,9 @@ def save_report(
     fmts = _check_formats(formats)
 
     def build(folder: Path) -> None:
-        _write_files(folder, report, fmts, sweep, patched, command, train_batch_size, series)
+        _write_files(
+            folder, report, fmts, sweep, patched, command, train_batch_size, series, provenance
+        )
 
     owned = [f"{key}.{fmt}" for key in FIGURE_NAMES for fmt in ("png", "svg")]
     if outputs is not None:
@@ -205,6 +239,7 @@ def _write_files(
     command: str | None,
     train_batch_size: int | None,
     series: Sequence[ScanReport] | None,
+    provenance: Mapping[str, str] | None = None,
 ) -> None:
     """Render the figures and the page into ``folder``."""
     figs, skipped = _build(report, sweep, patched, train_batch_size, series)
@@ -216,7 +251,16 @@ def _write_files(
             data = png if fmt == "png" else _render(fig, fmt)
             (folder / f"{key}.{fmt}").write_bytes(data)
             files.append(f"{key}.{fmt}")
-        shown.append(_Shown(key, png, plots.headline(fig), plots.caption(fig), tuple(files)))
+        shown.append(
+            _Shown(
+                key,
+                png,
+                plots.headline(fig),
+                plots.caption(fig),
+                tuple(files),
+                float(fig.get_figwidth()),
+            )
+        )
     page = _page(
         report,
         shown=shown,
@@ -225,87 +269,13 @@ def _write_files(
         patched=patched,
         command=command,
         series=series,
+        provenance=provenance,
     )
     (folder / "index.html").write_text(page, encoding="utf-8")
 
 
 # -- the page --------------------------------------------------------------------------------
 
-_CSS = """
-:root { --fg:#1d1d1f; --muted:#5b5b66; --line:#d9d9de; --bg:#ffffff; --soft:#f5f5f7;
-  --bad:#D55E00; --warn:#E69F00; --good:#009E73; --info:#0072B2; }
-* { box-sizing: border-box; }
-html { -webkit-text-size-adjust: 100%; text-size-adjust: 100%; }
-body { margin: 0; color: var(--fg); background: var(--bg);
-  font: 16px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
-main { max-width: 1100px; margin: 0 auto; padding: 1rem 1rem 3rem; }
-h1 { font-size: 1.5rem; margin: .5rem 0 .75rem; overflow-wrap: anywhere; }
-h2 { font-size: 1.2rem; margin: 2rem 0 .5rem; padding-bottom: .2rem; border-bottom: 1px solid var(--line); }
-h3 { font-size: 1rem; margin: 1.25rem 0 .4rem; }
-p, li { max-width: 75ch; }
-code, pre, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: .9em; }
-.verdict { border-left: 6px solid var(--info); background: var(--soft); padding: .75rem 1rem; border-radius: 4px; }
-.verdict.bad { border-color: var(--bad); } .verdict.warn { border-color: var(--warn); }
-.verdict.good { border-color: var(--good); }
-.verdict .big { font-size: 1.2rem; font-weight: 700; margin: 0 0 .35rem; }
-.verdict ul { margin: .25rem 0 0; padding-left: 1.2rem; }
-.scroll { overflow-x: auto; -webkit-overflow-scrolling: touch; border: 1px solid var(--line); border-radius: 4px; }
-table { border-collapse: collapse; width: 100%; font-size: .85rem; }
-th, td { padding: .3rem .5rem; border-bottom: 1px solid var(--line); text-align: left; vertical-align: top; }
-th { background: var(--soft); position: sticky; top: 0; white-space: nowrap; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-td.name { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; overflow-wrap: anywhere; min-width: 8rem; }
-td.reason { min-width: 16rem; color: var(--muted); }
-tr.flagged td:first-child { box-shadow: inset 5px 0 0 var(--bad); }
-tr.harmless td:first-child { box-shadow: inset 5px 0 0 var(--warn); }
-.status { font-weight: 600; white-space: nowrap; }
-tr.flagged .status { color: #a34400; }
-figure { margin: 1rem 0 1.5rem; }
-figure img { display: block; width: 100%; height: auto; border: 1px solid var(--line); border-radius: 4px; }
-.concl { display: none; font-weight: 600; margin: .2rem 0 .4rem; }
-figcaption { color: var(--muted); font-size: .9rem; margin-top: .4rem; max-width: 75ch; }
-.files { font-size: .8rem; color: var(--muted); }
-pre { background: var(--soft); padding: .75rem; border-radius: 4px; overflow-x: auto; white-space: pre-wrap; overflow-wrap: anywhere; }
-.muted { color: var(--muted); }
-footer { margin-top: 2rem; font-size: .8rem; color: var(--muted); }
-@media (max-width: 600px) {
-  body { font-size: 15px; } main { padding: .6rem .6rem 2rem; }
-  h1 { font-size: 1.25rem; } .verdict .big { font-size: 1.05rem; }
-  /* Layer tables become one card per layer: every column readable without sideways
-     scrolling.  The all-layers appendix stays a table of the four columns that matter. */
-  .scroll { border: none; overflow: visible; }
-  table.cards, table.cards tbody { display: block; width: 100%; }
-  table.cards thead { display: none; }
-  table.cards tr { display: grid; grid-template-columns: 1fr 1fr; column-gap: .8rem;
-    border: 1px solid var(--line); border-radius: 4px; margin: 0 0 .6rem; padding: .3rem .5rem; }
-  table.cards td.name, table.cards td.reason, table.cards td.status { grid-column: 1 / -1; }
-  table.cards tr.flagged { border-left: 6px solid var(--bad); }
-  table.cards tr.harmless { border-left: 6px solid var(--warn); }
-  table.cards tr td:first-child { box-shadow: none; }
-  table.cards td { border: none; padding: .1rem 0; display: grid;
-    grid-template-columns: 4.2rem 1fr; gap: .4rem; }
-  table.cards td.num { text-align: left; }
-  table.cards td.reason { min-width: 0; }
-  table.cards td::before { content: attr(data-label); color: var(--muted);
-    font-family: system-ui, sans-serif; font-weight: 400; }
-  table.all th:nth-child(n+3):nth-child(-n+4), table.all td:nth-child(n+3):nth-child(-n+4),
-  table.all th:nth-child(n+6):nth-child(-n+8), table.all td:nth-child(n+6):nth-child(-n+8),
-  table.all th:nth-child(n+10), table.all td:nth-child(n+10) { display: none; }
-  table.all td.name { min-width: 0; }
-  .concl { display: block; }
-}
-@media print {
-  body { font-size: 10pt; } main { max-width: none; padding: 0; }
-  .scroll { overflow: visible; border: none; }
-  th { position: static; }
-  table { font-size: 8pt; } td.name { min-width: 10em; } td.reason { min-width: 16em; }
-  figure, tr, .verdict { break-inside: avoid; page-break-inside: avoid; }
-  h2 { break-after: avoid; page-break-after: avoid; }
-  .files { display: none; }
-  .verdict, th, tr.flagged td:first-child, tr.harmless td:first-child {
-    -webkit-print-color-adjust: exact; print-color-adjust: exact; }
-}
-"""
 
 _STATUS_TEXT = {
     LayerStatus.OK: "ok",
@@ -405,15 +375,33 @@ def _fix_lines(report: ScanReport, patched: ScanReport | None) -> list[str]:
     return lines
 
 
-def _patched_line(patched: ScanReport) -> str:
-    e = patched.end_to_end
-    bits = [f"After the patch: {_e(patched.verdict)}"]
-    if e is not None:
-        if e.agreement is not None:
-            bits.append(f"{pct(e.agreement)} of predictions equal in both paths")
-        if e.acc_eval is not None:
-            bits.append(f"eval-mode accuracy {pct(e.acc_eval)}")
-    return "; ".join(bits) + "."
+def _verdict_box(report: ScanReport, items: list[str], label: str = "") -> str:
+    """The verdict, its colour, and its bullet points (``label``: "Before the patch" ...)."""
+    lis = "".join(f"<li>{item}</li>" for item in items)
+    head = f'<p class="when">{_e(label)}</p>' if label else ""
+    return (
+        f'<section class="verdict {_verdict_class(report)}">{head}'
+        f'<p class="big">{_e(report.verdict[:1].upper() + report.verdict[1:])}</p>'
+        + (f"<ul>{lis}</ul>" if lis else "")
+        + "</section>"
+    )
+
+
+def _verdicts(report: ScanReport, patched: ScanReport | None) -> str:
+    """One verdict box, or before and after side by side (stacked on a narrow screen)."""
+    items = _fix_lines(report, patched)
+    e2e = _end_to_end_line(report)
+    if e2e:
+        items.append(_e(e2e))
+    if patched is None:
+        return _verdict_box(report, items)
+    after = [_e(line) for line in (_end_to_end_line(patched),) if line]
+    return (
+        '<div class="pair">'
+        + _verdict_box(report, items, "Before the patch")
+        + _verdict_box(patched, after, "After the patch")
+        + "</div>"
+    )
 
 
 def _layer_rows(rows: Iterable[tuple[int, LayerReport]]) -> str:
@@ -461,44 +449,126 @@ def _table(rows: list[tuple[int, LayerReport]], kind: str = "cards") -> str:
     )
 
 
-def _layers_section(report: ScanReport) -> tuple[str, str]:
-    """(the section near the top, the appendix with every layer or "")."""
+_LEGEND = (
+    '<p class="muted">drift, shift and noise are dimensionless: RMS(y_train − y_eval) / '
+    "RMS(γ) on the train path; shift scores the exact pooled statistics against the running "
+    "ones, noise each batch against the pooled ones; non-iid is the spread of batch means "
+    "over what i.i.d. batches would give (1 ≈ i.i.d.), on the eval path, as in the terminal. "
+    "# is the position in forward order, as in the figures.</p>"
+)
+
+
+def _finding(layer: LayerReport) -> str:
+    """What a group of layers shares: its status, what dominates its drift, and its fix."""
+    status = _STATUS_TEXT.get(layer.status, str(layer.status))
+    drifts = layer.status in (LayerStatus.FLAGGED, LayerStatus.HARMLESS, LayerStatus.DRIFTS)
+    if drifts and layer.shift is not None and layer.noise is not None:
+        cause = (
+            "stale running statistics (shift)"
+            if layer.shift >= layer.noise
+            else "batch noise (no running estimate fits)"
+        )
+        status = f"{status}, {cause}"
+    rec = str(layer.recommendation)
+    return status + (f" → {rec}" if rec != "ok" else "")
+
+
+def _layers_section(report: ScanReport, *, nested: bool = False) -> str:
+    """Every layer once: in one table, or (many layers) the worst in full and the rest grouped
+    by finding, each group's rows behind a ``<details>``.  ``nested``: inside another section
+    (h3/h4 headings, no anchor)."""
+    h, sub = ("h3", "h4") if nested else ("h2", "h3")
     rows = list(enumerate(report.layers, 1))
-    legend = (
-        '<p class="muted">drift, shift and noise are dimensionless: RMS(y_train − y_eval) / '
-        "RMS(γ) on the train path; shift scores the exact pooled statistics against the running "
-        "ones, noise each batch against the pooled ones; non-iid is the spread of batch means "
-        "over what i.i.d. batches would give (1 ≈ i.i.d.). # is the position in forward order, as "
-        "in the figures.</p>"
-    )
     if not rows:
-        return "<h2>Layers</h2><p>No normalization layers were found.</p>", ""
-    if not any(layer.drift is not None for layer in report.layers):
-        legend = ""
+        return f"<{h}>Layers</{h}><p>No normalization layers were found.</p>"
+    legend = _LEGEND if any(layer.drift is not None for layer in report.layers) else ""
     if len(rows) <= MAX_TABLE_ROWS:
-        return f"<h2>Layers</h2>{legend}{_table(rows)}", ""
+        return f"<{h}>Layers</{h}>{legend}{_table(rows)}"
     measured = [(i, layer) for i, layer in rows if layer.drift is not None]
     worst = sorted(measured, key=lambda r: -(r[1].drift or 0.0))[:WORST_ROWS]
-    drifting = [
-        (i, layer)
-        for i, layer in rows
-        if layer.status in (LayerStatus.FLAGGED, LayerStatus.HARMLESS)
-    ]
-    keep = {i for i, _ in worst} | {i for i, _ in drifting}
-    top_rows = sorted((r for r in rows if r[0] in keep), key=lambda r: -(r[1].drift or 0.0))
-    top = (
-        f"<h2>Layers: the {len(top_rows)} worst of {len(rows)}</h2>{legend}"
-        f"<p>Every drifting layer and the {len(worst)} highest drift scores, worst first; "
-        '<a href="#all-layers">all layers in forward order</a> are listed at the end.</p>'
-        f"{_table(top_rows)}"
+    keep = {i for i, _ in worst}
+    groups: dict[str, list[tuple[int, LayerReport]]] = {}
+    for i, layer in rows:
+        if i not in keep:
+            groups.setdefault(_finding(layer), []).append((i, layer))
+    counts = Counter(_finding(layer) for _, layer in rows)
+    summary = "".join(
+        f"<li><strong>{n} layer{'s' if n != 1 else ''}</strong>: {_e(f)}</li>"
+        for f, n in counts.most_common()
     )
-    counts = Counter(_STATUS_TEXT.get(layer.status, str(layer.status)) for _, layer in rows)
-    summary = ", ".join(f"{n} {s}" for s, n in counts.items())
-    appendix = (
-        f'<h2 id="all-layers">All {len(rows)} layers in forward order</h2>'
-        f"<p>{_e(summary)}.</p>{_table(rows, 'all')}"
+    details = "".join(
+        f"<details><summary>{len(g)} more layer{'s' if len(g) != 1 else ''}: {_e(f)}</summary>"
+        f"{_table(g, 'all')}</details>"
+        for f, g in sorted(groups.items(), key=lambda kv: -len(kv[1]))
     )
-    return top, appendix
+    anchor = "" if nested else ' id="all-layers"'
+    return (
+        f"<{h}>Layers: {len(rows)}</{h}>{legend}"
+        f'<ul class="groups">{summary}</ul>'
+        f"<{sub}>The {len(worst)} highest drift scores, worst first</{sub}>{_table(worst)}"
+        f"<{sub}{anchor}>The other {len(rows) - len(worst)} layers, grouped by finding "
+        f"(forward order within a group)</{sub}>{details}"
+    )
+
+
+def _compare_section(report: ScanReport, patched: ScanReport) -> str:
+    """Before and after the patch, layer by layer (matched by name), then each scan's table."""
+    after = {layer.name: layer for layer in patched.layers}
+    rows = list(enumerate(report.layers, 1))
+    if len(rows) > MAX_TABLE_ROWS:
+        rows = sorted(rows, key=lambda r: -(r[1].drift or 0.0))[:WORST_ROWS]
+    head = (
+        '<thead><tr><th rowspan="2">#</th><th rowspan="2">layer</th>'
+        '<th colspan="3" class="grp">before the patch</th>'
+        '<th colspan="3" class="grp">after the patch</th></tr>'
+        "<tr><th>kind</th><th>drift</th><th>status</th><th>kind</th><th>drift</th>"
+        "<th>status</th></tr></thead>"
+    )
+
+    def cells(layer: LayerReport | None, when: str) -> list[tuple[str, str, str]]:
+        if layer is None:
+            return [
+                (f"{when} kind", "", "–"),
+                (f"{when} drift", "num", "–"),
+                (f"{when} status", "status", "not in the patched model"),
+            ]
+        drift = _e(num(layer.drift)) if layer.batch_dependent else "–"
+        status = _e(_STATUS_TEXT.get(layer.status, str(layer.status)))
+        return [
+            (f"{when} kind", "", _e(layer.kind)),
+            (f"{when} drift", "num", drift),
+            (f"{when} status", "status flag" if layer.flagged else "status", status),
+        ]
+
+    body = []
+    for i, layer in rows:
+        values = [("#", "num", str(i)), ("layer", "name", _e(layer.name))]
+        values += cells(layer, "before") + cells(after.get(layer.name), "after")
+        cls = "flagged" if layer.flagged else ""
+        body.append(
+            f'<tr class="{cls}">'
+            + "".join(
+                f'<td data-label="{label}"' + (f' class="{c}"' if c else "") + f">{v}</td>"
+                for label, c, v in values
+            )
+            + "</tr>"
+        )
+    note = (
+        f"<p>The {len(rows)} layers that drifted most before the patch.</p>"
+        if len(rows) < len(report.layers)
+        else ""
+    )
+    return (
+        f"<h2>Layers before and after the patch</h2>{note}"
+        f'<div class="scroll"><table class="cards compare">{head}<tbody>\n'
+        + "\n".join(body)
+        + "\n</tbody></table></div>"
+        + "<details><summary>Before the patch: every column</summary>"
+        + _layers_section(report, nested=True)
+        + "</details><details><summary>After the patch: every column</summary>"
+        + _layers_section(patched, nested=True)
+        + "</details>"
+    )
 
 
 def _composition_section(report: ScanReport, sweep: Sweep | None) -> str:
@@ -587,8 +657,33 @@ def _evidence_table(report: ScanReport) -> str:
     )
 
 
+def _figure_html(s: _Shown) -> str:
+    data = base64.b64encode(s.png).decode("ascii")
+    files = ", ".join(f'<a href="{_e(f)}">{_e(f)}</a>' for f in s.files)
+    # Never narrower than readable: on a narrow screen the figure scrolls sideways in its box.
+    readable = round(s.width_in * READABLE_PX_PER_INCH)
+    img = (
+        f'<img src="data:image/png;base64,{data}" alt="{_e(s.headline)}" '
+        f'style="min-width:{readable}px">'
+    )
+    if f"{s.key}.png" in s.files:
+        img = f'<a href="{_e(s.key)}.png" title="full size">{img}</a>'
+    return (
+        f'<figure id="fig-{_e(s.key)}"><h3>{_e(FIGURE_NAMES[s.key])}</h3>'
+        # The title inside the image is small on a phone: repeat it as text there.
+        + f'<p class="concl">{_e(s.headline)}</p>'
+        + f'<div class="fig">{img}</div>'
+        + '<p class="swipe">Scroll sideways for the whole figure.</p>'
+        + f"<figcaption>{_e(s.caption)}"
+        + (f' <span class="files">Files: {files}.</span>' if files else "")
+        + "</figcaption></figure>"
+    )
+
+
 def _figure_section(shown: list[_Shown], skipped: dict[str, str]) -> str:
     parts = ["<h2>Figures</h2>"]
+    skipped = dict(skipped)
+    after_missing = skipped.pop("drift_after", None)
     by_reason: dict[str, list[str]] = {}
     for key, reason in skipped.items():
         by_reason.setdefault(reason, []).append(FIGURE_NAMES[key])
@@ -596,23 +691,27 @@ def _figure_section(shown: list[_Shown], skipped: dict[str, str]) -> str:
         if len(by_reason) == 1:  # one reason for everything: say it once
             return f"<h2>Figures</h2><p>No figures: {_e(next(iter(by_reason)))}.</p>"
         parts.append("<p>No figures: there is nothing to draw for this scan.</p>")
-    for s in shown:
-        data = base64.b64encode(s.png).decode("ascii")
-        files = ", ".join(f'<a href="{_e(f)}">{_e(f)}</a>' for f in s.files)
-        img = f'<img src="data:image/png;base64,{data}" alt="{_e(s.headline)}">'
-        parts.append(
-            f'<figure id="fig-{_e(s.key)}"><h3>{_e(FIGURE_NAMES[s.key])}</h3>'
-            # The title inside the image is too small on a phone: repeat it as text there.
-            + f'<p class="concl">{_e(s.headline)}</p>'
-            + (
-                f'<a href="{_e(s.key)}.png" title="full size">{img}</a>'
-                if f"{s.key}.png" in s.files
-                else img
+    keys = {x.key for x in shown}
+    for x in shown:
+        if x.key == "drift_after" and "drift" in keys:
+            continue  # drawn beside the drift figure
+        html = _figure_html(x)
+        if x.key == "drift" and ("drift_after" in keys or after_missing):
+            after = next((y for y in shown if y.key == "drift_after"), None)
+            # The two drift figures on one scale, one above the other: the bars are horizontal,
+            # so a shared value axis lines their lengths up.
+            html = (
+                '<div class="before-after">'
+                + html
+                + (
+                    _figure_html(after)
+                    if after is not None
+                    else f'<div class="figure-missing"><h3>{_e(FIGURE_NAMES["drift_after"])}'
+                    f"</h3><p>Nothing to draw after the patch: {_e(after_missing)}.</p></div>"
+                )
+                + "</div>"
             )
-            + f"<figcaption>{_e(s.caption)}"
-            + (f' <span class="files">Files: {files}.</span>' if files else "")
-            + "</figcaption></figure>"
-        )
+        parts.append(html)
     if by_reason:
         parts.append("<h3>Left out</h3><ul>")
         parts.extend(
@@ -644,6 +743,44 @@ def _notes_section(report: ScanReport, patched: ScanReport | None) -> str:
     return "<h2>Notes</h2><ul>" + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>"
 
 
+def _footer(report: ScanReport, provenance: Mapping[str, str] | None) -> str:
+    """Versions, the date, and what the report was made from (when known)."""
+    bits = [f"normdoctor {_e(report.normdoctor_version)}"]
+    torch_version = _torch_version()
+    if torch_version:
+        bits.append(f"torch {_e(torch_version)}")
+    bits.append(f"report schema {report.schema_version}")
+    bits.append(f"written {_today()}")
+    prov = "".join(
+        f'<li>{_e(key.replace("_", " "))}: <code class="hash">{_e(value)}</code></li>'
+        for key, value in (provenance or {}).items()
+    )
+    return (
+        f"<footer><p>{'; '.join(bits)}. Self-contained page: no network access needed.</p>"
+        + (f"<ul>{prov}</ul>" if prov else "")
+        + "</footer>"
+    )
+
+
+def _torch_version() -> str | None:
+    """The installed torch's version, without importing torch (a page from JSON needs none)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        return None
+
+
+def _today() -> str:
+    """Today's date (UTC), or that of ``SOURCE_DATE_EPOCH`` (reproducible builds)."""
+    from datetime import UTC, datetime
+
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "")
+    when = datetime.fromtimestamp(int(epoch), UTC) if epoch.isdigit() else datetime.now(UTC)
+    return when.strftime("%Y-%m-%d")
+
+
 def _page(
     report: ScanReport,
     *,
@@ -653,28 +790,20 @@ def _page(
     patched: ScanReport | None = None,
     command: str | None = None,
     series: Sequence[ScanReport] | None = None,
+    provenance: Mapping[str, str] | None = None,
 ) -> str:
     """The HTML text of the page (figures already rendered)."""
-    verdict_items = _fix_lines(report, patched)
-    e2e = _end_to_end_line(report)
-    if e2e:
-        verdict_items.append(_e(e2e))
-    if patched is not None:
-        verdict_items.append(_patched_line(patched))
-    items = "".join(f"<li>{item}</li>" for item in verdict_items)
-    verdict = (
-        f'<section class="verdict {_verdict_class(report)}">'
-        f'<p class="big">{_e(report.verdict[:1].upper() + report.verdict[1:])}</p>'
-        + (f"<ul>{items}</ul>" if items else "")
-        + "</section>"
-    )
-    layers_top, appendix = _layers_section(report)
+    verdict = _verdicts(report, patched)
+    layers = _layers_section(report) if patched is None else _compare_section(report, patched)
     reproduce = (
-        f"<pre><code>{_e(command)}</code></pre>"
+        f"<h2>Reproduce</h2><pre><code>{_e(command)}</code></pre>"
         if command
-        else "<p>The command was not recorded (the report was built through the Python API).</p>"
+        else "<h2>Reproduce</h2><p>The command was not recorded (the report was built through "
+        "the Python API).</p>"
     )
     title = f"normdoctor: {report.model}: {report.verdict}"
+    if patched is not None:
+        title += f" → after the patch: {patched.verdict}"
     return "\n".join(
         [
             "<!DOCTYPE html>",
@@ -684,21 +813,18 @@ def _page(
             '<meta name="viewport" content="width=device-width, initial-scale=1">',
             '<meta name="color-scheme" content="light">',
             f"<title>{_e(title)}</title>",
-            f"<style>{_CSS}</style>",
+            f"<style>{PAGE_CSS}</style>",
             "</head>",
             "<body><main>",
             f'<header><p class="muted">normdoctor report</p><h1>{_e(report.model)}</h1>'
             + (_series_line(report, series, shown) if series else "")
             + f"{verdict}</header>",
             _composition_section(report, sweep),
-            layers_top,
+            layers,
             _figure_section(shown, skipped),
             _notes_section(report, patched),
-            "<h2>Reproduce</h2>",
             reproduce,
-            appendix,
-            f"<footer>normdoctor {_e(report.normdoctor_version)}, report schema "
-            f"{report.schema_version}. Self-contained page: no network access needed.</footer>",
+            _footer(report, provenance),
             "</main></body>",
             "</html>",
             "",

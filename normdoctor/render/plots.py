@@ -80,7 +80,11 @@ def plot(report: ScanReport, kind: str = "drift", **kwargs: Any) -> Figure:
 
 
 def drift_figure(
-    report: ScanReport, *, max_named: int = MAX_NAMED_BARS, list_worst: int = 10
+    report: ScanReport,
+    *,
+    max_named: int = MAX_NAMED_BARS,
+    list_worst: int = 10,
+    axis_top: float | None = None,
 ) -> Figure:
     """Drift score per batch-dependent layer in forward order, split into shift and noise shares.
 
@@ -96,11 +100,14 @@ def drift_figure(
         max_named: up to this many layers, horizontal bars named on the axis; above it, vertical
             bars numbered by ``#`` (position in ``report.layers``) with the worst layers listed.
         list_worst: how many of the worst layers the numbered view lists by name.
+        axis_top: draw the value axis to at least this drift (two figures compared side by
+            side, before and after a patch, share one scale).
 
     Raises:
         NothingToPlot: no batch-dependent layer was measured.
     """
-    return draw.drift(drift_spec(report, max_named=max_named, list_worst=list_worst))
+    spec = drift_spec(report, max_named=max_named, list_worst=list_worst, axis_top=axis_top)
+    return draw.drift(spec)
 
 
 def channels_figure(report: ScanReport, k: int = 4) -> Figure:

@@ -142,11 +142,12 @@ class DriftSpec:
     layer_label: str
     title: str
     caption: str
+    axis_top: float | None = None  # at least this much axis (a before/after pair shares one)
 
     @property
     def top(self) -> float:
-        """The largest value the axis must show: the worst drift or the threshold."""
-        return max(max(b.drift for b in self.bars), self.threshold)
+        """The largest value the axis must show: the worst drift, the threshold, ``axis_top``."""
+        return max(max(b.drift for b in self.bars), self.threshold, self.axis_top or 0.0)
 
     @property
     def statuses(self) -> tuple[LayerStatus, ...]:
@@ -200,7 +201,11 @@ def _drift_caption(report: ScanReport, n: int, statuses: set[LayerStatus]) -> st
 
 
 def drift_spec(
-    report: ScanReport, *, max_named: int = MAX_NAMED_BARS, list_worst: int = 10
+    report: ScanReport,
+    *,
+    max_named: int = MAX_NAMED_BARS,
+    list_worst: int = 10,
+    axis_top: float | None = None,
 ) -> DriftSpec:
     """What :func:`~normdoctor.render.plots.drift_figure` shows (its docstring says how)."""
     rows = measured_layers(report)
@@ -227,6 +232,7 @@ def drift_spec(
         layer_label=layer_label,
         title=_drift_title(report, rows),
         caption=_drift_caption(report, len(rows), {b.status for b in bars}),
+        axis_top=axis_top,
     )
 
 

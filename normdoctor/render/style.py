@@ -1,4 +1,5 @@
-"""The look shared by every normdoctor figure: palette, labels, figure factory.
+"""The look shared by every normdoctor figure and the HTML page: palette, labels, figure
+factory, the page's stylesheet.
 
 Colours come from the Okabe–Ito palette (safe for the common colour-vision deficiencies), and
 nothing is told by colour alone: flagged layers are also hatched and marked, series also differ
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DRIFT_LABEL",
     "OKABE_ITO",
+    "PAGE_CSS",
     "esc",
     "new_figure",
     "num",
@@ -165,3 +167,101 @@ def legend_below(fig: Figure, handles: list[Any], ncols: int = 2, *, outside: bo
         handlelength=2.6,
         handler_map={tuple: HandlerTuple(ndivide=None, pad=0.6)},
     )
+
+
+#: The HTML page's stylesheet (inline in the page): the verdict colours are the palette's
+#: vermillion, orange, green and blue.  Narrow screens get one card per layer and figures that
+#: scroll sideways at a readable size; print keeps each figure with its caption.
+PAGE_CSS = """
+:root { --fg:#1d1d1f; --muted:#5b5b66; --line:#d9d9de; --bg:#ffffff; --soft:#f5f5f7;
+  --bad:#D55E00; --warn:#E69F00; --good:#009E73; --info:#0072B2;
+  --mono: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+* { box-sizing: border-box; }
+html { -webkit-text-size-adjust: 100%; text-size-adjust: 100%; }
+body { margin: 0; color: var(--fg); background: var(--bg);
+  font: 16px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
+main { max-width: 1100px; margin: 0 auto; padding: 1rem 1rem 3rem; }
+h1 { font-size: 1.5rem; margin: .5rem 0 .75rem; overflow-wrap: anywhere; }
+h2 { font-size: 1.2rem; margin: 2rem 0 .5rem; padding-bottom: .2rem; border-bottom: 1px solid var(--line); }
+h3 { font-size: 1rem; margin: 1.25rem 0 .4rem; } h4 { font-size: .95rem; margin: 1rem 0 .3rem; }
+p, li { max-width: 75ch; }
+code, pre, .mono { font-family: var(--mono); font-size: .9em; }
+.verdict { border-left: 6px solid var(--info); background: var(--soft); padding: .75rem 1rem; border-radius: 4px; }
+.verdict.bad { border-color: var(--bad); } .verdict.warn { border-color: var(--warn); }
+.verdict.good { border-color: var(--good); }
+.verdict .big { font-size: 1.2rem; font-weight: 700; margin: 0 0 .35rem; }
+.verdict .when { margin: 0 0 .2rem; font-size: .8rem; font-weight: 600; text-transform: uppercase;
+  letter-spacing: .04em; color: var(--muted); }
+.verdict ul { margin: .25rem 0 0; padding-left: 1.2rem; }
+.pair { display: grid; grid-template-columns: repeat(auto-fit, minmax(20rem, 1fr)); gap: .75rem; }
+.scroll, .fig { overflow-x: auto; -webkit-overflow-scrolling: touch; max-width: 100%; }
+.scroll { border: 1px solid var(--line); border-radius: 4px; }
+table { border-collapse: collapse; width: 100%; font-size: .85rem; }
+th, td { padding: .3rem .5rem; border-bottom: 1px solid var(--line); text-align: left; vertical-align: top; }
+th { background: var(--soft); position: sticky; top: 0; white-space: nowrap; }
+th.grp { text-align: center; border-left: 1px solid var(--line); }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.name { font-family: var(--mono); overflow-wrap: anywhere; min-width: 8rem; }
+td.reason { min-width: 16rem; color: var(--muted); }
+tr.flagged td:first-child { box-shadow: inset 5px 0 0 var(--bad); }
+tr.harmless td:first-child { box-shadow: inset 5px 0 0 var(--warn); }
+.status { font-weight: 600; white-space: nowrap; }
+tr.flagged .status, td.flag { color: #a34400; } table.compare tr.flagged .status:not(.flag) { color: inherit; }
+details { margin: .4rem 0; } summary { cursor: pointer; font-weight: 600; }
+ul.groups { padding-left: 1.2rem; }
+figure { margin: 1rem 0 1.5rem; }
+figure img { display: block; width: 100%; height: auto; border: 1px solid var(--line); border-radius: 4px; }
+.figure-missing { border: 1px dashed var(--line); border-radius: 4px; padding: .2rem .8rem; margin: 0 0 1.5rem; }
+.concl { display: none; font-weight: 600; margin: .2rem 0 .4rem; }
+.swipe { display: none; font-size: .8rem; color: var(--muted); margin: .2rem 0 0; }
+figcaption { color: var(--muted); font-size: .9rem; margin-top: .4rem; max-width: 75ch; }
+.files { font-size: .8rem; color: var(--muted); }
+pre { background: var(--soft); padding: .75rem; border-radius: 4px; overflow-x: auto; white-space: pre-wrap; overflow-wrap: anywhere; }
+.muted { color: var(--muted); }
+footer { margin-top: 2rem; font-size: .8rem; color: var(--muted); }
+footer ul { margin: 0; padding-left: 1.2rem; } code.hash { overflow-wrap: anywhere; font-size: .95em; }
+@media (max-width: 600px) {
+  body { font-size: 15px; } main { padding: .6rem .6rem 2rem; }
+  h1 { font-size: 1.25rem; } .verdict .big { font-size: 1.05rem; }
+  /* Layer tables become one card per layer: every column readable without sideways
+     scrolling.  Other tables and the figures scroll sideways in their own box. */
+  .scroll:has(table.cards) { border: none; }
+  table.cards, table.cards tbody { display: block; width: 100%; }
+  table.cards thead { display: none; }
+  table.cards tr { display: grid; grid-template-columns: 1fr 1fr; column-gap: .8rem;
+    border: 1px solid var(--line); border-radius: 4px; margin: 0 0 .6rem; padding: .3rem .5rem; }
+  table.cards td.name, table.cards td.reason, table.cards td.status { grid-column: 1 / -1; }
+  table.cards tr.flagged { border-left: 6px solid var(--bad); }
+  table.cards tr.harmless { border-left: 6px solid var(--warn); }
+  table.cards tr td:first-child { box-shadow: none; }
+  table.cards td { border: none; padding: .1rem 0; display: grid;
+    grid-template-columns: 4.2rem 1fr; gap: .4rem; }
+  table.compare tr { grid-template-columns: 1fr; }
+  table.compare td { grid-template-columns: 6.5rem 1fr; }
+  table.cards td.num { text-align: left; }
+  table.cards td.reason { min-width: 0; }
+  table.cards td::before { content: attr(data-label); color: var(--muted);
+    font-family: system-ui, sans-serif; font-weight: 400; }
+  table.all th:nth-child(n+3):nth-child(-n+4), table.all td:nth-child(n+3):nth-child(-n+4),
+  table.all th:nth-child(n+6):nth-child(-n+8), table.all td:nth-child(n+6):nth-child(-n+8),
+  table.all th:nth-child(n+10), table.all td:nth-child(n+10) { display: none; }
+  table.all td.name { min-width: 0; }
+  .concl, .swipe { display: block; }
+}
+@page { margin: 12mm 12mm 14mm; }
+@media print {
+  body { font-size: 9.5pt; line-height: 1.4; } main { max-width: none; padding: 0; }
+  h2 { margin: 1.1rem 0 .4rem; } h3 { margin: .8rem 0 .3rem; }
+  .scroll, .fig { overflow: visible; border: none; }
+  th { position: static; }
+  table { font-size: 8pt; } td.name { min-width: 10em; } td.reason { min-width: 16em; }
+  /* A figure keeps its heading, image and caption on one page; tall ones shrink to fit. */
+  figure, .figure-missing, tr, .verdict { break-inside: avoid; page-break-inside: avoid; }
+  figure { margin: .6rem 0 .8rem; }
+  figure img { min-width: 0 !important; width: auto; max-width: 100%; max-height: 15cm; }
+  h2, h3 { break-after: avoid; page-break-after: avoid; }
+  .files, .swipe { display: none; }
+  .verdict, th, tr.flagged td:first-child, tr.harmless td:first-child {
+    -webkit-print-color-adjust: exact; print-color-adjust: exact; }
+}
+"""

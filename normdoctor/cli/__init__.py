@@ -16,8 +16,10 @@ Findings go to stdout (or ``--json``); progress and notes go to stderr.
 The modules: :mod:`.application` (the Typer app, global options, the commands' order),
 :mod:`.options` (shared options, their parsing, :class:`~.options.ScanOptions`),
 :mod:`.common` (consoles, the output plan, loading, progress, exit codes), :mod:`.backend`
-(every torch/ONNX branch), one ``*_command`` module per command, and :mod:`.entry` (errors,
-exit codes and signals around a run).
+(what a command does with a loaded model), one ``*_command`` module per command,
+:mod:`.formats` (``--format`` and ``--json``: what goes to stdout), :mod:`.invocation` (the
+command as typed: the fix hint, the command a report records) and :mod:`.entry` (errors,
+warnings, exit codes and signals around a run).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 from .application import app
 from .backend import run_scan
 from .common import EXIT_DRIFT, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
+from .diff_command import diff
 from .entry import main
 from .layers_command import layers
 from .options import Device, Fix
@@ -40,6 +43,7 @@ __all__ = [
     "Device",
     "Fix",
     "app",
+    "diff",
     "layers",
     "main",
     "patch",

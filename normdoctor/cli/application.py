@@ -6,11 +6,52 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
+import typer.core
 
 from .._version import __version__
-from . import layers_command, patch_command, report_command, scan_command
+from . import diff_command, layers_command, patch_command, report_command, scan_command
 
-__all__ = ["app"]
+__all__ = ["Command", "app"]
+
+
+def _argument_name(param: Any) -> str:
+    """An argument as click writes it: MODEL, MODEL... (several), [MODEL] (optional)."""
+    name = (param.metavar or (param.name or "arg").upper()).rstrip(".")
+    if param.nargs != 1:
+        name += "..."
+    return name if param.required else f"[{name}]"
+
+
+class Command(typer.core.TyperCommand):
+    """A command whose usage line and help name arguments as click does (``MODEL...``), not
+    as typer 0.2x does (``{models}...`` and the Python type ``<list[Path]>``)."""
+
+    # typer's click (typer._click) is not the click package: parameters are told apart by kind
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                pieces.append(_argument_name(param))
+            else:
+                pieces.extend(param.get_usage_pieces(ctx))
+        return pieces
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        arguments, options = [], []
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":
+                arguments.append((_argument_name(param), record[1]))
+            else:
+                options.append(record)
+        for title, rows in (("Arguments", arguments), ("Options", options)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
 
 app = typer.Typer(
     name="normdoctor",
@@ -46,7 +87,8 @@ def _main(
     _state["debug"] = debug
 
 
-app.command(epilog=layers_command.EPILOG)(layers_command.layers)
-app.command(epilog=scan_command.EPILOG)(scan_command.scan)
-app.command(epilog=patch_command.EPILOG)(patch_command.patch)
-app.command(epilog=report_command.EPILOG)(report_command.report)
+app.command(cls=Command, epilog=layers_command.EPILOG)(layers_command.layers)
+app.command(cls=Command, epilog=scan_command.EPILOG)(scan_command.scan)
+app.command(cls=Command, epilog=patch_command.EPILOG)(patch_command.patch)
+app.command(cls=Command, epilog=report_command.EPILOG)(report_command.report)
+app.command(cls=Command, epilog=diff_command.EPILOG)(diff_command.diff)

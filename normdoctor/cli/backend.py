@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import click
+import typer
 
 from .options import Fix
 
@@ -92,7 +92,7 @@ def fix(
     scan_options = {k: v for k, v in options.items() if k != "paths"}
     if to is Fix.auto:
         if layers is not None:
-            raise click.BadParameter(
+            raise typer.BadParameter(
                 "--layers applies to an explicit --to fix", param_hint="--layers"
             )
         extra_auto: dict[str, Any] = {"prior": prior} if prior else {}

@@ -3,6 +3,7 @@ and the exit code of its findings."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ __all__ = [
     "EXIT_OK",
     "Progress",
     "exit_code",
+    "file_sha256",
     "load",
     "make_console",
     "output_plan",
@@ -95,6 +97,24 @@ def load(
     return net
 
 
+def file_sha256(path: str | Path | None) -> str | None:
+    """The sha256 of a file, read in 1 MiB chunks (``None``: not a regular file, e.g. a folder,
+    ``random:...`` or ``module:function`` data)."""
+    if path is None:
+        return None
+    p = Path(path)
+    try:
+        if not p.is_file():
+            return None
+        digest = hashlib.sha256()
+        with p.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
 class Progress:
     """A rich progress bar over batches on stderr, shown only on a terminal."""
 
@@ -119,6 +139,8 @@ class Progress:
         )
         self.label = label
         self.task: TaskID | None = None
+        self.total: int | None = None
+        self.done = 0
 
     def __enter__(self) -> Progress:
         self.progress.__enter__()
@@ -133,8 +155,13 @@ class Progress:
         self.progress.__exit__(exc_type, exc, tb)
 
     def __call__(self, done: int, total: int | None) -> None:
-        if self.task is None:
+        # one bar per pass: a command that scans twice (patch: before and after) starts anew
+        if self.task is None or total != self.total or done < self.done:
+            if self.task is not None:
+                self.progress.remove_task(self.task)
             self.task = self.progress.add_task(self.label, total=total)
+            self.total = total
+        self.done = done
         self.progress.update(self.task, completed=done)
 
 

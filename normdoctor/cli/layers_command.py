@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from ..report import LayerListing, LayersReport
 from . import backend
 from .common import EXIT_DRIFT, EXIT_OK, load, output_plan, stdout, write_json
+from .formats import ListingFormat, ListingFormatOpt, presentation
 from .options import ArchKwOpt, ArchOpt, ExitZeroOpt, JsonOpt, ModelArg, TrustOpt
 
 if TYPE_CHECKING:
@@ -16,7 +17,12 @@ if TYPE_CHECKING:
 
 __all__ = ["EPILOG", "layers"]
 
-EPILOG = "Example: normdoctor layers sample_models/healthy.pt --arch sample_models.archs:DigitsCNN"
+EPILOG = """Examples:
+
+\b
+  normdoctor layers sample_models/healthy.pt --arch sample_models.archs:DigitsCNN
+  normdoctor layers model.safetensors --format json | jq '.findings'
+"""
 
 
 def layers(
@@ -25,6 +31,7 @@ def layers(
     arch_kwargs: ArchKwOpt = None,
     trust_pickle: TrustOpt = False,
     json_out: JsonOpt = None,
+    output_format: ListingFormatOpt = ListingFormat.text,
     exit_zero: ExitZeroOpt = False,
 ) -> int:
     """List every normalization layer with its running statistics and the static findings.
@@ -37,8 +44,10 @@ def layers(
     from ..checks import Severity
     from ..io import load_checkpoint
 
+    shown = presentation(output_format, json_out)
     plan = output_plan([model], arch=arch)
-    plan.file(json_out, "--json", stdout=True)
+    for target in shown.json_targets:
+        plan.file(target, "--json", stdout=True)
     plan.check()
     file_format = ""
     if arch is not None:
@@ -70,15 +79,16 @@ def layers(
             )
     from ..render.console import layers_table
 
-    out = stdout()
-    out.print(
-        f"[bold]{model}[/]: {len(found)} normalization layers, "
-        f"{sum(layer.batch_dependent for layer in found)} batch-dependent"
-    )
-    out.print(layers_table(found, findings, running, unknown))
-    if unknown:
-        line = _unknown_line(model, unknown, len(found), file_format)
-        out.print(line, markup=False, highlight=False)
+    if shown.text:
+        out = stdout()
+        out.print(
+            f"[bold]{model}[/]: {len(found)} normalization layers, "
+            f"{sum(layer.batch_dependent for layer in found)} batch-dependent"
+        )
+        out.print(layers_table(found, findings, running, unknown))
+        if unknown:
+            line = _unknown_line(model, unknown, len(found), file_format)
+            out.print(line, markup=False, highlight=False)
     listing = LayersReport(
         model=str(model),
         layers=tuple(
@@ -87,7 +97,8 @@ def layers(
         findings=tuple(findings),
     )
     with plan:
-        write_json(plan, json_out, listing.to_dict())
+        for target in shown.json_targets:
+            write_json(plan, target, listing.to_dict())
         plan.commit()
     errors = any(f.severity == Severity.ERROR for f in findings)
     return EXIT_DRIFT if errors and not exit_zero else EXIT_OK

@@ -10,7 +10,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 
 from ..convert import AUTO, BATCHSTATS, INSTANCE, RECALIBRATE, RENORM
@@ -21,15 +20,22 @@ __all__ = [
     "ArchOpt",
     "BatchSizeOpt",
     "Device",
+    "DeviceOpt",
     "ExitZeroOpt",
     "Fix",
+    "GroupByLabelOpt",
     "JsonOpt",
+    "MaxBatchesOpt",
     "ModelArg",
     "NormalizeOpt",
+    "PathsOpt",
     "QuietOpt",
     "ScanOptions",
     "SearchOpt",
+    "SeedOpt",
+    "ShuffleOpt",
     "StrictOpt",
+    "ThresholdOpt",
     "TrainBatchOpt",
     "TrainGroupOpt",
     "TrustOpt",
@@ -63,15 +69,17 @@ class Fix(str, Enum):
 ModelArg = Annotated[
     Path,
     typer.Argument(
+        metavar="MODEL",
         help="Model file: state_dict (.pt/.pth/.bin/.ckpt), "
         ".safetensors, torch.export .pt2, TorchScript, .onnx; or a Hugging Face model folder "
-        "(config.json + model.safetensors)."
+        "(config.json + model.safetensors).",
     ),
 ]
 ArchOpt = Annotated[
     str | None,
     typer.Option(
         "--arch",
+        metavar="SPEC",
         help="Architecture for weights-only files: 'package.module:factory' or "
         "'path/to/file.py:ClassName'.",
     ),
@@ -79,7 +87,9 @@ ArchOpt = Annotated[
 ArchKwOpt = Annotated[
     str | None,
     typer.Option(
-        "--arch-kwargs", help="Keyword arguments for --arch as JSON, e.g. '{\"width\": 32}'."
+        "--arch-kwargs",
+        metavar="JSON",
+        help="Keyword arguments for --arch as JSON, e.g. '{\"width\": 32}'.",
     ),
 ]
 TrustOpt = Annotated[
@@ -90,7 +100,11 @@ TrustOpt = Annotated[
 ]
 JsonOpt = Annotated[
     Path | None,
-    typer.Option("--json", help="Write the results as JSON to this file ('-' for stdout)."),
+    typer.Option(
+        "--json",
+        metavar="FILE",
+        help="Also write the results as JSON to FILE; '-': stdout, which then holds only the JSON.",
+    ),
 ]
 QuietOpt = Annotated[
     bool, typer.Option("--quiet", "-q", help="No progress bar and no notes on stderr.")
@@ -103,6 +117,7 @@ BatchSizeOpt = Annotated[
         "--batch-size",
         "-b",
         min=1,
+        metavar="N",
         help="Batch size of the scan, one candidate of the composition search (default: the "
         "search picks the one that reproduces training best; --no-search scans exactly it).",
     ),
@@ -112,6 +127,7 @@ TrainBatchOpt = Annotated[
     typer.Option(
         "--train-batch-size",
         min=1,
+        metavar="N",
         help="The batch size training used, when known: scanned as training's (no search).",
     ),
 ]
@@ -140,8 +156,62 @@ NormalizeOpt = Annotated[
     str | None,
     typer.Option(
         "--normalize",
+        metavar="NORM",
         help="Image folders: normalize pixels ([0, 1] by default) with 'imagenet' or "
         "'MEAN,STD' (per channel: 'M1,M2,M3,S1,S2,S3').",
+    ),
+]
+
+ShuffleOpt = Annotated[
+    bool,
+    typer.Option(
+        "--shuffle/--no-shuffle",
+        help="Shuffle the samples before batching (with --seed), or batch them in the data's "
+        "order.",
+    ),
+]
+GroupByLabelOpt = Annotated[
+    bool,
+    typer.Option(
+        "--group-by-label",
+        help="Draw each batch from one label, as class-sorted (non-i.i.d.) training did.",
+    ),
+]
+SeedOpt = Annotated[
+    int, typer.Option("--seed", help="Seed of the shuffle (and of random data).", metavar="N")
+]
+MaxBatchesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-batches",
+        min=1,
+        metavar="N",
+        help="Scan at most N batches per path (a quick look at a big data set; default: all).",
+    ),
+]
+ThresholdOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--threshold",
+        min=0.0,
+        metavar="X",
+        help="Per-layer drift above which a layer counts as drifting (default 0.1).",
+    ),
+]
+DeviceOpt = Annotated[
+    Device,
+    typer.Option(
+        "--device",
+        help="Where to run the model: cpu, cuda, or auto (cuda when available).",
+    ),
+]
+PathsOpt = Annotated[
+    str,
+    typer.Option(
+        "--paths",
+        metavar="PATHS",
+        help="Which paths to run, comma-separated: train (batch statistics, as in training), "
+        "eval (running statistics, as at inference), or both.",
     ),
 ]
 
@@ -155,16 +225,16 @@ def arch_kwargs(text: str | None) -> dict[str, Any] | None:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not valid JSON: {exc.msg}", param_hint="--arch-kwargs") from exc
+        raise typer.BadParameter(f"not valid JSON: {exc.msg}", param_hint="--arch-kwargs") from exc
     if not isinstance(value, dict):
-        raise click.BadParameter("expected a JSON object", param_hint="--arch-kwargs")
+        raise typer.BadParameter("expected a JSON object", param_hint="--arch-kwargs")
     return value
 
 
 def parse_paths(text: str) -> tuple[str, ...]:
     paths = tuple(p.strip() for p in text.split(",") if p.strip())
     if not paths or any(p not in ("train", "eval") for p in paths):
-        raise click.BadParameter(
+        raise typer.BadParameter(
             f"expected train, eval or train,eval; got {text!r}", param_hint="--paths"
         )
     return paths
@@ -174,11 +244,11 @@ def parse_sizes(text: str) -> list[int]:
     try:
         sizes = [int(s) for s in text.split(",") if s.strip()]
     except ValueError as exc:
-        raise click.BadParameter(
+        raise typer.BadParameter(
             f"expected comma-separated integers, got {text!r}", param_hint="--batch-sizes"
         ) from exc
     if not sizes or min(sizes) < 1:
-        raise click.BadParameter("batch sizes must be positive", param_hint="--batch-sizes")
+        raise typer.BadParameter("batch sizes must be positive", param_hint="--batch-sizes")
     return sizes
 
 

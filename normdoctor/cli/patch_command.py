@@ -3,6 +3,7 @@ measures at least as good."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,7 +12,19 @@ import typer
 from ..outputs import Outputs
 from ..report import PatchReport, ScanReport
 from . import backend
-from .common import EXIT_DRIFT, exit_code, load, output_plan, stderr, stdout, write_json
+from .common import (
+    EXIT_DRIFT,
+    Progress,
+    exit_code,
+    file_sha256,
+    load,
+    output_plan,
+    stderr,
+    stdout,
+    write_json,
+)
+from .formats import OutputFormat, PatchFormat, PatchFormatOpt, Presentation, presentation
+from .invocation import command_line
 from .options import (
     ArchKwOpt,
     ArchOpt,
@@ -19,12 +32,17 @@ from .options import (
     Device,
     ExitZeroOpt,
     Fix,
+    GroupByLabelOpt,
     JsonOpt,
+    MaxBatchesOpt,
     ModelArg,
     NormalizeOpt,
     QuietOpt,
     ScanOptions,
     SearchOpt,
+    SeedOpt,
+    ShuffleOpt,
+    ThresholdOpt,
     TrainBatchOpt,
     TrainGroupOpt,
     TrustOpt,
@@ -32,21 +50,25 @@ from .options import (
 
 __all__ = ["EPILOG", "patch"]
 
-EPILOG = (
-    "Example: normdoctor patch sample_models/tiny-batch.pt --arch "
-    "sample_models.archs:DigitsCNN --data sample_models/data/test.npz -b 1 --to auto "
-    "-o tiny-fixed.pt"
-)
+EPILOG = """Example:
+
+\b
+  normdoctor patch sample_models/tiny-batch.pt \\
+      --arch sample_models.archs:DigitsCNN \\
+      --data sample_models/data/test.npz --train-batch-size 1 \\
+      --to auto -o tiny-fixed.pt
+"""
 
 
 def patch(
     model: ModelArg,
-    data: Annotated[str, typer.Option("--data", "-d", help="Data, as for scan.")],
+    data: Annotated[str, typer.Option("--data", "-d", metavar="DATA", help="Data, as for scan.")],
     out: Annotated[
         Path,
         typer.Option(
             "--out",
             "-o",
+            metavar="PATH",
             help="Where to write the patched model "
             "(never over the input; .pt for torch, .onnx for ONNX).",
         ),
@@ -56,7 +78,11 @@ def patch(
     ] = Fix.auto,
     layers: Annotated[
         str | None,
-        typer.Option("--layers", help="Glob of layer names to change (explicit --to only)."),
+        typer.Option(
+            "--layers",
+            metavar="GLOB",
+            help="Glob of layer names to change (explicit --to only).",
+        ),
     ] = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwOpt = None,
@@ -66,23 +92,30 @@ def patch(
     train_group_by_label: TrainGroupOpt = False,
     search: SearchOpt = None,
     normalize: NormalizeOpt = None,
-    shuffle: Annotated[bool, typer.Option("--shuffle/--no-shuffle")] = True,
-    group_by_label: Annotated[bool, typer.Option("--group-by-label")] = False,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    max_batches: Annotated[int | None, typer.Option("--max-batches", min=1)] = None,
-    threshold: Annotated[float | None, typer.Option("--threshold", min=0.0)] = None,
+    shuffle: ShuffleOpt = True,
+    group_by_label: GroupByLabelOpt = False,
+    seed: SeedOpt = 0,
+    max_batches: MaxBatchesOpt = None,
+    threshold: ThresholdOpt = None,
     prior: Annotated[
         float,
         typer.Option(
             "--prior",
             min=0.0,
+            metavar="N",
             help="batchstats: blend with the running statistics as N prior samples.",
         ),
     ] = 0.0,
     report_dir: Annotated[
-        Path | None, typer.Option("--report", help="Also write the HTML report with before/after.")
+        Path | None,
+        typer.Option(
+            "--report",
+            metavar="DIR",
+            help="Also write the HTML report with before/after to the new folder DIR.",
+        ),
     ] = None,
     json_out: JsonOpt = None,
+    output_format: PatchFormatOpt = PatchFormat.text,
     exit_zero: ExitZeroOpt = False,
     quiet: QuietOpt = False,
 ) -> int:
@@ -96,9 +129,11 @@ def patch(
     """
     from ..io import load_data
 
+    shown = presentation(output_format, json_out)
     plan = output_plan([model], data=data, arch=arch)
     plan.file(out, "--out")
-    plan.file(json_out, "--json", stdout=True)
+    for target in shown.json_targets:
+        plan.file(target, "--json", stdout=True)
     plan.folder(report_dir, "--report")
     plan.check()  # every output, before the model is even loaded
     net = load(model, arch, arch_kwargs, trust_pickle, quiet=quiet)
@@ -120,11 +155,20 @@ def patch(
     ).kwargs()
     options["model_name"] = model.name
     asked = f", batches of {batch_size}" if batch_size else ""
-    stderr(quiet).print(f"patching {model.name}: --to {to.value}{asked}")
-    patched, before, after = backend.fix(net, dataset, to, layers, options, prior)
-    from ..render.console import print_patch
+    err = stderr(quiet)
+    err.print(f"patching {model.name}: --to {to.value}{asked}", markup=False, highlight=False)
+    with Progress(err, model.name, not quiet) as progress:
+        options["progress"] = progress
+        patched, before, after = backend.fix(net, dataset, to, layers, options, prior)
+    options.pop("progress")
+    if shown.format is OutputFormat.markdown:
+        from ..render.markdown import patch_markdown
 
-    print_patch(before, after, stdout())
+        print(patch_markdown(before, after), end="", flush=True)
+    elif shown.text:
+        from ..render.console import print_patch
+
+        print_patch(before, after, stdout())
     refusal = _patch_refusal(to, patched, before, after)
     if refusal:
         stderr().print(f"normdoctor: {refusal}: nothing written", markup=False, highlight=False)
@@ -138,8 +182,9 @@ def patch(
         before,
         after,
         model=model,
+        data=data,
         out=out,
-        json_out=json_out,
+        shown=shown,
         report_dir=report_dir,
         quiet=quiet,
     )
@@ -170,8 +215,9 @@ def _commit_patch_outputs(
     after: ScanReport,
     *,
     model: Path,
+    data: str,
     out: Path,
-    json_out: Path | None,
+    shown: Presentation,
     report_dir: Path | None,
     quiet: bool,
 ) -> None:
@@ -184,10 +230,18 @@ def _commit_patch_outputs(
     err = stderr(quiet)
     with plan:
         plan.write_with(out, backend.model_writer(patched, model))
-        write_json(plan, json_out, PatchReport(before=before, after=after).to_dict())
+        payload = PatchReport(before=before, after=after).to_dict()
+        for target in shown.json_targets:
+            write_json(plan, target, payload)
         if report_dir is not None:
             from ..render import save_report
 
-            save_report(before, report_dir, patched=after, outputs=plan)
+            extra: dict[str, Any] = {}
+            if "provenance" in inspect.signature(save_report).parameters:
+                digests = {"model_sha256": file_sha256(model), "data_sha256": file_sha256(data)}
+                extra["provenance"] = {k: v for k, v in digests.items() if v is not None}
+            save_report(
+                before, report_dir, patched=after, command=command_line(), outputs=plan, **extra
+            )
         plan.commit()
     err.print(f"wrote {out}")

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 
 from ..errors import NormDoctorError, one_line
@@ -113,7 +112,7 @@ def report(
         main_report, sweep, series = _reports_from_json(source)
     else:
         if data is None:
-            raise click.BadParameter(
+            raise typer.BadParameter(
                 "a model needs --data (or pass a scan JSON)", param_hint="--data"
             )
         from ..io import load_data

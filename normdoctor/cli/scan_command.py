@@ -5,24 +5,32 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 
 from ..report import ScanReport, SeriesReport, SweepReport
 from .backend import run_scan
 from .common import EXIT_OK, Progress, exit_code, load, output_plan, stderr, stdout, write_json
+from .formats import FormatOpt, OutputFormat, presentation, print_scan
+from .invocation import current_argv, fix_command
 from .options import (
     ArchKwOpt,
     ArchOpt,
     BatchSizeOpt,
     Device,
+    DeviceOpt,
     ExitZeroOpt,
+    GroupByLabelOpt,
     JsonOpt,
+    MaxBatchesOpt,
     NormalizeOpt,
+    PathsOpt,
     QuietOpt,
     ScanOptions,
     SearchOpt,
+    SeedOpt,
+    ShuffleOpt,
     StrictOpt,
+    ThresholdOpt,
     TrainBatchOpt,
     TrainGroupOpt,
     TrustOpt,
@@ -32,20 +40,26 @@ from .options import (
 
 __all__ = ["EPILOG", "scan"]
 
-EPILOG = (
-    "Examples:\n\n"
-    "  normdoctor scan sample_models/tiny-batch.pt --arch sample_models.archs:DigitsCNN "
-    "--data sample_models/data/test.npz --batch-size 1\n\n"
-    "  normdoctor scan model.onnx --data val.npz --batch-sizes 1,2,8,32 --json scan.json"
-)
+EPILOG = """Examples:
+
+\b
+  normdoctor scan sample_models/tiny-batch.pt \\
+      --arch sample_models.archs:DigitsCNN \\
+      --data sample_models/data/test.npz --train-batch-size 1
+  normdoctor scan model.onnx --data val.npz \\
+      --batch-sizes 1,2,8,32 --json scan.json
+  normdoctor scan model.pt --arch pkg.mod:Net --data val.npz \\
+      --format markdown >> "$GITHUB_STEP_SUMMARY"
+"""
 
 
 def scan(
     models: Annotated[
         list[Path],
         typer.Argument(
+            metavar="MODEL...",
             help="Model file(s). Several checkpoints of one architecture (run_dir/*.pt) are scanned "
-            "in turn: drift per layer over checkpoints."
+            "in turn: drift per layer over checkpoints.",
         ),
     ],
     data: Annotated[
@@ -53,6 +67,7 @@ def scan(
         typer.Option(
             "--data",
             "-d",
+            metavar="DATA",
             help="Data: .pt/.npy/.npz file, image folder, module:function, or random[:N,C,H,W].",
         ),
     ],
@@ -64,6 +79,7 @@ def scan(
         str | None,
         typer.Option(
             "--batch-sizes",
+            metavar="N,N,...",
             help="Scan once per batch size, e.g. 1,2,8,32: how drift grows as batches shrink.",
         ),
     ] = None,
@@ -72,36 +88,36 @@ def scan(
     search: SearchOpt = None,
     strict: StrictOpt = False,
     normalize: NormalizeOpt = None,
-    shuffle: Annotated[
-        bool,
-        typer.Option(
-            "--shuffle/--no-shuffle", help="Shuffle samples (with --seed) or keep the data's order."
-        ),
-    ] = True,
-    group_by_label: Annotated[
-        bool,
-        typer.Option(
-            "--group-by-label", help="Each batch drawn from one label (non-i.i.d. training)."
-        ),
-    ] = False,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for shuffling and random data.")] = 0,
-    paths: Annotated[str, typer.Option("--paths", help="Paths to run: train,eval.")] = "train,eval",
-    max_batches: Annotated[int | None, typer.Option("--max-batches", min=1)] = None,
-    threshold: Annotated[
-        float | None,
-        typer.Option("--threshold", min=0.0, help="Per-layer drift threshold (default 0.1)."),
-    ] = None,
-    device: Annotated[Device, typer.Option("--device")] = Device.cpu,
+    shuffle: ShuffleOpt = True,
+    group_by_label: GroupByLabelOpt = False,
+    seed: SeedOpt = 0,
+    paths: PathsOpt = "train,eval",
+    max_batches: MaxBatchesOpt = None,
+    threshold: ThresholdOpt = None,
+    device: DeviceOpt = Device.cpu,
     input_shape: Annotated[
-        str | None, typer.Option("--input-shape", help="Shape for random data, e.g. 64,3,32,32.")
+        str | None,
+        typer.Option(
+            "--input-shape",
+            metavar="N,C,H,W",
+            help="Shape of random data (--data random), e.g. 64,3,32,32.",
+        ),
     ] = None,
     image_size: Annotated[
-        int | None, typer.Option("--image-size", help="Resize images of a folder.")
+        int | None,
+        typer.Option(
+            "--image-size", metavar="PIXELS", help="Resize the images of an image folder."
+        ),
     ] = None,
     json_out: JsonOpt = None,
+    output_format: FormatOpt = OutputFormat.text,
     exit_zero: ExitZeroOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
+    all_layers: Annotated[
+        bool,
+        typer.Option("--all", help="List every layer in full, also of a model with many."),
+    ] = False,
 ) -> int:
     """Scan a model on data: per-layer drift between train-mode and eval-mode behaviour.
 
@@ -119,12 +135,14 @@ def scan(
     if search is None:  # a sweep shows each batch size as it is; one scan searches
         search = len(sizes) == 1 and train_batch_size is None and not train_group_by_label
     if len(models) > 1 and len(sizes) > 1:
-        raise click.BadParameter(
+        raise typer.BadParameter(
             "use --batch-sizes with one model, or several models with one batch size"
         )
     shape = tuple(int(s) for s in input_shape.split(",")) if input_shape else None
+    shown = presentation(output_format, json_out)
     plan = output_plan(models, data=data, arch=arch)
-    plan.file(json_out, "--json", stdout=True)
+    for target in shown.json_targets:
+        plan.file(target, "--json", stdout=True)
     plan.check()
     dataset = load_data(
         data, input_shape=shape, image_size=image_size, seed=seed, normalize=normalize
@@ -155,27 +173,45 @@ def scan(
                 )
     if rank != 0:  # every rank holds the merged reports; rank 0 prints, writes and judges
         return EXIT_OK
-    out = stdout()
     from ..render import console as render
+    from ..render import markdown
 
+    out = stdout()
     if len(reports) == 1:
-        render.print_scan(reports[0], out, verbose=verbose)
         payload = reports[0].to_dict()
     elif len(models) > 1:
-        render.print_series(reports, out)
         payload = SeriesReport(
             schema_version=reports[0].schema_version,
             models=tuple(str(m) for m in models),
             reports=tuple(reports),
         ).to_dict()
     else:
-        render.print_sweep(reports, out)
         payload = SweepReport(
             schema_version=reports[0].schema_version,
             batch_sizes=tuple(size for size in sizes if size is not None),  # all given
             reports=tuple(reports),
         ).to_dict()
+    hint = _fix_hint(reports)
+    if shown.format is OutputFormat.markdown:
+        print(markdown.scans_markdown(reports, fix_command=hint), end="", flush=True)
+    elif shown.format is OutputFormat.github:
+        print(markdown.scans_annotations(reports), end="", flush=True)
+    elif shown.text and len(reports) == 1:
+        print_scan(reports[0], out, verbose=verbose, all_layers=all_layers, fix_command=hint)
+    elif shown.text and len(models) > 1:
+        render.print_series(reports, out)
+    elif shown.text:
+        render.print_sweep(reports, out)
     with plan:
-        write_json(plan, json_out, payload)
+        for target in shown.json_targets:
+            write_json(plan, target, payload)
         plan.commit()
     return exit_code(reports, exit_zero, strict)
+
+
+def _fix_hint(reports: list[ScanReport]) -> str | None:
+    """The user's own command as the ``patch`` that fixes a harmful single scan."""
+    argv = current_argv()
+    if len(reports) != 1 or not reports[0].flagged or argv is None:
+        return None
+    return fix_command(argv)

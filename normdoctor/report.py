@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import html
 import json
 import math
 import warnings
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .checks import Finding
 from .metrics import Recommendation
+from .text import NUMBER, clip, merge_numbers, number_ranges, plural, significant
 
 if TYPE_CHECKING:
     from .layers import NormLayer
@@ -29,6 +31,7 @@ __all__ = [
     "Composition",
     "EndToEnd",
     "Evidence",
+    "FindingGroup",
     "LayerListing",
     "LayerReport",
     "LayerStatus",
@@ -41,8 +44,10 @@ __all__ = [
     "Verdict",
     "finite_or_none",
     "floats",
+    "number_ranges",
     "register_presenter",
     "scan_result_from_dict",
+    "significant",
 ]
 
 SCHEMA_VERSION = 1
@@ -189,7 +194,13 @@ class LayerReport:
 
     @property
     def noniid(self) -> float | None:
-        return self._get("noniid")
+        """The non-i.i.d. ratio as the README defines it: measured on the eval path, where a
+        sample's layer input does not depend on its batch mates (on the train path upstream
+        BatchNorm layers pull batch means together and the ratio reads low).  The train path's
+        only when the eval path was not measured.  The one value every surface shows: the
+        terminal, the HTML page, the layer's top-level ``noniid`` in the JSON."""
+        path = self.eval if self.eval is not None else self.train
+        return None if path is None else path.noniid
 
     @property
     def batches(self) -> int:
@@ -223,12 +234,25 @@ class LayerReport:
             "pooled_var",
         ):
             d[key] = _plain(getattr(h, key)) if h is not None else (0 if key == "batches" else None)
+        d["noniid"] = _plain(self.noniid)  # the eval path's, as documented (issue 15)
         d["paths"] = {
             p: _plain(dataclasses.asdict(r))
             for p in ("train", "eval")
             if (r := getattr(self, p)) is not None
         }
         return d
+
+    def __repr__(self) -> str:
+        numbers = ", ".join(
+            f"{key} {significant(getattr(self, key))}"
+            for key in ("drift", "shift", "noise", "noniid")
+            if getattr(self, key) is not None
+        )
+        fix = f", fix {self.recommendation}" if self.recommendation != "ok" else ""
+        return (
+            f"<LayerReport {self.name or '<root>'!r} {self.kind}({self.num_features}): "
+            f"{self.status}{', ' + numbers if numbers else ''}{fix}>"
+        )
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> LayerReport:
@@ -302,19 +326,30 @@ class Composition:
 
     @property
     def description(self) -> str:
-        if self.source == "batches":
-            what = "batches as given by the data"
-        else:
-            what = f"batches of {self.batch_size}"
-            if self.group_by:
-                what += f", each from one {'label' if self.group_by == 'label' else 'group'}"
-            what += f", {'shuffled (seed ' + str(self.seed) + ')' if self.order == 'shuffle' else 'in data order'}"
+        """How the batches were formed, by their real sizes: "batches of 32, shuffled (seed 0):
+        12 batches of 8-32 samples, 360 samples"; grouped batches, which hold what their group
+        has, "31-45 samples per batch, one label each, in data order: 8 batches, 300 samples"."""
         sizes = (
             f"{self.min_batch}"
             if self.min_batch == self.max_batch
             else f"{self.min_batch}-{self.max_batch}"
         )
-        return f"{what}: {self.num_batches} batches of {sizes} samples, {self.num_samples} samples"
+        samples = "sample" if self.max_batch == 1 else "samples"
+        order = f"shuffled (seed {self.seed})" if self.order == "shuffle" else "in data order"
+        if self.group_by and self.source != "batches":
+            one = "one label each" if self.group_by == "label" else "one group each"
+            return (
+                f"{sizes} {samples} per batch, {one}, {order}: {plural(self.num_batches, 'batch')}, "
+                f"{plural(self.num_samples, 'sample')}"
+            )
+        if self.source == "batches":
+            what = "batches as given by the data"
+        else:
+            what = f"batches of {self.batch_size}, {order}"
+        return (
+            f"{what}: {plural(self.num_batches, 'batch')} of {sizes} {samples}, "
+            f"{plural(self.num_samples, 'sample')}"
+        )
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Composition:
@@ -432,6 +467,36 @@ class ScanReport:
                 return layer
         raise KeyError(name)
 
+    # -- for people: big models summarised (layer numbers are 1-based, in forward order) -----
+    def counts(self) -> dict[LayerStatus, int]:
+        """How many layers have each status, the most severe status first."""
+        found = {layer.status for layer in self.layers}
+        return {s: sum(layer.status == s for layer in self.layers) for s in _SEVERITY if s in found}
+
+    def worst(self, k: int = 10) -> tuple[tuple[int, LayerReport], ...]:
+        """The ``k`` measured layers with the highest drift, worst first, as (number, layer)."""
+        measured = [(i, layer) for i, layer in enumerate(self.layers, 1) if layer.drift is not None]
+        return tuple(sorted(measured, key=lambda r: -(r[1].drift or 0.0))[:k])
+
+    def groups(self) -> tuple[FindingGroup, ...]:
+        """Layers with identical findings (same status, fix and reason up to its numbers), the
+        most severe status first, then the biggest group."""
+        found: dict[tuple[LayerStatus, Recommendation, str], list[tuple[int, LayerReport]]] = {}
+        for i, layer in enumerate(self.layers, 1):
+            key = (layer.status, layer.recommendation, NUMBER.sub("#", layer.reason))
+            found.setdefault(key, []).append((i, layer))
+        out = [
+            FindingGroup(
+                status=status,
+                recommendation=rec,
+                reason=merge_numbers([layer.reason for _, layer in members]),
+                numbers=tuple(i for i, _ in members),
+                layers=tuple(layer for _, layer in members),
+            )
+            for (status, rec, _), members in found.items()
+        ]
+        return tuple(sorted(out, key=lambda g: (_SEVERITY.index(g.status), -len(g.layers))))
+
     # -- serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {}
@@ -501,6 +566,38 @@ class ScanReport:
         )
         return _presenter("save_report")(self, out_dir, **kwargs)
 
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{n} {s}" for s, n in self.counts().items())
+        worst = "; ".join(
+            f"#{i} {clip(repr(layer.name), 60)} drift {significant(layer.drift)} {layer.status}"
+            + (f" -> {layer.recommendation}" if layer.recommendation != "ok" else "")
+            for i, layer in self.worst(3)
+        )
+        lines = [
+            f"<ScanReport of {clip(repr(self.model), 120)}: {self.status.symbol} {self.status}, "
+            f"{plural(len(self.layers), 'layer')}" + (f" ({counts})" if counts else ""),
+            f"  verdict: {clip(self.verdict, 700)}",
+            f"  batches: {clip(self.composition.description, 250)}",
+        ]
+        if worst:
+            lines.append(f"  worst: {worst}")
+        return "\n".join(lines) + ">"
+
+    def _repr_html_(self) -> str:
+        """The notebook view: verdict, evidence, grouped layer table and the drift figure (drawn
+        by :mod:`normdoctor.render`; plain text in a ``<pre>`` without it)."""
+        function = _PRESENTERS.get("notebook_html")
+        if function is None:
+            return f"<pre>{html.escape(self.summary())}</pre>"
+        return str(function(self))
+
+    def __rich__(self) -> Any:
+        """What ``rich`` prints: the terminal rendering of :mod:`normdoctor.render.console`."""
+        function = _PRESENTERS.get("rich")
+        if function is None:
+            return self.summary().replace("[", "\\[")  # rich markup, escaped
+        return function(self)
+
     def summary(self) -> str:
         """A few plain-text lines: composition, verdict, end-to-end, flagged layers."""
         lines = [f"normdoctor scan of {self.model}", f"batches: {self.composition.description}"]
@@ -545,6 +642,35 @@ def _presenter(name: str) -> Callable[..., Any]:
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3g}"
+
+
+_SEVERITY = (
+    LayerStatus.FLAGGED,
+    LayerStatus.DRIFTS,
+    LayerStatus.HARMLESS,
+    LayerStatus.NOT_MEASURABLE,
+    LayerStatus.NOT_EXECUTED,
+    LayerStatus.OK,
+    LayerStatus.NOT_MEASURED,
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FindingGroup:
+    """Layers with the same finding (:meth:`ScanReport.groups`): one status, one fix, one reason
+    whose numbers are the group's ranges."""
+
+    status: LayerStatus
+    recommendation: Recommendation
+    reason: str
+    numbers: tuple[int, ...]  # 1-based positions in forward order
+    layers: tuple[LayerReport, ...]
+
+    def describe(self) -> str:
+        """One line: 148 layers (#3–150) flagged → recalibrate: running statistics are ..."""
+        fix = f" → {self.recommendation}" if self.recommendation != "ok" else ""
+        where = number_ranges(self.numbers)
+        return f"{plural(len(self.layers), 'layer')} ({where}) {self.status}{fix}: {self.reason}"
 
 
 def _plain(value: Any) -> Any:

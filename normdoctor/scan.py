@@ -27,6 +27,7 @@ from .metrics import (
     DEFAULT_THRESHOLD,
     layer_score,
 )
+from .progress import ProgressArg, with_progress
 from .recording import PATHS, LayerMeasurement
 from .report import (
     Candidate,
@@ -74,6 +75,7 @@ def _validate(paths: Sequence[str], threshold: float) -> tuple[str, ...]:
     return paths
 
 
+@with_progress
 @preserved_globals()
 def scan(
     model: nn.Module | Scannable | Source,
@@ -91,7 +93,7 @@ def scan(
     agreement_threshold: float = DEFAULT_AGREEMENT_THRESHOLD,
     divergence_threshold: float = DEFAULT_DIVERGENCE_THRESHOLD,
     forward: Forward | None = None,
-    progress: Progress | None = None,
+    progress: ProgressArg = None,
     model_name: str | None = None,
     distributed: bool = False,
     train_batch_size: int | None = None,
@@ -122,7 +124,9 @@ def scan(
         agreement_threshold, divergence_threshold: without labels or targets, the levels
             below/above which the two paths' outputs disagree.
         forward: ``forward(model, inputs) -> output`` for models with several inputs.
-        progress: called as ``progress(batches_done, total_or_None)`` after each batch.
+        progress: ``True``: a progress bar on stderr (rich's; it renders in Jupyter too);
+            ``False`` or ``None`` (the default): none; a callable: called as
+            ``progress(batches_done, total_or_None)`` after each batch.
         model_name: how the report names the model.
         distributed: scan this rank's shard of an initialised ``torch.distributed`` group and
             merge the statistics exactly (no composition search).
@@ -185,6 +189,7 @@ def scan(
         warnings.warn(f"{name}: no normalization layers found; nothing to scan", stacklevel=2)
     if not any(layer.batch_dependent and layer.materialized for layer in layers):
         search = False  # nothing depends on the batch: every composition is the same
+    assert progress is None or callable(progress)  # with_progress resolved True and False
     run = _Run(source, loss=loss, progress=progress)
     options: dict[str, Any] = dict(
         model_name=name,

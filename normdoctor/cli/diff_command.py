@@ -22,10 +22,10 @@ __all__ = ["EPILOG", "diff"]
 EPILOG = """Examples:
 
 \b
-  normdoctor scan model.pt --arch pkg.mod:Net --data val.npz --json before.json
-  normdoctor scan fixed.pt --arch pkg.mod:Net --data val.npz --json after.json
+  normdoctor scan model.pt --data val.npz --json before.json
+  normdoctor scan fixed.pt --data val.npz --json after.json
   normdoctor diff before.json after.json
-  normdoctor diff patch.json        # what patch --json wrote: its before and after
+  normdoctor diff patch.json   # what patch --json wrote: before and after
 """
 
 

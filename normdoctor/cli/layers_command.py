@@ -20,7 +20,8 @@ __all__ = ["EPILOG", "layers"]
 EPILOG = """Examples:
 
 \b
-  normdoctor layers sample_models/healthy.pt --arch sample_models.archs:DigitsCNN
+  normdoctor layers sample_models/healthy.pt \\
+      --arch sample_models.archs:DigitsCNN
   normdoctor layers model.safetensors --format json | jq '.findings'
 """
 

@@ -2,37 +2,45 @@
 
 from __future__ import annotations
 
+import inspect
 import json
-import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from ..errors import NormDoctorError, one_line
 from ..report import ScanReport, SeriesReport, SweepReport, scan_result_from_dict
 from .backend import run_scan
-from .common import EXIT_OK, Progress, load, output_plan, stderr, stdout
+from .common import EXIT_OK, Progress, file_sha256, load, output_plan, stderr, stdout
+from .invocation import command_line
 from .options import (
     ArchKwOpt,
     ArchOpt,
     BatchSizeOpt,
+    GroupByLabelOpt,
+    MaxBatchesOpt,
     NormalizeOpt,
     QuietOpt,
     ScanOptions,
+    SeedOpt,
+    ShuffleOpt,
+    ThresholdOpt,
     TrustOpt,
     parse_sizes,
 )
 
 __all__ = ["EPILOG", "report"]
 
-EPILOG = (
-    "Examples:\n\n"
-    "  normdoctor report sample_models/tiny-batch.pt --arch sample_models.archs:DigitsCNN "
-    "--data sample_models/data/test.npz --batch-sizes 1,8,64 -o tiny-report\n\n"
-    "  normdoctor report scan.json -o report"
-)
+EPILOG = """Examples:
+
+\b
+  normdoctor report sample_models/tiny-batch.pt \\
+      --arch sample_models.archs:DigitsCNN \\
+      --data sample_models/data/test.npz --batch-sizes 1,8,64 -o tiny-report
+  normdoctor report scan.json -o report
+"""
 
 
 def _reports_from_json(
@@ -56,13 +64,20 @@ def report(
     source: Annotated[
         Path,
         typer.Argument(
-            help="A model file (with --data), or a JSON written by `normdoctor scan --json`."
+            metavar="SOURCE",
+            help="A model file (with --data), or a JSON written by `normdoctor scan --json`.",
         ),
     ],
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="Folder for index.html and the figures.")
+        Path,
+        typer.Option(
+            "--out", "-o", metavar="DIR", help="New folder for index.html and the figures."
+        ),
     ],
-    data: Annotated[str | None, typer.Option("--data", "-d", help="Data, as for scan.")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option("--data", "-d", metavar="DATA", help="Data, as for scan (with a model)."),
+    ] = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwOpt = None,
     trust_pickle: TrustOpt = False,
@@ -70,18 +85,22 @@ def report(
     batch_sizes: Annotated[
         str | None,
         typer.Option(
-            "--batch-sizes", help="Also sweep these batch sizes (the first one is the main scan)."
+            "--batch-sizes",
+            metavar="N,N,...",
+            help="Also sweep these batch sizes (the first one is the main scan).",
         ),
     ] = None,
-    shuffle: Annotated[bool, typer.Option("--shuffle/--no-shuffle")] = True,
-    group_by_label: Annotated[bool, typer.Option("--group-by-label")] = False,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    max_batches: Annotated[int | None, typer.Option("--max-batches", min=1)] = None,
-    threshold: Annotated[float | None, typer.Option("--threshold", min=0.0)] = None,
+    shuffle: ShuffleOpt = True,
+    group_by_label: GroupByLabelOpt = False,
+    seed: SeedOpt = 0,
+    max_batches: MaxBatchesOpt = None,
+    threshold: ThresholdOpt = None,
     train_batch_size: Annotated[
         int | None,
         typer.Option(
             "--train-batch-size",
+            min=1,
+            metavar="N",
             help="The batch size training used: marked on the sweep, and (without a sweep) "
             "scanned as training's.",
         ),
@@ -142,18 +161,23 @@ def report(
         sweep = tuple(reports) if len(reports) > 1 else None
     from ..render import save_report
 
-    command = (
-        "normdoctor " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
-    )
+    extra: dict[str, Any] = {}
+    if "provenance" in inspect.signature(save_report).parameters:
+        digests = {
+            "model_sha256": None if is_json else file_sha256(source),
+            "data_sha256": None if is_json else file_sha256(data),
+        }
+        extra["provenance"] = {k: v for k, v in digests.items() if v is not None}
     with plan:
         index = save_report(
             main_report,
             out,
             sweep=sweep,
             series=series,
-            command=command,
+            command=command_line(),
             train_batch_size=train_batch_size,
             outputs=plan,
+            **extra,
         )
         plan.commit()
     err.print(f"wrote {index}")

@@ -12,7 +12,6 @@ printed (progress, notes and warnings stay on stderr).
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -120,31 +119,10 @@ def print_scan(
     all_layers: bool = False,
     fix_command: str | None = None,
 ) -> None:
-    """:func:`normdoctor.render.console.print_scan` with the keywords its version takes.
-
-    ``fix_command`` replaces the generic fix hint; ``all_layers`` lists every layer of a big
-    model. A renderer without these keywords still gets the command: its generic hint line is
-    replaced by ``fix_command``.
-    """
+    """:func:`normdoctor.render.console.print_scan`: ``fix_command`` is the fix hint (the
+    user's own command), ``all_layers`` lists every layer of a big model in full."""
     from ..render import console as render
 
-    accepted = inspect.signature(render.print_scan).parameters
-    extra: dict[str, Any] = {}
-    if "all_layers" in accepted:
-        extra["all_layers"] = all_layers
-    if "fix_command" in accepted or fix_command is None or not report.flagged:
-        if "fix_command" in accepted:
-            extra["fix_command"] = fix_command
-        render.print_scan(report, console, verbose=verbose, **extra)
-        return
-    with console.capture() as captured:
-        render.print_scan(report, console, verbose=verbose, **extra)
-    # interim, until the renderer takes fix_command: its generic hint (wrapped or not) is
-    # replaced by the user's own command, printed whole
-    generic = ("normdoctor patch MODEL --data DATA --to auto -o PATCHED", "(then scan PATCHED)")
-    lines = captured.get().splitlines(keepends=True)
-    at = next((i for i, line in enumerate(lines) if generic[0] in line), len(lines))
-    kept = [line for line in lines if not any(g in line for g in generic)]
-    kept.insert(min(at, len(kept)), f"  fix: {fix_command}  (then scan the patched model)\n")
-    console.file.write("".join(kept))
-    console.file.flush()
+    render.print_scan(
+        report, console, verbose=verbose, all_layers=all_layers, fix_command=fix_command
+    )

@@ -1,0 +1,585 @@
+"""Watch the train/inference mismatch while a model trains: :func:`monitor`.
+
+A scan after the fact has to guess how the model was trained; while it trains, the batches
+*are* training's batches.  :class:`Monitor` hooks the live training forward, without switching
+anything:
+
+* one forward pre-hook per batch-dependent norm layer hands the layer's input, when the layer is
+  in train mode, to the same :class:`~normdoctor.recording.Recorder` the scan uses (exact,
+  streaming, no host synchronisation per batch);
+* a pre-hook and a hook on the model count the training forwards (steps) and, every ``every``
+  steps, run that same batch once more in eval mode under ``no_grad``, with every module's
+  ``training`` flag, every buffer and the RNG states (torch CPU and CUDA, Python ``random``,
+  NumPy) restored bit for bit, and compare the outputs with the training-mode ones
+  (:class:`~normdoctor.assemble.EndToEndMeter`; labels or targets through :meth:`observe`).
+
+Steps are grouped into windows of ``window`` steps.  At the end of each window the recorders
+are reduced and judged by the scan's rules (:func:`~normdoctor.assemble.assemble_report`,
+training's composition as stated), a :class:`HistoryPoint` is kept (at most ``history`` of
+them: constant memory), fresh recorders start with the running statistics of that moment, and a
+harmful verdict warns once per cause (:class:`MonitorWarning`, :mod:`logging`, ``on_flag``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import warnings
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from . import _fused
+from .assemble import EndToEndMeter, LossFn, assemble_report
+from .batching import first_tensor
+from .layers import NormLayer, find_norm_layers
+from .metrics import DEFAULT_NONIID_THRESHOLD, DEFAULT_THRESHOLD, Recommendation
+from .recording import Recorder, Scratch, module_state
+from .report import Composition, LayerReport, ScanReport, Verdict
+from .sources.torch import output_tensor
+from .verdict import ALPHA
+
+__all__ = [
+    "Flag",
+    "HistoryPoint",
+    "LayerPoint",
+    "Monitor",
+    "MonitorWarning",
+    "history_figure",
+    "monitor",
+]
+
+log = logging.getLogger("normdoctor.monitor")
+
+#: Windows hold this many checks by default (``window = CHECKS_PER_WINDOW * every``).
+CHECKS_PER_WINDOW = 20
+
+
+class MonitorWarning(UserWarning):
+    """Eval mode will not behave like training: raised once per cause while training runs."""
+
+
+@dataclass(frozen=True, slots=True)
+class LayerPoint:
+    """One layer's numbers over one window (train path, training's own batches)."""
+
+    name: str
+    drift: float | None
+    shift: float | None
+    noise: float | None
+    noniid: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPoint:
+    """One window of steps ``first_step``..``step``: its verdict and its numbers."""
+
+    first_step: int
+    step: int
+    batches: int
+    checks: int
+    status: Verdict
+    agreement: float | None
+    rel_divergence: float | None
+    acc_train: float | None
+    acc_eval: float | None
+    layers: tuple[LayerPoint, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Flag:
+    """One cause of a harmful verdict, reported once: what ``on_flag`` receives."""
+
+    cause: str  # "instance", "renorm", "recalibrate", "batchstats" or "compounding"
+    message: str
+    layers: tuple[str, ...]
+    step: int
+    report: ScanReport
+
+
+def _rng_state() -> tuple[Any, ...]:
+    cuda = (
+        torch.cuda.get_rng_state_all()
+        if torch.cuda.is_available() and torch.cuda.is_initialized()
+        else None
+    )
+    return torch.get_rng_state(), cuda, random.getstate(), np.random.get_state()
+
+
+def _set_rng_state(state: tuple[Any, ...]) -> None:
+    cpu, cuda, py, np_state = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+    random.setstate(py)
+    np.random.set_state(np_state)
+
+
+def _clone_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Detached copies of the tensors of a call (the forward may change its inputs in place)."""
+
+    def copy(t: Any) -> Any:
+        return t.detach().clone() if isinstance(t, torch.Tensor) else t
+
+    return tree_map(copy, args), tree_map(copy, kwargs)
+
+
+class Monitor:
+    """The train/inference mismatch of ``model``'s norm layers, watched while it trains.
+
+    Use :func:`monitor` (a context manager).  See the module's docstring for what it does.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        every: int = 50,
+        window: int | None = None,
+        history: int = 100,
+        on_flag: Callable[[Flag], object] | None = None,
+        loss: LossFn | None = None,
+        threshold: float = DEFAULT_THRESHOLD,
+        noniid_threshold: float = DEFAULT_NONIID_THRESHOLD,
+        agreement_threshold: float | None = None,
+        divergence_threshold: float | None = None,
+        alpha: float = ALPHA,
+        warn: bool = True,
+    ) -> None:
+        if every < 1:
+            raise ValueError(f"every must be at least 1, got {every}")
+        window = CHECKS_PER_WINDOW * every if window is None else window
+        if window < every:
+            raise ValueError(f"window ({window}) must hold at least one check (every={every})")
+        self.model = model
+        self.every = every
+        self.window = window
+        self.on_flag = on_flag
+        self.loss = loss
+        self.warn = warn
+        self.judging: dict[str, Any] = dict(
+            threshold=threshold, noniid_threshold=noniid_threshold, alpha=alpha
+        )
+        if agreement_threshold is not None:
+            self.judging["agreement_threshold"] = agreement_threshold
+        if divergence_threshold is not None:
+            self.judging["divergence_threshold"] = divergence_threshold
+        self.layers: list[NormLayer] = find_norm_layers(model)
+        self._modules = dict(model.named_modules())
+        self.measured = [l for l in self.layers if l.batch_dependent and l.materialized]
+        self.history: deque[HistoryPoint] = deque(maxlen=history)
+        self.flags: list[Flag] = []
+        self._causes: set[str] = set()
+        self.step = 0  # training forwards of the model so far
+        self.checks = 0  # eval-mode checks so far
+        self.stopped: str | None = None  # why the checks stopped (a model writing its weights)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._threads: int | None = None
+        self._checking = False
+        self._captured: tuple[tuple, dict] | None = None
+        self._pending: tuple[Any, int, Any] | None = None
+        self._order: list[str] = []
+        self._seen: set[str] = set()
+        self._last: ScanReport | None = None
+        self._new_window()
+
+    # -- windows ---------------------------------------------------------------------------
+    def _new_window(self) -> None:
+        self._scratch = Scratch()
+        self._recorders = {
+            l.name: Recorder.for_module(self._modules[l.name], l) for l in self.measured
+        }
+        self._meter = EndToEndMeter(self.loss)
+        self._first = self.step + 1
+        self._sizes: list[int] = []  # one int per step of this window (at most ``window``)
+        self._window_checks = 0
+
+    def _close_window(self) -> None:
+        self._flush_pending()
+        report = self._judge()
+        self._last = report
+        e = report.end_to_end
+        self.history.append(
+            HistoryPoint(
+                first_step=self._first,
+                step=self.step,
+                batches=len(self._sizes),
+                checks=self._window_checks,
+                status=report.status,
+                agreement=e.agreement if e else None,
+                rel_divergence=e.rel_divergence if e else None,
+                acc_train=e.acc_train if e else None,
+                acc_eval=e.acc_eval if e else None,
+                layers=tuple(
+                    LayerPoint(r.name, r.drift, r.shift, r.noise, r.noniid)
+                    for r in report.layers
+                    if r.train is not None
+                ),
+            )
+        )
+        self._raise_flags(report)
+        self._new_window()
+
+    # -- the hooks -------------------------------------------------------------------------
+    def __enter__(self) -> Monitor:
+        # The kernel runs on the training thread: as many threads as torch uses there.
+        self._threads = _fused.match_threads() if _fused.kernel() is not None else None
+        try:
+            for layer in self.layers:
+                module = self._modules[layer.name]
+                self._handles.append(module.register_forward_pre_hook(self._norm_hook(layer)))
+            self._handles.append(
+                self.model.register_forward_pre_hook(self._step_start, with_kwargs=True)
+            )
+            self._handles.append(self.model.register_forward_hook(self._step_end, with_kwargs=True))
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._remove()
+        self._flush_pending()
+        if self._threads is not None:
+            _fused.restore_threads(self._threads)
+            self._threads = None
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _norm_hook(self, layer: NormLayer) -> Callable[[nn.Module, tuple], None]:
+        name = layer.name
+        measured = layer.batch_dependent and layer.materialized
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            if self._checking or not module.training:
+                return
+            if name not in self._seen:
+                self._seen.add(name)
+                self._order.append(name)
+            if measured and args and isinstance(args[0], torch.Tensor):
+                self._recorders[name].observe(args[0], self._scratch)
+
+        return hook
+
+    def _step_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._checking or not module.training:
+            return
+        self._flush_pending()
+        if len(self._sizes) >= self.window:
+            self._close_window()
+        self.step += 1
+        t = first_tensor((args, kwargs))
+        self._sizes.append(int(t.shape[0]) if t is not None and t.dim() else 1)
+        if self.step % self.every == 0 and self.stopped is None:
+            self._captured = _clone_inputs(args, kwargs)
+
+    def _step_end(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        if self._checking or self._captured is None:
+            return
+        captured, self._captured = self._captured, None
+        out_eval = self._eval_forward(*captured)
+        if out_eval is None:
+            return
+        t = output_tensor(out)
+        size = int(t.shape[0]) if t is not None and t.dim() else 1
+        self._pending = (out_eval, size, tree_map(_detach, out))
+        self.checks += 1
+        self._window_checks += 1
+
+    def _eval_forward(self, args: tuple, kwargs: dict) -> Any:
+        """The batch once in eval mode, everything it could touch restored bit for bit."""
+        modules = list(self.model.modules())
+        flags = [(m, m.training) for m in modules]
+        params = [(m, dict(m._parameters)) for m in modules]
+        versions = [
+            (m, k, p, p._version) for m, ps in params for k, p in ps.items() if p is not None
+        ]
+        buffers = [
+            (m, dict(m._buffers), {k: b.clone() for k, b in m._buffers.items() if b is not None})
+            for m in modules
+        ]
+        buffer_versions = {
+            id(b): b._version
+            for _m, objects, _c in buffers
+            for b in objects.values()
+            if b is not None
+        }
+        rng = _rng_state()
+        self._checking = True
+        try:
+            with torch.no_grad():
+                self.model.eval()
+                return self.model(*args, **kwargs)
+        finally:
+            self._checking = False
+            for m, flag in flags:
+                m.training = flag
+            _set_rng_state(rng)
+            for m, held in params:
+                m._parameters.clear()
+                m._parameters.update(held)
+            for m, objects, copies in buffers:
+                m._buffers.clear()
+                m._buffers.update(objects)
+                for key, b in objects.items():
+                    # Only where the forward wrote: copying bumps the version counter, and a
+                    # buffer saved for the backward pass must keep its own.
+                    if b is not None and b._version != buffer_versions[id(b)]:
+                        with torch.no_grad():
+                            b.copy_(copies[key])
+            changed = [f"{_name(self.model, m)}.{k}" for m, k, p, v in versions if p._version != v]
+            if changed:
+                self.stopped = (
+                    f"the model wrote its parameters in place in an eval-mode forward "
+                    f"({', '.join(changed[:3])}); normdoctor.monitor cannot undo that and stops "
+                    "its eval-mode checks"
+                )
+                warnings.warn(self.stopped, MonitorWarning, stacklevel=2)
+                log.warning(self.stopped)
+
+    def observe(self, outputs: Any = None, targets: Any = None) -> None:
+        """Hand the labels or targets of the batch just run (optional, after the forward).
+
+        On a step that was checked they make the comparison per-path accuracy or loss (the
+        verdict's paired evidence); on other steps this costs nothing.
+        """
+        if self._pending is None:
+            return
+        out_eval, size, out_train = self._pending
+        self._pending = None
+        if outputs is not None and output_tensor(out_train) is None:
+            out_train = outputs
+        labels = targets if isinstance(targets, torch.Tensor) else None
+        self._meter.update(out_train, out_eval, labels, size)
+
+    def _flush_pending(self) -> None:
+        if self._pending is not None:
+            out_eval, size, out_train = self._pending
+            self._pending = None
+            self._meter.update(out_train, out_eval, None, size)
+
+    # -- the verdict -----------------------------------------------------------------------
+    def _judge(self) -> ScanReport:
+        sizes = self._sizes
+        same = bool(sizes) and min(sizes) == max(sizes)
+        composition = Composition(
+            source="batches",
+            batch_size=sizes[0] if same else None,
+            order="as-given",
+            seed=None,
+            group_by=None,
+            num_batches=len(sizes),
+            num_samples=sum(sizes),
+            min_batch=min(sizes, default=0),
+            max_batch=max(sizes, default=0),
+        )
+        results = {"train": {name: rec.finish() for name, rec in self._recorders.items()}}
+        note = (
+            f"training batches, observed by normdoctor.monitor: steps {self._first}-{self.step}, "
+            f"{self._window_checks} checked in eval mode (every {self.every} steps)"
+        )
+        notes = [note] + ([self.stopped] if self.stopped else [])
+        return assemble_report(
+            model_name=type(self.model).__name__,
+            layers=self.layers,
+            states={l.name: module_state(self._modules[l.name]) for l in self.layers},
+            results=results,
+            order=self._order,
+            end_to_end=self._meter.result(),
+            composition=composition,
+            paths=("train",),
+            notes=notes,
+            stated=True,
+            **self.judging,
+        )
+
+    def report(self) -> ScanReport:
+        """The verdict on the latest window: the current one once it holds half a window of
+        steps (or when no window has closed yet), else the last closed one."""
+        self._flush_pending()
+        if self._last is None or len(self._sizes) >= self.window // 2:
+            return self._judge()
+        return self._last
+
+    def figure(self) -> Any:
+        """A matplotlib figure of drift and eval-mode agreement over training steps."""
+        return history_figure(self.history)
+
+    # -- warnings --------------------------------------------------------------------------
+    def _raise_flags(self, report: ScanReport) -> None:
+        if not report.status.harmful:
+            return
+        causes: dict[str, list[LayerReport]] = {}
+        for r in report.flagged_layers:
+            causes.setdefault(_cause(r), []).append(r)
+        if not causes:
+            causes["compounding"] = []
+        for cause, layers in causes.items():
+            if cause in self._causes:
+                continue
+            self._causes.add(cause)
+            flag = Flag(
+                cause=cause,
+                message=_message(report, cause, layers, self._first, self.step),
+                layers=tuple(r.name for r in layers),
+                step=self.step,
+                report=report,
+            )
+            self.flags.append(flag)
+            if self.warn:
+                warnings.warn(flag.message, MonitorWarning, stacklevel=4)
+            log.warning(flag.message)
+            if self.on_flag is not None:
+                self.on_flag(flag)
+
+
+def _detach(t: Any) -> Any:
+    return t.detach() if isinstance(t, torch.Tensor) else t
+
+
+def _name(model: nn.Module, module: nn.Module) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return name or "<root>"
+    return "?"
+
+
+def _cause(r: LayerReport) -> str:
+    rec = r.recommendation
+    if rec is Recommendation.RENORM and "correlated" in r.reason:
+        return "non-iid"
+    return str(rec)
+
+
+def _names(layers: list[LayerReport]) -> str:
+    names = [r.name for r in layers]
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _message(
+    report: ScanReport, cause: str, layers: list[LayerReport], first: int, last: int
+) -> str:
+    e = report.end_to_end
+    how = []
+    if e is not None:
+        if e.agreement is not None:
+            how.append(f"agreement {e.agreement:.0%}")
+        if e.acc_train is not None and e.acc_eval is not None:
+            how.append(f"accuracy {e.acc_eval:.0%} in eval mode vs {e.acc_train:.0%} in training")
+        elif e.loss_train is not None and e.loss_eval is not None:
+            how.append(f"loss {e.loss_eval:.4g} in eval mode vs {e.loss_train:.4g} in training")
+        if not how and e.rel_divergence is not None:
+            how.append(f"output divergence {e.rel_divergence:.3g}")
+    checked = (
+        f"{e.batches} checked batches of steps {first}-{last}" if e else f"steps {first}-{last}"
+    )
+    head = f"eval mode diverges from training ({', '.join(how) or 'eval mode worse'} on {checked})"
+    names = _names(layers)
+    size = report.composition.batch_size
+    worst = max(layers, key=lambda r: r.drift or 0.0) if layers else None
+    numbers = (
+        f" (drift {worst.drift:.3g}, batch noise {worst.noise:.3g}, shift {worst.shift:.3g})"
+        if worst is not None
+        and worst.drift is not None
+        and worst.noise is not None
+        and worst.shift is not None
+        else ""
+    )
+    if cause == "instance":
+        what = "per-sample batches" if size != 1 else "batch size 1"
+        body = (
+            f"{what} makes {names} depend on its batch{numbers}; use InstanceNorm "
+            "(`normdoctor.patch(model, to='instance')`) or train with BatchRenorm"
+        )
+    elif cause == "non-iid":
+        ratio = worst.noniid if worst is not None else None
+        spread = f"batch-mean spread {ratio:.3g}x i.i.d. at {worst.name}" if worst and ratio else ""
+        body = (
+            f"the batches are not i.i.d. (correlated, e.g. sorted by class): {spread}; "
+            f"no running estimate matches training at {names}; shuffle the data or train with "
+            "BatchRenorm (`normdoctor.patch(model, to='renorm')`)"
+        )
+    elif cause == "recalibrate":
+        body = (
+            f"the running statistics of {names} are stale{numbers}; recalibrate them "
+            "(`normdoctor.recalibrate(model, data)`) or raise BatchNorm's momentum"
+        )
+    elif cause == "batchstats":
+        body = (
+            f"batch noise makes {names} depend on its batch{numbers}; train with larger "
+            "batches or BatchRenorm (`normdoctor.patch(model, to='renorm')`)"
+        )
+    elif cause == "renorm":
+        body = (
+            f"{names} cannot be normalized per sample{numbers}; train with BatchRenorm "
+            "(`normdoctor.patch(model, to='renorm')`) or larger batches"
+        )
+    else:
+        body = "no single layer exceeds the threshold: the drift compounds over layers"
+    return f"{head}: {body}"
+
+
+def history_figure(history: Any) -> Any:
+    """Drift per layer (top) and eval-mode agreement or divergence (bottom) over steps."""
+    from matplotlib.figure import Figure  # lazily: matplotlib is only needed for figures
+
+    points = list(history)
+    fig = Figure(figsize=(8, 5.5), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    steps = [p.step for p in points]
+    names = [lp.name for lp in points[-1].layers] if points else []
+    for name in names:
+        values = [next((lp.drift for lp in p.layers if lp.name == name), None) for p in points]
+        top.plot(steps, [np.nan if v is None else v for v in values], marker=".", label=name)
+    top.set_ylabel("drift (train path)")
+    top.set_title("Norm-layer drift while training")
+    if names:
+        top.legend(fontsize="small", ncol=min(len(names), 4))
+    agreement = [p.agreement for p in points]
+    if any(a is not None for a in agreement):
+        bottom.plot(steps, [np.nan if a is None else a for a in agreement], marker=".")
+        bottom.set_ylabel("eval/train agreement")
+        bottom.set_ylim(0, 1.05)
+    else:
+        div = [p.rel_divergence for p in points]
+        bottom.plot(steps, [np.nan if d is None else d for d in div], marker=".")
+        bottom.set_ylabel("output divergence")
+    bottom.set_xlabel("training step")
+    return fig
+
+
+def monitor(
+    model: nn.Module,
+    *,
+    every: int = 50,
+    window: int | None = None,
+    on_flag: Callable[[Flag], object] | None = None,
+    **kwargs: Any,
+) -> Monitor:
+    """Watch ``model``'s norm layers while it trains; a context manager around the loop::
+
+        with normdoctor.monitor(model, every=50) as mon:
+            for x, y in loader:
+                out = model(x)
+                mon.observe(out, y)  # optional: labels make the comparison accuracy
+                loss = F.cross_entropy(out, y)
+                ...
+        report = mon.report()  # a ScanReport, judged by the scan's rules
+
+    Args:
+        every: run one batch in eval mode every ``every`` training forwards.
+        window: steps per verdict (default ``20 * every``).
+        on_flag: called with a :class:`Flag` once per cause of a harmful verdict.
+        kwargs: ``history`` (windows kept, default 100), ``loss`` (per-sample loss for the
+            comparison), the verdict's thresholds, ``warn=False`` (no ``warnings``).
+    """
+    return Monitor(model, every=every, window=window, on_flag=on_flag, **kwargs)

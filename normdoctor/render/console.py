@@ -390,7 +390,7 @@ def print_scan(
         worst: how many layers a bigger model shows in full.
         fix_command: the command printed as the fix (default: a generic ``normdoctor patch``).
     """
-    width = None if piped(console) else console.width
+    width = console.width  # the columns shown; a pipe still gets every line whole
     emit(
         console,
         scan_blocks(

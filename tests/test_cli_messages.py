@@ -3,7 +3,10 @@ the fix hint's command (``fix_command``)."""
 
 from __future__ import annotations
 
+import hashlib
+import html
 import os
+import pty
 import re
 import shlex
 import subprocess
@@ -192,3 +195,47 @@ def test_fix_command_of_an_onnx_model_writes_onnx():
     command = fix_command(["scan", "m.onnx", "--data", "x.npz"], _root())
     assert command == "normdoctor patch m.onnx --data x.npz -o m-patched.onnx"
     assert patched_path("hf-model/") == "hf-model-patched.pt"
+
+
+@pytest.mark.slow
+def test_patch_report_records_the_command_and_the_files_sha256(capsys, tmp_path):
+    args = ["patch", str(SM / "tiny-batch.pt"), "--arch", ARCH, "--data", DATA]
+    args += ["--train-batch-size", "1", "--max-batches", "60", "-q"]
+    args += ["-o", str(tmp_path / "fixed.pt"), "--report", str(tmp_path / "rep")]
+    assert main(args) == 0, capsys.readouterr().err
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert html.escape(shlex.join(["normdoctor", *args]), quote=False) in page
+    for path in (SM / "tiny-batch.pt", Path(DATA)):
+        assert hashlib.sha256(path.read_bytes()).hexdigest() in page
+
+
+@pytest.mark.slow
+def test_patch_shows_progress_on_a_terminal_and_not_in_a_pipe(tmp_path):
+    args = [sys.executable, "-m", "normdoctor", "patch", str(SM / "tiny-batch.pt"), "--arch"]
+    args += [ARCH, "--data", DATA, "--train-batch-size", "1", "--max-batches", "40"]
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [*args, "-o", str(tmp_path / "a.pt")],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=slave,
+        env={**os.environ, "COLUMNS": "100"},
+    )
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert proc.wait(timeout=300) == 0
+    os.close(master)
+    text = seen.decode("utf-8", "replace")
+    assert re.search(r"tiny-batch\.pt .*\d+/40", text), text[-2000:]  # a bar over 40 batches
+    piped = subprocess.run(
+        [*args, "-o", str(tmp_path / "b.pt")], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert piped.returncode == 0 and "/40" not in piped.stderr  # no bar in a pipe

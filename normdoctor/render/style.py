@@ -201,8 +201,8 @@ th, td { padding: .3rem .5rem; border-bottom: 1px solid var(--line); text-align:
 th { background: var(--soft); position: sticky; top: 0; white-space: nowrap; }
 th.grp { text-align: center; border-left: 1px solid var(--line); }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-td.name { font-family: var(--mono); overflow-wrap: anywhere; min-width: 8rem; }
-td.reason { min-width: 16rem; color: var(--muted); }
+td.name { font-family: var(--mono); white-space: nowrap; }  /* a name is never split */
+td.reason { min-width: 12rem; color: var(--muted); }
 tr.flagged td:first-child { box-shadow: inset 5px 0 0 var(--bad); }
 tr.harmless td:first-child { box-shadow: inset 5px 0 0 var(--warn); }
 .status { font-weight: 600; white-space: nowrap; }
@@ -240,26 +240,30 @@ footer ul { margin: 0; padding-left: 1.2rem; } code.hash { overflow-wrap: anywhe
   table.compare td { grid-template-columns: 6.5rem 1fr; }
   table.cards td.num { text-align: left; }
   table.cards td.reason { min-width: 0; }
+  table.cards td.name { white-space: normal; overflow-wrap: break-word; }  /* a card has room */
   table.cards td::before { content: attr(data-label); color: var(--muted);
     font-family: system-ui, sans-serif; font-weight: 400; }
   table.all th:nth-child(n+3):nth-child(-n+4), table.all td:nth-child(n+3):nth-child(-n+4),
   table.all th:nth-child(n+6):nth-child(-n+8), table.all td:nth-child(n+6):nth-child(-n+8),
   table.all th:nth-child(n+10), table.all td:nth-child(n+10) { display: none; }
-  table.all td.name { min-width: 0; }
   .concl, .swipe { display: block; }
 }
 @page { margin: 12mm 12mm 14mm; }
 @media print {
   body { font-size: 9.5pt; line-height: 1.4; } main { max-width: none; padding: 0; }
-  h2 { margin: 1.1rem 0 .4rem; } h3 { margin: .8rem 0 .3rem; }
+  h2 { margin: .9rem 0 .35rem; } h3 { margin: .8rem 0 .3rem; }
   .scroll, .fig { overflow: visible; border: none; }
   th { position: static; }
-  table { font-size: 8pt; } td.name { min-width: 10em; } td.reason { min-width: 16em; }
+  table { font-size: 8pt; } td.name { white-space: normal; overflow-wrap: break-word; }
+  td.reason { min-width: 16em; }
   /* A figure keeps its heading, image and caption on one page; tall ones shrink to fit. */
   figure, .figure-missing, tr, .verdict { break-inside: avoid; page-break-inside: avoid; }
-  figure { margin: .6rem 0 .8rem; }
-  figure img { min-width: 0 !important; width: auto; max-width: 100%; max-height: 15cm; }
+  figure { margin: .4rem 0 .6rem; } figcaption { font-size: 8.5pt; }
+  pre { padding: .35rem .5rem; margin: .3rem 0; }
+  footer { font-size: 7pt; margin-top: .5rem; } footer p { margin: 0; }
+  figure img { min-width: 0 !important; width: auto; max-width: 100%; max-height: 17cm; }
   h2, h3 { break-after: avoid; page-break-after: avoid; }
+  pre, footer { break-before: avoid; break-inside: avoid; }  /* the last lines never alone */
   .files, .swipe { display: none; }
   .verdict, th, tr.flagged td:first-child, tr.harmless td:first-child {
     -webkit-print-color-adjust: exact; print-color-adjust: exact; }

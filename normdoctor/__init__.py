@@ -13,6 +13,7 @@ from .errors import (
 from .io import load_model
 from .layers import NormLayer, find_norm_layers
 from .metrics import Recommendation
+from .monitor import Monitor, MonitorWarning, monitor
 from .patch import autopatch, impact, patch, recalibrate, revert
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .report import LayerReport, ScanReport, Verdict
@@ -26,6 +27,8 @@ __all__ = [
     "DataError",
     "LayerReport",
     "LoadError",
+    "Monitor",
+    "MonitorWarning",
     "NormDoctorError",
     "NormLayer",
     "Recommendation",
@@ -38,6 +41,7 @@ __all__ = [
     "find_norm_layers",
     "impact",
     "load_model",
+    "monitor",
     "patch",
     "recalibrate",
     "revert",

@@ -39,7 +39,7 @@ from . import _fused
 from .assemble import EndToEndMeter, LossFn, assemble_report
 from .batching import first_tensor
 from .layers import NormLayer, find_norm_layers
-from .metrics import DEFAULT_NONIID_THRESHOLD, DEFAULT_THRESHOLD, Recommendation
+from .metrics import DEFAULT_NONIID_THRESHOLD, DEFAULT_THRESHOLD
 from .recording import Recorder, Scratch, module_state
 from .report import Composition, LayerReport, ScanReport, Verdict
 from .sources.torch import output_tensor
@@ -151,6 +151,7 @@ class Monitor:
         divergence_threshold: float | None = None,
         alpha: float = ALPHA,
         warn: bool = True,
+        warmup: int | None = None,
     ) -> None:
         if every < 1:
             raise ValueError(f"every must be at least 1, got {every}")
@@ -163,6 +164,10 @@ class Monitor:
         self.on_flag = on_flag
         self.loss = loss
         self.warn = warn
+        # Running statistics start at their initial values and weights move fastest early on:
+        # the first window is judged and kept, but warns only from ``warmup`` steps on.
+        self.warmup = window if warmup is None else warmup
+        self.noniid_threshold = noniid_threshold
         self.judging: dict[str, Any] = dict(
             threshold=threshold, noniid_threshold=noniid_threshold, alpha=alpha
         )
@@ -416,11 +421,11 @@ class Monitor:
 
     # -- warnings --------------------------------------------------------------------------
     def _raise_flags(self, report: ScanReport) -> None:
-        if not report.status.harmful:
+        if not report.status.harmful or self.step <= self.warmup:
             return
         causes: dict[str, list[LayerReport]] = {}
         for r in report.flagged_layers:
-            causes.setdefault(_cause(r), []).append(r)
+            causes.setdefault(_cause(r, self.noniid_threshold), []).append(r)
         if not causes:
             causes["compounding"] = []
         for cause, layers in causes.items():
@@ -453,11 +458,12 @@ def _name(model: nn.Module, module: nn.Module) -> str:
     return "?"
 
 
-def _cause(r: LayerReport) -> str:
-    rec = r.recommendation
-    if rec is Recommendation.RENORM and "correlated" in r.reason:
+def _cause(r: LayerReport, noniid_threshold: float) -> str:
+    """Why a flagged layer drifts.  Correlated batches come first: they also make the running
+    statistics follow the last few batches, which reads as stale statistics."""
+    if r.noniid is not None and r.noniid >= noniid_threshold:
         return "non-iid"
-    return str(rec)
+    return str(r.recommendation)
 
 
 def _names(layers: list[LayerReport]) -> str:
@@ -501,12 +507,12 @@ def _message(
             "(`normdoctor.patch(model, to='instance')`) or train with BatchRenorm"
         )
     elif cause == "non-iid":
-        ratio = worst.noniid if worst is not None else None
-        spread = f"batch-mean spread {ratio:.3g}x i.i.d. at {worst.name}" if worst and ratio else ""
+        top = max(layers, key=lambda r: r.noniid or 0.0)
         body = (
-            f"the batches are not i.i.d. (correlated, e.g. sorted by class): {spread}; "
-            f"no running estimate matches training at {names}; shuffle the data or train with "
-            "BatchRenorm (`normdoctor.patch(model, to='renorm')`)"
+            f"the batches are not i.i.d. (correlated, e.g. sorted by class): batch means spread "
+            f"{top.noniid or 0.0:.3g}x what i.i.d. batches give at {top.name}, so no running "
+            f"estimate matches training at {names}; shuffle the data or train with BatchRenorm "
+            "(`normdoctor.patch(model, to='renorm')`)"
         )
     elif cause == "recalibrate":
         body = (
@@ -579,7 +585,8 @@ def monitor(
         every: run one batch in eval mode every ``every`` training forwards.
         window: steps per verdict (default ``20 * every``).
         on_flag: called with a :class:`Flag` once per cause of a harmful verdict.
-        kwargs: ``history`` (windows kept, default 100), ``loss`` (per-sample loss for the
+        kwargs: ``history`` (windows kept, default 100), ``warmup`` (steps before the first
+            warning, default one window), ``loss`` (per-sample loss for the
             comparison), the verdict's thresholds, ``warn=False`` (no ``warnings``).
     """
     return Monitor(model, every=every, window=window, on_flag=on_flag, **kwargs)

@@ -295,8 +295,8 @@ def scan_blocks(
         Para(_verdict(report), hang=4),
     ]
     if report.flagged:
-        command = fix_command or GENERIC_FIX
-        out.append(para(f"fix: {command}  (then scan PATCHED)", indent=2, hang=4))
+        then = "(then scan the patched model)" if fix_command else "(then scan PATCHED)"
+        out.append(para(f"fix: {fix_command or GENERIC_FIX}  {then}", indent=2, hang=4))
     line = _end_to_end_line(report)
     if line:
         out.append(para(line, hang=4))

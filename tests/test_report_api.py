@@ -20,7 +20,7 @@ from normdoctor.progress import as_callback
 from normdoctor.render import save_report
 from normdoctor.render.style import num
 from normdoctor.report import ScanReport, significant
-from normdoctor.testing import stale_stack
+from normdoctor.testing import assert_no_drift, stale_stack
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +139,15 @@ def test_noniid_is_the_eval_paths_on_every_surface(tmp_path, capsys):
         )
         assert cell is not None and cell.group(1) == num(layer.noniid)  # the HTML page
     assert differ >= 2
+
+
+def test_assert_no_drift_fails_with_the_terminal_view(small):
+    model, x, y = small
+    with pytest.raises(AssertionError) as failure:
+        assert_no_drift(model, (x, y), batch_size=32, width=100)
+    message = str(failure.value)
+    lines = message.splitlines()
+    assert lines[0].startswith("normalization drift: harmful")
+    assert lines[2].startswith("✗ harmful")  # the view's verdict, under its model line
+    assert "recalibrate" in message and "\x1b[" not in message
+    assert all(len(line) <= 100 for line in lines[1:])

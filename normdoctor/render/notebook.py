@@ -26,7 +26,7 @@ _CSS = (
 )
 
 
-def _row(i: int, layer: LayerReport) -> str:
+def _row(i: int, layer: LayerReport, reason: bool) -> str:
     cls = ' class="flagged"' if layer.flagged else ""
     fix = str(layer.recommendation) if layer.recommendation != "ok" else "–"
     cells = [
@@ -35,6 +35,7 @@ def _row(i: int, layer: LayerReport) -> str:
         *(significant(v) for v in (layer.drift, layer.shift, layer.noise, layer.noniid)),
         f'<td class="l">{escape(str(layer.status))}</td>',
         f'<td class="l">{escape(fix)}</td>',
+        *([f'<td class="l">{escape(layer.reason)}</td>'] if reason else []),
     ]
     tds = "".join(c if c.startswith("<td") else f"<td>{c}</td>" for c in cells)
     return f"<tr{cls}>{tds}</tr>"
@@ -66,6 +67,14 @@ def notebook_html(report: ScanReport, *, worst: int = WORST, figure: bool = True
     e = report.end_to_end
     if e is not None and e.describe():
         parts.append(f"<p>end to end (train vs eval path): {escape('; '.join(e.describe()))}</p>")
+    ev = report.evidence
+    reference = ev.reference_candidate if ev is not None else None
+    if ev is not None and reference is not None and len(ev.candidates) > 1:
+        tried = plural(len(ev.candidates), "composition")
+        parts.append(
+            f"<p>judged at {escape(reference.description)}, the one of {tried} tried that "
+            "reproduces training best</p>"
+        )
     n = len(report.layers)
     if n > worst:
         counts = ", ".join(f"{k} {s}" for s, k in report.counts().items())
@@ -76,11 +85,15 @@ def notebook_html(report: ScanReport, *, worst: int = WORST, figure: bool = True
     else:
         rows = list(enumerate(report.layers, 1))
     if rows:
+        reason = n <= worst  # bigger models: the groups above say the reasons
+        columns = ("#", "layer", "drift", "shift", "noise", "noniid", "status", "fix")
         head = "".join(
-            f'<th class="l">{h}</th>' if h in ("layer", "status", "fix") else f"<th>{h}</th>"
-            for h in ("#", "layer", "drift", "shift", "noise", "noniid", "status", "fix")
+            f'<th class="l">{h}</th>'
+            if h in ("layer", "status", "fix", "reason")
+            else f"<th>{h}</th>"
+            for h in (*columns, *(["reason"] if reason else []))
         )
-        body = "".join(_row(i, layer) for i, layer in rows)
+        body = "".join(_row(i, layer, reason) for i, layer in rows)
         parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
     if figure and any(layer.drift is not None for layer in report.layers):
         parts.append(_figure(report))

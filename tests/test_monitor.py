@@ -1,0 +1,257 @@
+"""normdoctor.monitor: the mismatch watched while a model trains (issue 18).
+
+The sample architecture trained as ``sample_models/build.py`` trains it (load_digits 8x8,
+normalized; Adam; cross-entropy): at batch size 1 the monitor flags and recommends
+InstanceNorm, on shuffled batches of 64 it stays quiet, on class-sorted batches it names the
+non-i.i.d. cause.  And the monitor leaves training itself unchanged, bit for bit.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+from sklearn.datasets import load_digits
+from torch import nn
+
+import normdoctor
+from normdoctor import ScanReport, Verdict
+from normdoctor.monitor import Flag, MonitorWarning
+from sample_models.archs import DigitsCNN
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCH = "sample_models.archs:DigitsCNN"
+
+
+def _digits() -> tuple[torch.Tensor, torch.Tensor]:
+    d = load_digits()
+    images = d.images.astype(np.float32)[:, None] / np.float32(16.0)
+    x = (images - images.mean()) / images.std()
+    return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(d.target.astype(np.int64))
+
+
+X, Y = _digits()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models are tiny: one intra-op thread (what their training needs; on a loaded
+    machine more threads only wait for each other)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _batches(bs: int, order: str, steps: int, seed: int = 0) -> list[torch.Tensor]:
+    """Index batches: "shuffle" (i.i.d.) or "class-sorted" (one class per batch, batch order
+    shuffled), epoch after epoch, as build.py forms them."""
+    gen = torch.Generator().manual_seed(seed)
+    out: list[torch.Tensor] = []
+    while len(out) < steps:
+        if order == "shuffle":
+            perm = torch.randperm(len(Y), generator=gen)
+            out += [perm[i : i + bs] for i in range(0, len(Y) - bs + 1, bs)]
+        else:
+            chunks = []
+            for c in range(10):
+                idx = torch.nonzero(c == Y).flatten()
+                idx = idx[torch.randperm(len(idx), generator=gen)]
+                chunks += [idx[i : i + bs] for i in range(0, len(idx) - bs + 1, bs)]
+            out += [chunks[i] for i in torch.randperm(len(chunks), generator=gen).tolist()]
+    return out[:steps]
+
+
+def _train(
+    model: nn.Module, batches: list[torch.Tensor], lr: float, mon: object | None = None
+) -> None:
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for b in batches:
+        out = model(X[b])
+        if mon is not None:
+            mon.observe(out, Y[b])  # type: ignore[attr-defined]
+        loss = nn.functional.cross_entropy(out, Y[b])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _watch(bs: int, order: str, steps: int, lr: float, **kwargs: object):
+    torch.manual_seed(0)
+    model = DigitsCNN()
+    flags: list[Flag] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with normdoctor.monitor(model, on_flag=flags.append, **kwargs) as mon:  # type: ignore[arg-type]
+            _train(model, _batches(bs, order, steps), lr, mon)
+    return mon, mon.report(), flags, [w for w in caught if w.category is MonitorWarning]
+
+
+@pytest.mark.slow
+def test_batch_size_1_is_flagged_with_instance_recommended():
+    mon, report, flags, caught = _watch(1, "shuffle", 2000, 1e-3, every=2, window=500)
+    assert report.status.harmful and report.flagged, report.verdict
+    assert {str(r.recommendation) for r in report.flagged_layers} == {"instance"}
+    assert report.composition.batch_size == 1 and report.composition.max_batch == 1
+    assert report.end_to_end is not None and report.end_to_end.acc_eval is not None
+    assert report.end_to_end.acc_eval < report.end_to_end.acc_train - 0.1
+    # Warned once per cause, with its numbers, through warnings and on_flag alike.  The first
+    # is batch size 1; while the weights still move fast, a layer's window can also read stale
+    # (its activations move within the window: see the README), a cause of its own.
+    assert flags[0].cause == "instance"
+    assert len({f.cause for f in flags}) == len(flags) <= 2
+    assert [str(w.message) for w in caught] == [f.message for f in flags]
+    message = flags[0].message
+    assert "eval mode diverges from training (agreement " in message
+    assert "batch size 1 makes" in message and "to='instance'" in message
+    assert "drift " in message and "batch noise " in message
+    assert flags[0].step > 500  # not in the warm-up window
+    assert mon.step == 2000 and mon.checks == 1000
+    assert len(mon.history) == 3  # windows closed at steps 500, 1000, 1500
+
+
+@pytest.mark.slow
+def test_shuffled_batches_of_64_stay_quiet():
+    _mon, report, flags, caught = _watch(64, "shuffle", 300, 1e-2, every=5, window=100)
+    assert flags == [] and caught == []
+    assert not report.flagged and not report.status.harmful, report.verdict
+    e = report.end_to_end
+    assert e is not None and e.agreement is not None and e.agreement >= 0.95
+    assert report.composition.batch_size == 64
+
+
+@pytest.mark.slow
+def test_class_sorted_batches_name_the_non_iid_cause():
+    _mon, report, flags, caught = _watch(64, "class-sorted", 300, 1e-2, every=5, window=100)
+    assert report.status.harmful, report.verdict
+    assert "non-iid" in [f.cause for f in flags]
+    flag = next(f for f in flags if f.cause == "non-iid")
+    assert "not i.i.d." in flag.message and "x what i.i.d. batches give" in flag.message
+    assert any(r.noniid is not None and r.noniid > 4 for r in report.flagged_layers)
+    assert len({str(w.message) for w in caught}) == len(caught) == len(flags)  # once per cause
+
+
+class Dropped(nn.Module):
+    """BatchNorm and dropout: training consumes random numbers on every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.drop = nn.Dropout(0.3)
+        self.bn1d = nn.BatchNorm1d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(torch.relu(self.bn(self.conv(x))))
+        return self.fc(self.drop(self.bn1d(h.mean((2, 3)))))
+
+
+def _run_seeded(watch: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor, float, float]:
+    torch.manual_seed(123)
+    random.seed(5)
+    np.random.seed(7)
+    model = Dropped()
+    batches = _batches(8, "shuffle", 40, seed=3)
+    if watch:
+        with normdoctor.monitor(model, every=3, window=12, warn=False) as mon:
+            _train(model, batches, 1e-2, mon)
+        assert mon.checks == 13 and len(mon.history) == 3
+    else:
+        _train(model, batches, 1e-2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return state, torch.get_rng_state(), random.random(), float(np.random.random())
+
+
+def test_training_is_unchanged_bit_for_bit():
+    plain, rng_plain, py_plain, np_plain = _run_seeded(False)
+    watched, rng_watched, py_watched, np_watched = _run_seeded(True)
+    assert plain.keys() == watched.keys()
+    for key in plain:  # weights, running statistics, num_batches_tracked
+        assert torch.equal(plain[key], watched[key]), key
+    assert torch.equal(rng_plain, rng_watched)
+    assert (py_plain, np_plain) == (py_watched, np_watched)
+
+
+def test_flags_hooks_and_eval_forwards_are_left_alone():
+    torch.manual_seed(0)
+    model = Dropped()
+    before = len(model.bn._forward_pre_hooks), len(model._forward_hooks)
+    with normdoctor.monitor(model, every=2, window=4, warn=False) as mon:
+        model.train()
+        model.drop.eval()  # a user's own choice of modes survives the checks
+        for b in _batches(8, "shuffle", 6):
+            model(X[b])
+        model.eval()  # validation: not a training step, nothing recorded
+        with torch.no_grad():
+            model(X[:16])
+        assert model.drop.training is False and model.bn.training is False
+    assert mon.step == 6 and mon.checks == 3
+    assert (len(model.bn._forward_pre_hooks), len(model._forward_hooks)) == before
+
+
+def test_report_renders_and_round_trips_like_a_scan(tmp_path):
+    torch.manual_seed(0)
+    model = DigitsCNN()
+    with normdoctor.monitor(model, every=2, window=20, warn=False) as mon:
+        _train(model, _batches(16, "shuffle", 50), 1e-2, mon)
+    report = mon.report()
+    assert isinstance(report, ScanReport)
+    assert report.paths == ("train",) and report.status in set(Verdict)
+    assert [r.name for r in report.layers] == ["norm1", "norm2", "norm3"]
+    assert all(r.train is not None and r.train.batches == 10 for r in report.layers)
+    assert report.composition.num_batches == 10 and report.composition.num_samples == 160
+    assert any("training batches, observed by normdoctor.monitor" in n for n in report.notes)
+    assert report.evidence is not None and report.evidence.stated
+    assert ScanReport.from_json(report.to_json()) == report
+    assert json.loads(report.to_json())["composition"]["batch_size"] == 16
+    for width in (80, 120):
+        console = Console(file=io.StringIO(), width=width, color_system=None)
+        console.print(report)
+        text = console.file.getvalue()  # type: ignore[attr-defined]
+        assert "norm1" in text and "norm3" in text
+    # The history: one point per closed window, with its per-layer numbers.
+    assert [p.step for p in mon.history] == [20, 40]
+    assert all(len(p.layers) == 3 and p.checks == 10 for p in mon.history)
+    fig = mon.figure()
+    top, bottom = fig.axes
+    assert len(top.lines) == 3 and len(bottom.lines) == 1
+    fig.savefig(tmp_path / "drift.png")
+    assert (tmp_path / "drift.png").stat().st_size > 0
+
+
+def test_warns_once_through_warnings_logging_and_on_flag(caplog):
+    """The sample model trained at batch size 1, run in train mode on single samples."""
+    model = normdoctor.load_model(ROOT / "sample_models" / "tiny-batch.pt", ARCH)
+    flags: list[Flag] = []
+    model.train()
+    with (
+        caplog.at_level(logging.WARNING, logger="normdoctor.monitor"),
+        warnings.catch_warnings(record=True) as caught,
+    ):
+        warnings.simplefilter("always")
+        with normdoctor.monitor(model, every=1, window=30, warmup=0, on_flag=flags.append) as mon:
+            for i in range(90):
+                mon.observe(model(X[i : i + 1]), Y[i : i + 1])
+    assert len(mon.history) == 2 and all(p.status.harmful for p in mon.history)
+    assert [f.cause for f in flags] == ["instance"]  # two harmful windows, one cause: once
+    assert flags[0].step == 30 and flags[0].layers and flags[0].report.status.harmful
+    assert [str(w.message) for w in caught if w.category is MonitorWarning] == [flags[0].message]
+    assert [r.getMessage() for r in caplog.records] == [flags[0].message]
+    assert "accuracy " in flags[0].message and "% in eval mode vs " in flags[0].message
+
+
+def test_arguments_are_checked():
+    with pytest.raises(ValueError, match="every"):
+        normdoctor.monitor(DigitsCNN(), every=0)
+    with pytest.raises(ValueError, match="window"):
+        normdoctor.monitor(DigitsCNN(), every=10, window=5)

@@ -50,45 +50,45 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def print_diff(d: ScanDiff) -> None:
-    """The comparison for people: the verdicts, the end-to-end numbers, the layer table."""
-    out = stdout()
-    out.print(f"{d.before_model} -> {d.after_model}", markup=False, highlight=False)
-    out.print(f"before: {d.before_verdict}", markup=False, highlight=False)
-    out.print(f"after: {d.after_verdict}", markup=False, highlight=False)
+    """The comparison for people: the verdicts, the end-to-end numbers, the layer table, and
+    why the second scan is worse (laid out as the scan is: unwrapped when piped)."""
+    from ..render.console import emit, para
+
+    blocks: list[Any] = [
+        para(f"{d.before_model} -> {d.after_model}", style="bold"),
+        para(f"before: {d.before_verdict}", hang=8),
+        para(f"after: {d.after_verdict}", hang=7),
+    ]
     for m in d.end_to_end:
         delta = f" ({m.delta_text})" if m.delta_text else ""
-        out.print(
-            f"{m.name}: {m.format(m.before)} -> {m.format(m.after)}{delta}",
-            markup=False,
-            highlight=False,
-        )
+        blocks.append(para(f"{m.name}: {m.format(m.before)} -> {m.format(m.after)}{delta}"))
     table = Table(box=None, pad_edge=False, header_style="bold", show_edge=False)
     table.add_column("#", justify="right")
     table.add_column("layer", no_wrap=True)
     table.add_column("drift before", justify="right")
     table.add_column("drift after", justify="right")
-    table.add_column("status before")
-    table.add_column("status after")
+    table.add_column("status before", no_wrap=True)
+    table.add_column("status after", no_wrap=True)
     for i, layer in enumerate(d.layers, start=1):
         after = str(layer.status_after or "-")
-        style = "bold red" if layer.newly_flagged else ""
         table.add_row(
             str(i),
             layer.name or "<root>",
             significant(layer.drift_before),
             significant(layer.drift_after),
             str(layer.status_before or "-"),
-            Text(after + (" (new)" if layer.newly_flagged else ""), style=style),
+            Text(
+                after + (" (new)" if layer.newly_flagged else ""),
+                style="bold red" if layer.newly_flagged else "",
+            ),
         )
-    if d.layers:  # rich pads the last column: no trailing whitespace on a line
-        with out.capture() as captured:
-            out.print(table)
-        out.file.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
+    if d.layers:
+        blocks.append(table)
     if d.worse:
-        for why in d.reasons:
-            out.print(Text(f"✗ worse: {why}", style="bold red"))
+        blocks += [para(f"✗ worse: {why}", hang=4, style="bold red") for why in d.reasons]
     else:
-        out.print(Text("✓ not worse", style="green"))
+        blocks.append(para("✓ not worse", style="green"))
+    emit(stdout(), blocks)
 
 
 def diff(

@@ -78,7 +78,7 @@ def layers(
                 f"{rm.min():.3g}..{rm.max():.3g}",
                 f"{rv.min():.3g}..{rv.max():.3g}",
             )
-    from ..render.console import layers_table
+    from ..render.console import print_layers
 
     if shown.text:
         out = stdout()
@@ -86,7 +86,7 @@ def layers(
             f"[bold]{model}[/]: {len(found)} normalization layers, "
             f"{sum(layer.batch_dependent for layer in found)} batch-dependent"
         )
-        out.print(layers_table(found, findings, running, unknown))
+        print_layers(out, found, findings, running, unknown)
         if unknown:
             line = _unknown_line(model, unknown, len(found), file_format)
             out.print(line, markup=False, highlight=False)

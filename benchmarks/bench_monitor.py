@@ -62,7 +62,7 @@ def case(name: str, model: nn.Module, batches: list, args: argparse.Namespace) -
             c = steps(plain, opt_p, batches)
             t_p.append((a + c) / 2), t_w.append(b), ratios.append(2 * b / (a + c))
         t = time.perf_counter()
-        mon.report()  # what closing a window costs: reduce the recorders, judge
+        mon.current()  # what closing a window costs: reduce the recorders, judge
         verdict = time.perf_counter() - t
     n = len(batches)
     med = statistics.median

@@ -415,6 +415,11 @@ class Monitor:
             return self._judge()
         return self._last
 
+    def current(self) -> ScanReport:
+        """The verdict on the window still open (what closing it now would judge)."""
+        self._flush_pending()
+        return self._judge()
+
     def figure(self) -> Any:
         """A matplotlib figure of drift and eval-mode agreement over training steps."""
         return history_figure(self.history)

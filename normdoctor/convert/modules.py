@@ -9,7 +9,7 @@ last two keep the replaced BatchNorm's running statistics (``bn_running_*``) so 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -204,7 +204,9 @@ class InstanceNormFromBN(KeepsBatchNorm):
         if input.shape[0] == 1:
             # One sample: BatchNorm's train-mode kernel over (N=1, spatial) is InstanceNorm,
             # and on CPU about 3x faster than torch.instance_norm at these sizes (bench_patch).
-            out = F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
+            weight, bias = self._parameters.get("weight"), self._parameters.get("bias")
+            eps = cast(float, self.eps)  # a float attribute; nn.Module's stub says tensor
+            out = F.batch_norm(input, None, None, weight, bias, True, 0.0, eps)
         else:
             out = super().forward(input)
         return self._apply_post(out)

@@ -1052,3 +1052,15 @@ def test_patch_and_autopatch_take_a_graph_and_verify_it(test_data):
     healthy = OnnxModel.load(SM / "healthy.onnx")
     same, b, a = normdoctor.autopatch(healthy, test_data, batch_size=32)
     assert a is b and not b.status.harmful and isinstance(same, OnnxModel)
+
+
+def test_graph_recalibration_takes_progress_true_false_or_a_callback(calib_data):
+    graph = OnnxModel.load(SM / "healthy.onnx")
+    calls = []
+    a = graph.patch("recalibrate", data=calib_data, progress=lambda d, t: calls.append((d, t)))
+    b = graph.patch("recalibrate", data=calib_data, progress=True)
+    c = graph.patch("recalibrate", data=calib_data, progress=False)
+    assert calls and calls[-1][0] == calls[-1][1]  # one call per depth, the last one done
+    assert a.state_dict().keys() == b.state_dict().keys() == c.state_dict().keys()
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]) and torch.equal(value, c.state_dict()[key])

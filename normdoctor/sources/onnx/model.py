@@ -39,6 +39,7 @@ from ...errors import ConversionError, DataError, LoadError, NormDoctorError, Sc
 from ...layers import NormFamily, NormLayer, select_layers
 from ...metrics import DEFAULT_NONIID_THRESHOLD, DEFAULT_THRESHOLD
 from ...outputs import Outputs
+from ...progress import ProgressArg, with_progress
 from ...recording import PATHS
 from ...report import ScanReport
 from ...scan import (
@@ -353,6 +354,7 @@ class OnnxModel:
         return tuple(Path(p) for p in sorted(self._protected))
 
     # -- rewrites --------------------------------------------------------------------------
+    @with_progress
     def patch(
         self,
         to: str,
@@ -361,7 +363,7 @@ class OnnxModel:
         layers: str | Iterable[str] | None = None,
         batch_size: int | None = 64,
         max_batches: int | None = None,
-        progress: Progress | None = None,
+        progress: ProgressArg = None,
         output: str | os.PathLike[str] | None = None,
         providers: Sequence[str] | None = None,
     ) -> OnnxModel:
@@ -426,8 +428,9 @@ class OnnxModel:
         if to == "recalibrate":
             if data is None:
                 raise DataError("recalibrate needs data: the samples to measure statistics on")
+            callback = progress if callable(progress) else None  # with_progress resolved it
             stats, samples = self._recalibrated_stats(
-                targets, data, batch_size, max_batches, progress, providers
+                targets, data, batch_size, max_batches, callback, providers
             )
             set_running_stats(new, stats, names)
             record["samples"] = samples

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
+from ..text import significant
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -133,8 +135,9 @@ def named(name: str) -> str:
 
 
 def num(x: float | None) -> str:
-    """Three significant digits, ``n/a`` when missing."""
-    return "n/a" if x is None else f"{x:.3g}"
+    """Three significant digits, trailing zeros kept (0.350 beside 0.0765: one precision in a
+    column, as in the terminal), ``n/a`` when missing."""
+    return "n/a" if x is None else significant(x)
 
 
 def pct(x: float | None) -> str:

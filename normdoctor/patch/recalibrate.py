@@ -21,11 +21,11 @@ from .. import distributed as _dist
 from .._globals import preserved_globals
 from ..batching import Batch, BatchPlan, GroupBy, plan_batches
 from ..convert.select import resolve
-from ..errors import ConversionError, DataError, ScanError
+from ..errors import ConversionError, DataError
 from ..layers import BATCH_NORMS, NormLayer, find_norm_layers
 from ..recording import LayerMeasurement
 from ..report import ScanReport
-from ..sources.torch import Probe, default_forward, model_device_dtype, to_device
+from ..sources.torch import Probe, default_forward, forward_failed, model_device_dtype, to_device
 
 __all__ = ["Forward", "batch_source", "recalibrate"]
 
@@ -277,20 +277,9 @@ def _measure(
                             fwd(model, batch.inputs)
                     except _StopForward:
                         pass
-                    except Exception as exc:
-                        where = (
-                            f" after norm layer {probe.last_layer!r}" if probe.last_layer else ""
-                        )
-                        first = str(exc).splitlines()[0] if str(exc) else ""
-                        raise ScanError(
-                            f"forward failed on batch {i} while recalibrating{where}: "
-                            f"{type(exc).__name__}: {first}"
-                        ) from exc
-                    except SystemExit as exc:  # the model's code tried to end the process
-                        raise ScanError(
-                            f"forward failed on batch {i} while recalibrating: the model "
-                            f"called sys.exit({exc.code})"
-                        ) from exc
+                    except (Exception, SystemExit) as exc:
+                        during = "while recalibrating"
+                        raise forward_failed(exc, i, during, probe.last_layer) from exc
             except Exception as exc:
                 if not sharded:
                     raise

@@ -43,6 +43,7 @@ __all__ = [
     "TorchSession",
     "TorchSource",
     "default_forward",
+    "forward_failed",
     "model_device_dtype",
     "output_tensor",
     "to_device",
@@ -87,6 +88,22 @@ def to_device(batch: Batch, device: torch.device, dtype: torch.dtype | None) -> 
 
     labels = batch.labels.to(device) if batch.labels is not None else None
     return Batch(tree_map(move, batch.inputs), labels, batch.size, batch.index)
+
+
+def forward_failed(
+    exc: BaseException, index: int, during: str, last_layer: str | None = None
+) -> ScanError:
+    """The one-line error for a model's forward that raised (or called ``sys.exit``) on batch
+    ``index`` ``during`` a stage ("(train path)", "while recalibrating"), with where it was."""
+    if isinstance(exc, SystemExit):  # the model's code tried to end the process
+        return ScanError(
+            f"forward failed on batch {index} {during}: the model called sys.exit({exc.code})"
+        )
+    where = f" after norm layer {last_layer!r}" if last_layer else ""
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return ScanError(
+        f"forward failed on batch {index} {during}{where}: {type(exc).__name__}: {first}"
+    )
 
 
 _set = object.__setattr__  # plain attributes (bools), never tensors or modules
@@ -331,18 +348,8 @@ class TorchSession:
         try:
             with probe.path(path):
                 return self.source.forward(self.source.model, batch.inputs)
-        except Exception as exc:  # the model's own error, with where it happened
-            where = f" after norm layer {probe.last_layer!r}" if probe.last_layer else ""
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            raise ScanError(
-                f"forward failed on batch {index} ({path} path){where}: "
-                f"{type(exc).__name__}: {first}"
-            ) from exc
-        except SystemExit as exc:  # the model's code tried to end the process
-            raise ScanError(
-                f"forward failed on batch {index} ({path} path): the model called "
-                f"sys.exit({exc.code})"
-            ) from exc
+        except (Exception, SystemExit) as exc:
+            raise forward_failed(exc, index, f"({path} path)", probe.last_layer) from exc
 
     def results(self, path: PathName) -> dict[str, LayerMeasurement | None]:
         return self.probe.results(path)

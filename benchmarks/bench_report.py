@@ -1,25 +1,44 @@
-"""How long the HTML report takes for a large model (issue 8: 200 norm layers in under a minute).
+"""How long the HTML report takes for a large model (issue 8: 200 norm layers in under a minute;
+issue 16: ``normdoctor report scan.json`` of 150 layers in at most 3 s, 500 layers under 1 GB).
 
 Builds a synthetic ScanReport directly from the report dataclasses (a ResNet-like mix of channel
 counts, some layers stale, some noisy, a few flagged, plus batch-independent layers and a
-batch-size sweep), then times :func:`normdoctor.render.save_report` and each figure.
+batch-size sweep), then times :func:`normdoctor.render.save_report` and each figure:
 
     python benchmarks/bench_report.py [--layers 200] [--batches 100] [--out DIR]
+
+``--cli`` writes the report as the scan JSON ``scan --json`` writes and times the whole command
+as a user runs it, ``python -m normdoctor report scan.json -o DIR`` in a fresh process (start-up
+and imports included), reporting wall time and peak RSS (the child's ``ru_maxrss``) beside the
+targets: a 150-layer report (``--layers``) for time, a 500-layer one (``--memory-layers``) for
+memory.  ``--baseline TREE`` runs another checkout's ``normdoctor`` (e.g. ``git archive HEAD``
+unpacked in a folder) in interleaved rounds beside this one, medians over ``--rounds``:
+
+    python benchmarks/bench_report.py --cli [--layers 150] [--memory-layers 500] [--rounds 5]
+        [--baseline /tmp/base] [--keep DIR] [--write-json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
+import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from normdoctor.metrics import Recommendation
-from normdoctor.render import plots, save_report
-from normdoctor.render.html import figures
-from normdoctor.report import (
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from normdoctor.metrics import Recommendation  # noqa: E402
+from normdoctor.render import plots, save_report  # noqa: E402
+from normdoctor.render.html import figures  # noqa: E402
+from normdoctor.report import (  # noqa: E402
     Composition,
     EndToEnd,
     LayerReport,
@@ -29,6 +48,11 @@ from normdoctor.report import (
 )
 
 THRESHOLD = 0.25
+#: Issue 16: the whole ``normdoctor report scan.json`` process, and its peak memory.
+TIME_TARGET_S = 3.0
+TIME_TARGET_LAYERS = 150
+RSS_TARGET_MB = 1000.0
+RSS_TARGET_LAYERS = 500
 
 
 def synthetic_layer(
@@ -147,12 +171,105 @@ def synthetic_report(
     )
 
 
+def write_scan_json(path: Path, layers: int, batches: int = 100) -> Path:
+    """The synthetic report as ``normdoctor scan --json`` writes it."""
+    path.write_text(synthetic_report(layers, batches).to_json(), encoding="utf-8")
+    return path
+
+
+def run_cli(tree: Path, scan_json: Path, out: Path) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds, peak RSS in MB) of ``python -m normdoctor report scan_json
+    -o out``, run from the source tree ``tree`` in a fresh process.  CPU time (user + system)
+    is what wall time would be on an idle core: on a shared machine it varies less."""
+    shutil.rmtree(out, ignore_errors=True)
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    cmd = [sys.executable, "-m", "normdoctor", "report", str(scan_json), "-o", str(out), "-q"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    # wait4: this child's own rusage (getrusage(RUSAGE_CHILDREN) would be the maximum over
+    # every child waited for so far, the other tree's runs included).
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    if proc.returncode != 0 or not (out / "index.html").is_file():
+        raise SystemExit(f"{' '.join(cmd)} (in {tree}) failed ({proc.returncode}): {err.strip()}")
+    cpu = usage.ru_utime + usage.ru_stime
+    return elapsed, cpu, usage.ru_maxrss * 1024 / 1e6  # Linux: KiB
+
+
+def cli_main(args: argparse.Namespace) -> None:
+    trees = {"this": REPO}
+    if args.baseline is not None:
+        trees = {"baseline": args.baseline.resolve(), **trees}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        cells = [("time", args.layers, args.rounds)]
+        if args.memory_layers:
+            cells.append(("memory", args.memory_layers, args.memory_rounds))
+        for what, layers, rounds in cells:
+            t0 = time.perf_counter()
+            scan_json = write_scan_json(work / f"scan-{layers}.json", layers, args.batches)
+            print(
+                f"{layers} layers: {scan_json.stat().st_size / 1e6:.1f} MB of scan JSON "
+                f"(written in {time.perf_counter() - t0:.1f} s); {rounds} interleaved rounds"
+            )
+            runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in trees}
+            for r in range(rounds):
+                order = list(trees.items())
+                if r % 2:
+                    order.reverse()
+                for name, tree in order:
+                    out = work / f"report-{name}"
+                    runs[name].append(run_cli(tree, scan_json, out))
+                    if args.keep is not None and r == 0:
+                        dest = args.keep / f"{name}-{layers}"
+                        shutil.rmtree(dest, ignore_errors=True)
+                        shutil.copytree(out, dest)
+            for name, values in runs.items():
+                wall = statistics.median(v[0] for v in values)
+                cpu = statistics.median(v[1] for v in values)
+                rss = max(v[2] for v in values)
+                walls = ", ".join(f"{v[0]:.2f}" for v in values)
+                target = (
+                    f"target <= {TIME_TARGET_S:g} s at {TIME_TARGET_LAYERS} layers"
+                    if what == "time"
+                    else f"target < {RSS_TARGET_MB:g} MB at {RSS_TARGET_LAYERS} layers"
+                )
+                print(
+                    f"  {name:>8}: `normdoctor report` {wall:.2f} s median ({walls}), "
+                    f"CPU {cpu:.2f} s, peak RSS {rss:.0f} MB   [{target}]"
+                )
+            if len(runs) == 2:
+                ratios = [b[0] / t[0] for b, t in zip(runs["baseline"], runs["this"], strict=True)]
+                print(
+                    f"     speed-up: {statistics.median(ratios):.2f}x (median of per-round ratios)"
+                )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=200)
+    parser.add_argument("--layers", type=int, default=None, help="default: 200, with --cli 150")
     parser.add_argument("--batches", type=int, default=100)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--cli", action="store_true", help="time the whole CLI process")
+    parser.add_argument("--memory-layers", type=int, default=RSS_TARGET_LAYERS, help="0: skip")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--memory-rounds", type=int, default=1)
+    parser.add_argument("--baseline", type=Path, default=None, help="another source tree")
+    parser.add_argument("--keep", type=Path, default=None, help="copy the first reports here")
+    parser.add_argument("--write-json", type=Path, default=None, help="write the scan JSON, exit")
     args = parser.parse_args()
+    if args.write_json is not None:
+        write_scan_json(args.write_json, args.layers or TIME_TARGET_LAYERS, args.batches)
+        return
+    if args.cli:
+        args.layers = args.layers or TIME_TARGET_LAYERS
+        cli_main(args)
+        return
+    args.layers = args.layers or 200
 
     t0 = time.perf_counter()
     report = synthetic_report(args.layers, args.batches)

@@ -55,6 +55,7 @@ def conclude(fig: Figure, title: str, text: str) -> None:
     _HEADLINES[fig] = title
     S.title(fig, title)
     _CAPTIONS[fig] = text
+    S.clipped_out_of_layout(fig)
 
 
 def status_handles(statuses: set[LayerStatus], flag_marker: str) -> list[Any]:

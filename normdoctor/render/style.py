@@ -80,6 +80,21 @@ def new_figure(width: float, height: float, *, constrained: bool = True) -> Figu
     return fig
 
 
+def clipped_out_of_layout(fig: Figure) -> None:
+    """Leave the data artists clipped to their axes out of the layout's bounding boxes.
+
+    They cannot reach outside their axes, so they never move a margin, but matplotlib measures
+    each of them on every layout pass (its own test for "clipped to the axes" compares the clip
+    box with the axes box for exact float equality, which fails after the layout has moved the
+    axes): for a drift overview of 150 layers that is 1700 patch extents per pass, a third of
+    the figure's time.  Text (labels beside bars) is not clipped and still counts.
+    """
+    for ax in fig.axes:
+        for artist in (*ax.patches, *ax.collections, *ax.lines):
+            if artist.get_clip_on():
+                artist.set_in_layout(False)
+
+
 def style_axes(ax: Axes, *, grid: Literal["x", "y", "both", ""] = "y") -> None:
     """Light value grid, no top/right spines, readable ticks."""
     for side in ("top", "right"):

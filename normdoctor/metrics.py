@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import torch
 
-Array = TypeVar("Array", torch.Tensor, np.ndarray)
+if TYPE_CHECKING:  # imported where used: reading saved reports never loads torch
+    import torch
+
+Array = TypeVar("Array", "torch.Tensor", np.ndarray)
 
 __all__ = [
     "DEFAULT_NONIID_THRESHOLD",
@@ -52,7 +54,11 @@ class Recommendation(enum.StrEnum):
 
 def _ns(x: Array) -> Any:
     """The array namespace of ``x``: the fold math runs on torch tensors or NumPy arrays."""
-    return np if isinstance(x, np.ndarray) else torch
+    if isinstance(x, np.ndarray):
+        return np
+    import torch
+
+    return torch
 
 
 def mismatch_sq(
@@ -81,6 +87,8 @@ def mismatch_sq(
 
 def channel_weights(weight: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:
     """gamma^2 per channel (ones without affine or when every gamma is 0), zero where not valid."""
+    import torch
+
     valid = valid.to(torch.float64)
     if weight is None:
         return valid
@@ -98,6 +106,8 @@ def layer_score(m2: Array, weights: Array) -> Array:
     if total == 0.0:
         if isinstance(m2, np.ndarray):
             return np.full(m2.shape[:-1], math.nan)
+        import torch
+
         return torch.full(m2.shape[:-1], math.nan, dtype=torch.float64, device=m2.device)
     m2 = xp.where(weights > 0, m2, 0.0)
     return xp.sqrt(xp.clip((m2 * weights).sum(-1) / total, 0, None))

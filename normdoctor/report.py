@@ -18,11 +18,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .checks import Finding
 from .metrics import Recommendation
 from .text import NUMBER, clip, merge_numbers, number_ranges, plural, significant
 
 if TYPE_CHECKING:
+    from .checks import Finding
     from .layers import NormLayer
 
 __all__ = [
@@ -869,6 +869,8 @@ class LayersReport:
 
     @staticmethod
     def from_dict(d: Mapping[str, Any]) -> LayersReport:
+        from .checks import Finding  # imports torch, which reading a scan never needs
+
         _check_schema("LayersReport", d)
         return LayersReport(
             schema_version=d["schema_version"],

@@ -12,8 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
-from ..convert import AUTO, BATCHSTATS, INSTANCE, RECALIBRATE, RENORM
 from ..errors import NormDoctorError
+from ..metrics import Recommendation
 
 __all__ = [
     "ArchKwOpt",
@@ -55,13 +55,16 @@ class Device(str, Enum):
 
 class Fix(str, Enum):
     """The names ``patch --to`` takes, in the order ``--help`` lists them: the fix vocabulary
-    of :mod:`normdoctor.convert` (``auto``: each flagged layer's recommendation)."""
+    of :mod:`normdoctor.convert` (``auto``: each flagged layer's recommendation).  Spelled from
+    :class:`~normdoctor.metrics.Recommendation` as :mod:`normdoctor.convert.targets` spells
+    them (tests hold the two equal): importing ``convert`` here would import torch into every
+    command, ``report scan.json`` included."""
 
-    auto = AUTO
-    recalibrate = RECALIBRATE
-    instance = INSTANCE
-    batchstats = BATCHSTATS
-    renorm = RENORM
+    auto = "auto"
+    recalibrate = Recommendation.RECALIBRATE.value
+    instance = Recommendation.INSTANCE.value
+    batchstats = Recommendation.BATCHSTATS.value
+    renorm = Recommendation.RENORM.value
 
 
 # -- shared options ------------------------------------------------------------------------------

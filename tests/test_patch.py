@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
 from pathlib import Path
@@ -618,6 +619,92 @@ def test_verify_patch_measures_a_wrong_fix_as_worse(test_split):
     right = patch(load_sample("tiny-batch"), "instance")
     tiny = scan(load_sample("tiny-batch"), (x, y))
     assert verify_patch(load_sample("tiny-batch"), right, (x, y), tiny).ok
+
+
+def rerun_counter(monkeypatch) -> list[str]:
+    """The paths autopatch's verification runs again itself (``path_outcomes`` calls)."""
+    auto = importlib.import_module("normdoctor.patch.auto")  # the module (patch binds a function)
+    calls: list[str] = []
+    original = auto.path_outcomes
+
+    def counted(model, data, path, **kw):
+        calls.append(path)
+        return original(model, data, path, **kw)
+
+    monkeypatch.setattr(auto, "path_outcomes", counted)
+    return calls
+
+
+def test_autopatch_verifies_with_the_passes_its_scans_ran(test_split, monkeypatch):
+    """The default autopatch (composition search) takes the original's eval pass from its scan
+    and the patched model's from the second scan: no pass run again, and the verification
+    equals verify_patch's, which runs both; the accuracies are checked independently."""
+    from normdoctor.patch import verify_patch
+
+    x, y = test_split[0][:120], test_split[1][:120]
+    model = load_sample("tiny-batch")
+    snap = snapshot(model)
+    reruns = rerun_counter(monkeypatch)
+    patched, before, after = autopatch(model, (x, y))
+    assert reruns == []
+    assert_untouched(model, snap)
+    check = patched.normdoctor_verification
+    assert check == verify_patch(model, patched, (x, y), before)
+    assert reruns == ["eval", "eval"]  # verify_patch itself ran both passes
+    assert check.metric == "accuracy" and check.samples == 120
+    assert check.before == pytest.approx(accuracy(model, x, y), abs=1 / 120)
+    assert check.after == pytest.approx(accuracy(patched, x, y), abs=1 / 120)
+    assert f"verified: {check.text}" in after.notes
+
+
+def test_autopatch_without_labels_reuses_the_original_train_path(test_split, monkeypatch):
+    """Without labels the verification also needs the original's train path: the stated
+    composition's scan ran it; agreements equal verify_patch's and an independent count."""
+    from normdoctor.patch import verify_patch
+
+    x = test_split[0][:120]
+    model = load_sample("tiny-batch")
+    reruns = rerun_counter(monkeypatch)
+    patched, before, _ = autopatch(model, x, train_batch_size=1)
+    assert reruns == []
+    check = patched.normdoctor_verification
+    assert check.metric == "agreement"
+    assert check == verify_patch(model, patched, x, before)
+    train_like = copy.deepcopy(model)  # batch statistics, one sample per batch
+    for m in train_like.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.train()
+            m.track_running_stats = False
+    with torch.no_grad():
+        reference = torch.cat([train_like(x[i : i + 1]) for i in range(len(x))]).argmax(1)
+        agree_before = float((model.eval()(x).argmax(1) == reference).double().mean())
+        agree_after = float((patched.eval()(x).argmax(1) == reference).double().mean())
+    assert check.before == pytest.approx(agree_before, abs=1 / 120)
+    assert check.after == pytest.approx(agree_after, abs=1 / 120)
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("stale", {"max_batches": 3}),  # the search over the samples of 3 batches of 32
+        ("non-iid", {"batch_size": 32, "group_by": "label", "search": False}),
+    ],
+)
+def test_autopatch_reuse_holds_for_subsets_and_one_label_batches(
+    name, options, test_split, calib_split, monkeypatch
+):
+    from normdoctor.patch import verify_patch
+
+    x, y = test_split
+    model = load_sample(name)
+    reruns = rerun_counter(monkeypatch)
+    patched, before, _ = autopatch(model, (x, y), calib_data=calib_split[0], **options)
+    assert reruns == []
+    check = patched.normdoctor_verification
+    assert check.samples == (96 if "max_batches" in options else 360)
+    assert check == verify_patch(
+        model, patched, (x, y), before, max_batches=options.get("max_batches")
+    )
 
 
 # ------------------------------------------------------------------------- save and load

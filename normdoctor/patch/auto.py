@@ -5,11 +5,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -17,17 +18,20 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._globals import preserved_globals
-from ..batching import GroupBy
+from ..assemble import sample_outcomes
+from ..batching import Batch, GroupBy, plan_batches, sample_level
 from ..convert.core import has_running_stats
 from ..convert.record import record, records
 from ..convert.select import resolve, split_options
 from ..convert.targets import BATCHSTATS, RECALIBRATE, RENORM
 from ..errors import ConversionError, DataError
+from ..recording import PathName
 from ..report import ScanReport
-from ..scan import path_outcomes, scan
+from ..scan import path_outcomes, sample_info, scan
+from ..search import MAX_KEPT_OUTPUTS, Outcomes
 from ..search import agreement as search_agreement
 from ..search import divergence as search_divergence
-from ..sources import Scannable
+from ..sources import Scannable, Session, Source, as_source
 from ..sources.torch import Probe, default_forward, model_device_dtype, output_tensor, to_device
 from .fix import apply_plan
 from .graph import apply_groups, is_graph
@@ -122,6 +126,183 @@ def impact(
     return result
 
 
+# ================================================================= passes kept for reuse
+
+
+@dataclasses.dataclass
+class _Pass:
+    """What one path of one scan session returned, batch by batch: sample indices, labels,
+    size and output (the output's first tensor, as ``path_outcomes`` reads it)."""
+
+    path: str
+    batches: list[tuple[torch.Tensor | None, torch.Tensor | None, int, torch.Tensor | None]] = (
+        dataclasses.field(default_factory=list)
+    )
+    elements: int = 0
+    kept: bool = True
+
+    def keep(self, batch: Batch, out: torch.Tensor | None) -> None:
+        if not self.kept:
+            return
+        self.elements += out.numel() if out is not None else 0
+        if self.elements > MAX_KEPT_OUTPUTS:  # as much as the search keeps of one pass
+            self.kept, self.batches = False, []
+            return
+        self.batches.append((batch.index, batch.labels, batch.size, out))
+
+    def ran(self, indices: list[torch.Tensor]) -> bool:
+        """Whether this pass ran exactly these batches (the same samples, in the same order)."""
+        return len(indices) == len(self.batches) and all(
+            index is not None and torch.equal(index, wanted)
+            for (index, _, _, _), wanted in zip(self.batches, indices, strict=True)
+        )
+
+    def outcomes(self, samples: int, loss: Any) -> Outcomes:
+        """The per-sample outcomes, exactly as ``path_outcomes`` computes them from a pass."""
+        outcomes = Outcomes(samples)
+        for index, labels, size, out in self.batches:
+            if out is not None and index is not None:
+                outcomes.add(index, out, *sample_outcomes(out, labels, size, loss))
+        return outcomes
+
+
+class _TapedSession:
+    """A :class:`~normdoctor.sources.Session` that hands each output to a :class:`_Pass`."""
+
+    def __init__(self, session: Session, paths: Sequence[PathName]) -> None:
+        self.session = session
+        self.passes = {p: _Pass(p) for p in paths}
+
+    # The wrapped session's own attributes, read when asked (a session may rebind them).
+    @property
+    def order(self) -> list[str]:
+        return self.session.order
+
+    @order.setter
+    def order(self, value: list[str]) -> None:
+        self.session.order = value
+
+    @property
+    def single_value(self) -> dict[str, int]:
+        return self.session.single_value
+
+    @single_value.setter
+    def single_value(self, value: dict[str, int]) -> None:
+        self.session.single_value = value
+
+    @property
+    def notes(self) -> list[str]:
+        return self.session.notes
+
+    def prepare(self, batch: Batch) -> Batch:
+        return self.session.prepare(batch)
+
+    def run(self, path: PathName, batch: Batch, index: int) -> Any:
+        out = self.session.run(path, batch, index)
+        self.passes[path].keep(batch, output_tensor(out))
+        return out
+
+    def results(self, path: PathName) -> Any:
+        return self.session.results(path)
+
+    def recorders(self) -> Any:
+        return self.session.recorders()
+
+
+class _Tape:
+    """A model's :class:`~normdoctor.sources.Source` that keeps what each path of each of its
+    sessions returned, so that :func:`autopatch`'s verification takes the outcomes of a pass
+    its scans already ran (the same model, path and batches) instead of running it again.
+
+    Kept: passes whose session ended normally, with every batch's output (the batches that ran
+    before a candidate composition failed are a pass over those batches).  Not kept: a session
+    with layers that got one value per channel (``path_outcomes`` refuses it), a pass whose
+    outputs hold more than the search keeps of one pass.
+    """
+
+    def __init__(self, source: Source, loss: Any) -> None:
+        self.source = source
+        self.loss = loss
+        self.name = source.name
+        self.layers = source.layers
+        self.measures = source.measures
+        self.folded = source.folded
+        self.passes: list[_Pass] = []
+
+    def notes(self) -> list[str]:
+        return self.source.notes()
+
+    def states(self) -> Any:
+        return self.source.states()
+
+    def static_checks(self) -> Any:
+        return self.source.static_checks()
+
+    def input_files(self) -> Any:
+        return self.source.input_files()
+
+    def placed(self) -> contextlib.AbstractContextManager[None]:
+        return self.source.placed()
+
+    def finish(self, report: ScanReport) -> ScanReport:
+        return self.source.finish(report)
+
+    @contextlib.contextmanager
+    def session(self, paths: Sequence[PathName]) -> Iterator[Session]:
+        with self.source.session(paths) as session:
+            taped = _TapedSession(session, paths)
+            yield taped
+            if session.single_value:
+                return
+        self.passes.extend(p for p in taped.passes.values() if p.kept)
+
+    def outcomes(self, path: str, data: Any, plan: dict[str, Any]) -> Outcomes | None:
+        """The outcomes of the kept pass on ``path`` over the batches ``path_outcomes(data,
+        path, **plan)`` forms, or None when no kept pass ran exactly those."""
+        info = sample_info(data)
+        indices = _planned_indices(data, plan)
+        if info is None or indices is None:
+            return None
+        for kept in self.passes:
+            if kept.path == path and kept.ran(indices):
+                return kept.outcomes(info[0], self.loss)
+        return None
+
+    def prune(self, data: Any, plan: dict[str, Any] | None) -> None:
+        """Forget every pass but those over the batches of ``plan`` (memory)."""
+        indices = _planned_indices(data, plan) if plan is not None else None
+        self.passes = [p for p in self.passes if indices is not None and p.ran(indices)]
+
+
+def _taped(model: Any, scan_options: dict[str, Any]) -> _Tape | None:
+    """A tape of ``model``'s source as :func:`~normdoctor.scan.path_outcomes` builds it (None
+    where the scan's source would differ from it: ONNX execution providers chosen)."""
+    if scan_options.get("providers") is not None:
+        return None
+    fwd, run_device = scan_options.get("forward"), scan_options.get("device")
+    return _Tape(as_source(model, forward=fwd, device=run_device), scan_options.get("loss"))
+
+
+def _planned_indices(data: Any, plan: dict[str, Any]) -> list[torch.Tensor] | None:
+    """The sample indices of the shuffled batches ``path_outcomes`` forms under ``plan``,
+    without reading a sample: batches depend on the number of samples and their labels only.
+    None where that needs the data read (one-label batches from a Dataset) or fails."""
+    level = sample_level(data)
+    if level is None:
+        return None
+    _, inputs, labels = level
+    n = len(inputs)
+    group_by = plan["group_by"]
+    if group_by is not None and (not isinstance(group_by, str) or labels is None):
+        return None
+    stand_in: Any = torch.zeros(n) if group_by is None else (torch.zeros(n), labels)
+    try:
+        formed = plan_batches(stand_in, shuffle=True, **plan)
+    except DataError:
+        return None
+    return [b.index for b in formed.batches if b.index is not None]
+
+
 # ============================================================================ autopatch
 
 
@@ -160,8 +341,34 @@ def verify_patch(
     original's train path (under the report's composition) at least as well as the original's
     eval mode does.  Costs two eval passes (three without labels or targets).
     """
+    run = dict(max_batches=max_batches, forward=forward, device=device, loss=loss)
+    return _verify(original, patched, data, report, run, None, None)
+
+
+def _verify_plan(report: ScanReport, max_batches: int | None) -> dict[str, Any] | None:
+    """The batches :func:`verify_patch` compares on (``path_outcomes``' plan options)."""
     c = report.composition
     if c.batch_size is None:
+        return None
+    return dict(
+        batch_size=c.batch_size, group_by=c.group_by, seed=c.seed or 0, max_batches=max_batches
+    )
+
+
+def _verify(
+    original: Any,
+    patched: Any,
+    data: Any,
+    report: ScanReport,
+    run: dict[str, Any],
+    kept_original: _Tape | None,
+    kept_patched: _Tape | None,
+) -> PatchCheck:
+    """:func:`verify_patch`, taking each pass from a tape of the same model's scan when it ran
+    exactly these batches on that path (the same outcomes as running it again)."""
+    c = report.composition
+    plan = _verify_plan(report, run["max_batches"])
+    if plan is None:
         return PatchCheck(
             ok=True,
             metric="none",
@@ -170,17 +377,15 @@ def verify_patch(
             samples=0,
             text="not verified per sample: the data came as formed batches",
         )
-    opts: dict[str, Any] = dict(
-        batch_size=c.batch_size,
-        group_by=c.group_by,
-        seed=c.seed or 0,
-        max_batches=max_batches,
-        forward=forward,
-        device=device,
-        loss=loss,
-    )
-    a = path_outcomes(original, data, "eval", **opts)
-    b = path_outcomes(patched, data, "eval", **opts)
+    opts: dict[str, Any] = {**run, **plan}
+    loss = run["loss"]
+
+    def outcomes(model: Any, kept: _Tape | None, path: PathName) -> Outcomes:
+        found = kept.outcomes(path, data, plan) if kept is not None else None
+        return found if found is not None else path_outcomes(model, data, path, **opts)
+
+    a = outcomes(original, kept_original, "eval")
+    b = outcomes(patched, kept_patched, "eval")
     mask = a.seen & b.seen
     n = int(mask.sum())
     ea, eb = a.evidence(), b.evidence()
@@ -192,7 +397,7 @@ def verify_patch(
         shown = (lambda q: f"{q:.1%}") if labels else (lambda q: f"{q:.4g}")
         text = f"eval-mode {metric} {shown(qa)} -> {shown(qb)} on {n} samples"
         return PatchCheck(ok=ok, metric=metric, before=qa, after=qb, samples=n, text=text)
-    ref = path_outcomes(original, data, "train", **opts)
+    ref = outcomes(original, kept_original, "train")
     mask &= ref.seen
     before = search_agreement(a, ref, mask)
     after = search_agreement(b, ref, mask)
@@ -239,18 +444,25 @@ def autopatch(
 
     1. ``before = scan(model, data, ...)``.  Nothing flagged: a copy of the model is returned
        unchanged (``after is before``).
-    2. The flagged layers are ranked by :func:`impact` (reported in a note of ``after``) and
-       each gets its recommendation.  With ``minimal=True``, only the shortest prefix of that
-       ranking whose fix reproduces training as well as fixing every flagged layer is changed:
-       the patched model's eval-mode outputs are compared with the original's train-path
-       outputs on the scan's batches (prediction agreement for classifiers, relative RMS
-       difference otherwise); layers whose fix changes nothing that matters stay untouched.
+    2. Each flagged layer gets its recommendation.  With ``minimal=True``, the flagged layers
+       are ranked by :func:`impact` (reported in a note of ``after``) and only the shortest
+       prefix of that ranking whose fix reproduces training as well as fixing every flagged
+       layer is changed: the patched model's eval-mode outputs are compared with the
+       original's train-path outputs on the scan's batches (prediction agreement for
+       classifiers, relative RMS difference otherwise); layers whose fix changes nothing that
+       matters stay untouched.  The ranking costs a pass per flagged layer, so the default
+       (fix them all) does not compute it (:func:`impact` with ``before`` and the batch
+       composition ``before`` reports gives it).
     3. ``after = scan(patched, data, ...)`` under the composition ``before`` judged against
        (the composition search's reference by default), and :func:`verify_patch` measures the
        patched model against the original on the same samples (eval-mode accuracy or loss
        with labels or targets; agreement with the original's train path without).  Its
        :class:`PatchCheck` is ``patched.normdoctor_verification``; a patch that measures worse
-       is warned about (the CLI writes nothing then).
+       is warned about (the CLI writes nothing then).  The verification takes each pass from
+       the two scans where they ran it (the same model, path and batches: the original's
+       eval and train paths from ``before``, the patched model's eval path from ``after``),
+       so it runs a pass itself only where they did not (an unshuffled composition, ONNX
+       execution providers chosen): the same numbers either way.
 
     Nothing is patched (a copy of the model comes back, ``after is before``) unless the scan
     found eval mode harmful: a model whose eval mode is as good as batch statistics, or whose
@@ -297,12 +509,15 @@ def autopatch(
         raise ConversionError("renorm needs fine-tuning, which an ONNX graph cannot do")
     if graph and minimal:
         raise ConversionError("minimal=True ranks layers by switching modules: PyTorch only")
-    before = scan(model, data, **composition, **scan_options)
+    kept = _taped(model, scan_options)  # the verification's passes of the original
+    before = scan(model if kept is None else kept, data, **composition, **scan_options)
     if not before.flagged:
         unchanged = copy.deepcopy(model)
         if isinstance(model, nn.Module) and isinstance(unchanged, nn.Module):
             record(unchanged, [], records(model))
         return unchanged, before, before
+    if kept is not None:  # keep only the passes over the verification's batches
+        kept.prune(data, _verify_plan(before, max_batches))
     # Fix and verify under the composition the scan judged against (the search's reference).
     c = before.composition
     if c.batch_size is not None:
@@ -350,7 +565,7 @@ def autopatch(
         if providers is not None:
             rewrite["providers"] = providers
         patched_graph = apply_groups(model, groups, calib, rewrite)
-        return _verified(model, patched_graph, data, before, composition, scan_options, notes)
+        return _verified(model, patched_graph, data, before, composition, scan_options, notes, kept)
     assert isinstance(model, nn.Module)
     recal_opts = {"mode": recalibrate_mode, "device": run_device}
 
@@ -367,14 +582,16 @@ def autopatch(
             per_kind[RECALIBRATE]["forward"] = fwd
         return apply_plan(model, sub, per_kind, inplace=False, data=calib, forward=fwd)
 
-    ranking = impact(model, data, list(plan), forward=fwd, device=run_device, **composition)
-    # Layers impact cannot switch (no BatchNorm running statistics) go last, in scan order.
-    ranked = [n for n, _ in ranking] + [n for n in plan if n not in dict(ranking)]
-    if len(ranking) > 1:
-        notes.append(
-            "impact ranking (relative output change from this layer's drift alone): "
-            + ", ".join(f"{n} {c:.3g}" for n, c in ranking)
-        )
+    ranked = list(plan)  # scan order
+    if minimal and len(plan) > 1:  # only a minimal fix needs the ranking (a pass per layer)
+        ranking = impact(model, data, list(plan), forward=fwd, device=run_device, **composition)
+        # Layers impact cannot switch (no BatchNorm running statistics) go last, in scan order.
+        ranked = [n for n, _ in ranking] + [n for n in plan if n not in dict(ranking)]
+        if len(ranking) > 1:
+            notes.append(
+                "impact ranking (relative output change from this layer's drift alone): "
+                + ", ".join(f"{n} {c:.3g}" for n, c in ranking)
+            )
     full = build(ranked)
     chosen = ranked
     if minimal and len(ranked) > 1:
@@ -391,7 +608,7 @@ def autopatch(
                 )
                 break
     patched = full if chosen else copy.deepcopy(model)
-    return _verified(model, patched, data, before, composition, scan_options, notes)
+    return _verified(model, patched, data, before, composition, scan_options, notes, kept)
 
 
 def _verified(
@@ -402,22 +619,21 @@ def _verified(
     composition: dict[str, Any],
     scan_options: dict[str, Any],
     notes: list[str],
+    kept: _Tape | None,
 ) -> tuple[Any, ScanReport, ScanReport]:
-    """Scan ``patched`` again under ``composition`` and measure it against ``model``."""
-    fwd = scan_options.get("forward")
-    run_device = scan_options.get("device")
-    max_batches = composition.get("max_batches")
-    after = scan(patched, data, **composition, **scan_options)
-    check = verify_patch(
-        model,
-        patched,
-        data,
-        before,
-        max_batches=max_batches,
-        forward=fwd,
-        device=run_device,
+    """Scan ``patched`` again under ``composition`` and measure it against ``model``, with the
+    passes the two scans ran where they are the verification's (``kept``: the original's)."""
+    kept_patched = _taped(patched, scan_options)
+    after = scan(
+        patched if kept_patched is None else kept_patched, data, **composition, **scan_options
+    )
+    run = dict(
+        max_batches=composition.get("max_batches"),
+        forward=scan_options.get("forward"),
+        device=scan_options.get("device"),
         loss=scan_options.get("loss"),
     )
+    check = _verify(model, patched, data, before, run, kept, kept_patched)
     patched.normdoctor_verification = check  # type: ignore[assignment]
     if not check.ok:
         message = f"autopatch: the patched model measures worse than the original ({check.text})"

@@ -429,9 +429,42 @@ def test_healthy_page_says_so_and_what_it_could_not_see(
 # -- figure 1: its data, not just its existence ------------------------------------------------
 
 
-def _bars(ax, label: str) -> list:
-    (container,) = [c for c in ax.containers if c.get_label() == label]
-    return list(container.patches)
+@dataclasses.dataclass(frozen=True)
+class _Bar:
+    """One drawn rectangle of the drift overview, read back from its collection."""
+
+    x: float
+    y: float
+    width: float
+    height: float
+    hatch: str | None
+
+    def get_x(self) -> float:
+        return self.x
+
+    def get_width(self) -> float:
+        return self.width
+
+    def get_height(self) -> float:
+        return self.height
+
+    def get_hatch(self) -> str | None:
+        return self.hatch
+
+
+def _bars(ax, label: str) -> list[_Bar]:
+    """The rectangles drawn for one part of the drift bars ("shift share", ...), one per layer
+    in forward order (the part's collections, one per hatch, are merged)."""
+    bars = []
+    for coll in ax.collections:
+        if coll.get_label() != label:
+            continue
+        for path in coll.get_paths():
+            (x0, y0), (x1, y1) = path.vertices.min(axis=0), path.vertices.max(axis=0)
+            bars.append(_Bar(x0, y0, x1 - x0, y1 - y0, coll.get_hatch()))
+    assert bars, f"no bars labelled {label!r}"
+    along = "y" if ax.yaxis_inverted() else "x"  # named bars run top to bottom
+    return sorted(bars, key=lambda b: b.y + b.height / 2 if along == "y" else b.x + b.width / 2)
 
 
 def test_drift_bars_are_the_drift_scores(drifting: ScanReport) -> None:
@@ -890,6 +923,46 @@ def test_render_imports_nothing_heavy_and_leaves_pyplot_alone(
     )
     env = {**os.environ, "MPLBACKEND": "module://nonexistent_backend"}  # must not be consulted
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO)
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGBA"))
+
+
+def test_page_png_is_matplotlibs_png_in_rgb_when_opaque(drifting: ScanReport) -> None:
+    from PIL import Image
+
+    for transparent in (False, True):
+        fig = plots.drift_figure(drifting)
+        if transparent:
+            fig.patch.set_alpha(0.0)
+        ours = render_html._render(fig, "png")
+        theirs = io.BytesIO()
+        fig.savefig(theirs, format="png", dpi=render_html.PNG_DPI)
+        assert Image.open(io.BytesIO(ours)).mode == ("RGBA" if transparent else "RGB")
+        assert Image.open(io.BytesIO(ours)).info["dpi"] == pytest.approx((144, 144), abs=0.01)
+        assert np.array_equal(_pixels(ours), _pixels(theirs.getvalue()))
+        assert b"Software" not in ours and b"tEXt" not in ours  # identical reports, identical files
+
+
+def test_svg_is_drawn_with_the_pngs_layout(drifting: ScanReport) -> None:
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
+
+    fig = plots.drift_figure(drifting)
+    render_html._render(fig, "png")
+    drawn = [ax.get_position().bounds for ax in fig.axes]
+    render_html._freeze_layout(fig)
+    render_html._render(fig, "svg")
+    assert not isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine)
+    # Exactly: a second layout pass (at the SVG's 72 dpi) moves the axes by a fraction of a point.
+    assert [ax.get_position().bounds for ax in fig.axes] == drawn
+    # ... and that layout is the one a fresh figure gets.
+    fresh = plots.drift_figure(drifting)
+    fresh.draw_without_rendering()
+    fresh_bounds = [v for ax in fresh.axes for v in ax.get_position().bounds]
+    assert fresh_bounds == pytest.approx([v for b in drawn for v in b], abs=0.01)
 
 
 # -- rendering is called on reports, not by them -------------------------------------------------

@@ -139,14 +139,38 @@ def _check_formats(formats: Iterable[str]) -> tuple[str, ...]:
 def _render(fig: Figure, fmt: str) -> bytes:
     import matplotlib as mpl
 
+    if fmt == "png":
+        return _render_png(fig)
     buf = io.BytesIO()
-    # No software/date metadata: identical reports give identical files.
-    meta = {"Software": None} if fmt == "png" else {"Date": None, "Creator": None}
+    # No date/creator metadata: identical reports give identical files.
+    meta = {"Date": None, "Creator": None}
     # SVG: text as <text> elements, not glyph outlines.  The font stack is what the SVG names
     # for the generic family the figures use; PNGs are drawn as before.
     rc: dict[str, Any] = {"svg.fonttype": "none", "font.sans-serif": SVG_FONTS}
-    with mpl.rc_context(rc if fmt == "svg" else {}):  # type: ignore[arg-type]
+    with mpl.rc_context(rc):  # type: ignore[arg-type]
         fig.savefig(buf, format=fmt, dpi=PNG_DPI, metadata=meta)
+    return buf.getvalue()
+
+
+def _render_png(fig: Figure) -> bytes:
+    """The figure as PNG: RGB when every pixel is opaque (the same pixels as matplotlib's RGBA
+    PNG; a quarter less to compress, a tenth smaller), RGBA otherwise."""
+    import PIL.Image
+
+    raw = io.BytesIO()
+    fig.savefig(raw, format="rgba", dpi=PNG_DPI)
+    # The canvas size as the Agg renderer computes it (int of inches times dots per inch).
+    size = (int(fig.get_figwidth() * PNG_DPI), int(fig.get_figheight() * PNG_DPI))
+    buf = io.BytesIO()
+    if len(raw.getbuffer()) != 4 * size[0] * size[1]:  # not the Agg canvas: matplotlib's PNG
+        fig.savefig(buf, format="png", dpi=PNG_DPI, metadata={"Software": None})
+        return buf.getvalue()
+    image = PIL.Image.frombuffer("RGBA", size, raw.getvalue(), "raw", "RGBA", 0, 1)
+    alpha = image.getchannel("A").getextrema()
+    if isinstance(alpha, tuple) and alpha[0] == 255:
+        image = image.convert("RGB")
+    # No software/date metadata: identical reports give identical files.
+    image.save(buf, format="png", dpi=(PNG_DPI, PNG_DPI))
     return buf.getvalue()
 
 

@@ -18,6 +18,7 @@ for it; where it cannot be imported the torch path runs.  Set
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -28,11 +29,15 @@ import torch
 from .errors import NormDoctorError
 
 _kernel: Callable[..., None] | None = None
-_built: Callable[..., None] | None = None
+_fold: Callable[..., None] | None = None
+_groups: Callable[..., None] | None = None
+#: (batch_sums, fold, group_sums)
+Kernels = tuple[Callable[..., None], Callable[..., None], Callable[..., None]]
+_built: Kernels | None = None
 _tried = False
 
 
-def _build() -> Callable[..., None]:
+def _build() -> Kernels:
     """Compile (or load from numba's cache) once per process."""
     global _built
     if _built is None:
@@ -47,54 +52,139 @@ def _build() -> Callable[..., None]:
     return _built
 
 
-def _compile() -> Callable[..., None]:
+def _compile() -> Kernels:
     """Compile for float32 and float64 now, so that a failure shows here, not mid-scan."""
     try:
-        fn = _define(cache=True)
-        _warm(fn)
+        fns = _define(cache=True)
+        _warm(*fns)
     except RuntimeError:  # numba found no writable cache location: compile in memory
-        fn = _define(cache=False)
-        _warm(fn)
-    return fn
+        fns = _define(cache=False)
+        _warm(*fns)
+    return fns
 
 
-def _warm(fn: Callable[..., None]) -> None:
+def _warm(
+    sums: Callable[..., None], fold: Callable[..., None], groups: Callable[..., None]
+) -> None:
     out = np.zeros((3, 2))
+    grouped = np.zeros((2, 3, 2))
     for dtype in (np.float32, np.float64):
-        fn(np.ones((2, 2, 3), dtype=dtype), np.zeros(2, dtype=dtype), out)
-    if not np.allclose(out, [[6.0, 6.0], [6.0, 6.0], [18.0, 18.0]]):
+        sums(np.ones((2, 2, 3), dtype=dtype), np.zeros(2, dtype=dtype), out)
+        groups(np.ones((2, 2, 2, 3), dtype=dtype), np.zeros(2, dtype=dtype), grouped)
+    want = [[6.0, 6.0], [6.0, 6.0], [18.0, 18.0]]
+    if not (np.allclose(out, want) and np.allclose(grouped, [want, want])):
         raise RuntimeError(f"fused kernel self-check failed: {out.tolist()}")
+    # Two rows of one channel: x = (1, 3) about shift 0 (one batch of 2), and a NaN row.
+    rows = np.array([[[4.0], [10.0], [16.0]], [[math.nan], [0.0], [0.0]]])
+    totals, acc, scores = np.zeros(4), np.zeros((11, 1)), np.zeros(2)
+    one = np.ones(1)
+    fold(rows, np.array([2.0, 0.0]), np.array([2.0, 0.0]), np.zeros(1), np.zeros(1), one, one,
+         0.0, totals, acc, scores)  # fmt: skip
+    # batch mean 2, variance 1, against running (0, 1): m^2 = 0 + 4
+    if not (totals.tolist() == [2.0, 2.0, 1.0, 1.0] and acc[2, 0] == 4.0 and scores[0] == 2.0):
+        raise RuntimeError(f"fused fold self-check failed: {totals.tolist()}, {acc.tolist()}")
+    if not math.isnan(scores[1]):
+        raise RuntimeError("fused fold self-check failed: a NaN row must score NaN")
 
 
-def _define(cache: bool) -> Callable[..., None]:
+def _define(cache: bool) -> Kernels:
     import numba
 
     # reassoc lets LLVM vectorise the float64 sums; no nnan/ninf: NaN and Inf must propagate.
     fast = {"reassoc", "contract"}
 
     @numba.njit(parallel=True, fastmath=fast, cache=cache, nogil=True, boundscheck=False)
-    def batch_sums(x, k, out):  # pragma: no cover - compiled, tested through its results
-        n_samples, channels, length = x.shape
+    def group_sums(x, k, out):  # pragma: no cover - compiled, tested through its results
+        """x (G, N, C, L): per group g, the three sums of one batch of N samples into out[g]."""
+        groups, n_samples, channels, length = x.shape
         for c in numba.prange(channels):
             kc = np.float64(k[c])
-            t1 = 0.0
-            t2 = 0.0
-            q = 0.0
-            for n in range(n_samples):
-                s1 = 0.0
-                s2 = 0.0
-                for j in range(length):
-                    d = np.float64(x[n, c, j]) - kc  # exact for float32 inputs
-                    s1 += d
-                    s2 += d * d
-                t1 += s1
-                t2 += s2
-                q += s1 * s1
-            out[0, c] = t1
-            out[1, c] = t2
-            out[2, c] = q
+            for g in range(groups):
+                t1 = 0.0
+                t2 = 0.0
+                q = 0.0
+                for n in range(n_samples):
+                    s1 = 0.0
+                    s2 = 0.0
+                    for j in range(length):
+                        d = np.float64(x[g, n, c, j]) - kc  # exact for float32 inputs
+                        s1 += d
+                        s2 += d * d
+                    t1 += s1
+                    t2 += s2
+                    q += s1 * s1
+                out[g, 0, c] = t1
+                out[g, 1, c] = t2
+                out[g, 2, c] = q
 
-    return batch_sums
+    @numba.njit(cache=cache, nogil=True)
+    def batch_sums(x, k, out):  # pragma: no cover - compiled, tested through its results
+        """x (N, C, L): sum of x - K, of (x - K)^2 and of squared per-sample sums into out."""
+        # tuple concatenation: what numba compiles (not (1, *shape))
+        one, single = (1,) + x.shape, (1,) + out.shape  # noqa: RUF005
+        group_sums(x.reshape(one), k, out.reshape(single))
+
+    # IEEE arithmetic throughout (error_model="numpy": x / 0 is inf, not an exception; no
+    # fastmath), so that NaN, inf and the order of operations are those of Recorder.flush's
+    # array code, which this replaces on CPU.
+    @numba.njit(cache=cache, nogil=True, boundscheck=False, error_model="numpy")
+    def fold(rows, n, ns, shift, mean_r, var_r, weights, eps, totals, sums, scores):
+        """Fold buffered rows (R, 3, C) into totals (4,) and sums (11, C); scores (R,)."""
+        n_rows, _, channels = rows.shape
+        wtotal = 0.0
+        for c in range(channels):
+            wtotal += weights[c]
+        for r in range(n_rows):  # pragma: no cover - compiled, tested through its results
+            finite = True
+            for k in range(3):
+                for c in range(channels):
+                    if not np.isfinite(rows[r, k, c]):
+                        finite = False
+            if not finite:  # a skipped row adds nothing
+                totals[3] += 1.0
+                scores[r] = np.nan
+                continue
+            nr = n[r]
+            nsr = ns[r]
+            per = nr / nsr
+            totals[0] += nr
+            totals[1] += nsr
+            totals[2] += 1.0
+            acc = 0.0
+            for c in range(channels):
+                t1 = rows[r, 0, c]
+                t2 = rows[r, 1, c]
+                q = rows[r, 2, c]
+                e = t1 / nr
+                var = t2 / nr - e * e
+                if not var > 0:
+                    var = 0.0
+                inv_b = 1.0 / np.sqrt(var + eps)
+                inv_r = 1.0 / np.sqrt(var_r[c] + eps)
+                dm = shift[c] + e - mean_r[c]
+                m2 = var * (inv_b - inv_r) ** 2 + dm**2 * inv_r**2
+                if weights[c] > 0:
+                    acc += m2 * weights[c]
+                inv2 = 1.0 / (var + eps)
+                d1 = t1 / per
+                sums[0, c] += t1
+                sums[1, c] += t2
+                sums[2, c] += m2
+                sums[3, c] += var * inv2
+                sums[4, c] += var * np.sqrt(inv2)
+                sums[5, c] += var
+                sums[6, c] += e
+                sums[7, c] += e * e
+                sums[8, c] += d1
+                sums[9, c] += q / (per * per)
+                sums[10, c] += d1 * d1 / nsr
+            if wtotal == 0.0:
+                scores[r] = np.nan
+            else:
+                score = acc / wtotal
+                scores[r] = np.sqrt(score) if score > 0 else (score if score != score else 0.0)
+
+    return batch_sums, fold, group_sums
 
 
 CHOICES = ("auto", "numba", "torch")
@@ -105,16 +195,16 @@ def use(choice: str | None = None) -> bool:
 
     ``None`` reads ``NORMDOCTOR_KERNEL`` (default ``auto``).  Returns whether the kernel is on.
     """
-    global _kernel, _tried
+    global _kernel, _fold, _groups, _tried
     if choice is None:
         choice = os.environ.get("NORMDOCTOR_KERNEL", "auto")
     choice = choice.strip().lower()
     if choice not in CHOICES:
         raise NormDoctorError(f"kernel {choice!r}: expected one of {', '.join(CHOICES)}")
-    _tried, _kernel = True, None
+    _tried, _kernel, _fold, _groups = True, None, None, None
     if choice != "torch":
         try:
-            _kernel = _build()
+            _kernel, _fold, _groups = _build()
         except ImportError as exc:
             if choice == "numba":
                 raise NormDoctorError(
@@ -139,6 +229,20 @@ def kernel() -> Callable[..., None] | None:
     return _kernel
 
 
+def fold() -> Callable[..., None] | None:
+    """The compiled fold of a recorder's buffered rows (see ``Recorder.flush``), or ``None``."""
+    if not _tried:
+        use()
+    return _fold
+
+
+def group_kernel() -> Callable[..., None] | None:
+    """The compiled per-group sums (``x`` (G, N, C, L) into ``out`` (G, 3, C)), or ``None``."""
+    if not _tried:
+        use()
+    return _groups
+
+
 def match_threads() -> int:
     """Run the kernel on as many threads as torch uses (call on the scanning thread).
 
@@ -160,4 +264,4 @@ def restore_threads(before: int) -> None:
         numba.set_num_threads(before)
 
 
-__all__ = ["CHOICES", "kernel", "match_threads", "restore_threads", "use"]
+__all__ = ["CHOICES", "fold", "group_kernel", "kernel", "match_threads", "restore_threads", "use"]

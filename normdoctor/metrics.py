@@ -66,7 +66,7 @@ def mismatch_sq(
     batch_var: Array,
     ref_mean: Array,
     ref_var: Array,
-    eps: float,
+    eps: float | Array,
 ) -> Array:
     """Per-channel mean square of (y_batch - y_ref)/gamma when normalizing with either statistics.
 
@@ -85,17 +85,28 @@ def mismatch_sq(
     return batch_var * (inv_b - inv_r) ** 2 + (batch_mean - ref_mean) ** 2 * inv_r**2
 
 
-def channel_weights(weight: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:
-    """gamma^2 per channel (ones without affine or when every gamma is 0), zero where not valid."""
-    import torch
+def channel_weights(weight: Array | None, valid: Array) -> Array:
+    """gamma^2 per channel (ones without affine or when every gamma is 0), zero where not valid.
 
-    valid = valid.to(torch.float64)
-    if weight is None:
-        return valid
-    w = weight.detach().to(device=valid.device, dtype=torch.float64).square() * valid
-    w = torch.where(torch.isfinite(w), w, torch.zeros_like(w))
+    Tensors give a float64 tensor on ``valid``'s device, NumPy arrays a float64 array.
+    """
+    if isinstance(valid, np.ndarray):
+        ones = valid.astype(np.float64)
+        if weight is None:
+            return ones
+        w = np.square(np.asarray(weight, dtype=np.float64)) * ones
+        w = np.where(np.isfinite(w), w, 0.0)
+    else:
+        import torch
+
+        ones = valid.to(torch.float64)
+        if weight is None:
+            return ones
+        assert isinstance(weight, torch.Tensor)
+        w = weight.detach().to(device=ones.device, dtype=torch.float64).square() * ones
+        w = torch.where(torch.isfinite(w), w, torch.zeros_like(w))
     if float(w.sum()) == 0.0:
-        return valid
+        return ones
     return w
 
 
@@ -121,7 +132,7 @@ def noise_sq_from_sums(
     sum_var: Array,
     mean_dev_sq: Array,
     pooled_var: Array,
-    eps: float,
+    eps: float | Array,
 ) -> Array:
     """Batch-averaged ``m^2`` of each batch against the pooled statistics, from streaming sums.
 

@@ -40,7 +40,7 @@ from .assemble import EndToEndMeter, LossFn, assemble_report
 from .batching import first_tensor
 from .layers import NormLayer, find_norm_layers
 from .metrics import DEFAULT_NONIID_THRESHOLD, DEFAULT_THRESHOLD
-from .recording import Recorder, Scratch, module_state
+from .recording import Recorder, Scratch, finish_all, module_state
 from .report import Composition, LayerReport, ScanReport, Verdict
 from .sources.torch import output_tensor
 from .verdict import ALPHA
@@ -387,7 +387,8 @@ class Monitor:
             min_batch=min(sizes, default=0),
             max_batch=max(sizes, default=0),
         )
-        results = {"train": {name: rec.finish() for name, rec in self._recorders.items()}}
+        recorders = self._recorders
+        results = {"train": dict(zip(recorders, finish_all(list(recorders.values())), strict=True))}
         note = (
             f"training batches, observed by normdoctor.monitor: steps {self._first}-{self.step}, "
             f"{self._window_checks} checked in eval mode (every {self.every} steps)"

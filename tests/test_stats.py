@@ -135,14 +135,52 @@ def test_fused_kernel_writes_the_sums_the_torch_path_writes(shape, dtype):
             rec = Recorder.for_module(bn, layer)
             rec.observe(x)
             rec.observe(x.flip(0))
-            rows[choice] = rec.buf[: rec.nrows].clone()
+            rows[choice] = rec.rows().clone()
         finally:
             _fused.use()
     # float64 sums of the same shifted values: the torch path's float32 per-sample reduction
     # is the only difference (a few ulps of float32 on each per-sample sum).
     tol = 1e-5 if dtype is torch.float32 else 1e-12
+    assert rows["numba"].shape == rows["torch"].shape == (2, 3, c)
     scale = rows["torch"].abs().amax(dim=0, keepdim=True).clamp_min(1e-12)
     assert float(((rows["numba"] - rows["torch"]).abs() / scale).max()) < tol
+
+
+def test_staged_small_inputs_give_what_each_call_alone_gives():
+    # Small inputs are copied into a stage and reduced a block at a time; calls of other
+    # shapes in between, a full stage, a full buffer and finish() must leave the same rows in
+    # the same order as the torch path, which reduces each call on its own.
+    pytest.importorskip("numba")
+    from normdoctor import _fused
+    from normdoctor.layers import find_norm_layers
+    from normdoctor.recording import Recorder
+
+    gen = torch.Generator().manual_seed(7)
+    bn = nn.BatchNorm2d(4).eval()
+    layer = find_norm_layers(nn.Sequential(bn))[0]
+    shapes = [(1, 4, 3, 3)] * 150 + [(2, 4, 3, 3)] * 3 + [(1, 4, 3, 3)] * 80 + [(1, 4, 70, 70)]
+    shapes += [(1, 4, 3, 3)] * 700  # over the buffer's capacity: folds mid-stage
+    inputs = [torch.randn(*shape, generator=gen) * 2 + 5 for shape in shapes]
+    got = {}
+    for choice in ("numba", "torch"):
+        _fused.use(choice)
+        try:
+            rec = Recorder.for_module(bn, layer)
+            for x in inputs:
+                rec.observe(x)
+            mean, var, count = rec.last_batch_stats()  # the last call, staged or not
+            got[choice] = (rec.finish(), mean, var, count)
+        finally:
+            _fused.use()
+    (a, mean_a, var_a, n_a), (b, mean_b, var_b, n_b) = got["numba"], got["torch"]
+    assert a.units == b.units == len(shapes) and a.samples == b.samples and n_a == n_b == 9
+    torch.testing.assert_close(a.unit_scores, b.unit_scores, rtol=1e-6, atol=0)
+    torch.testing.assert_close(a.pooled.mean, b.pooled.mean, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(a.pooled.m2, b.pooled.m2, rtol=1e-6, atol=0)
+    torch.testing.assert_close(mean_a, mean_b, rtol=1e-6, atol=0)
+    torch.testing.assert_close(var_a, var_b, rtol=1e-5, atol=0)
+    ref = inputs[-1].double()
+    torch.testing.assert_close(mean_a, ref.mean((0, 2, 3)), rtol=1e-12, atol=0)
 
 
 def test_fused_kernel_propagates_nan_and_inf():
@@ -160,6 +198,65 @@ def test_fused_kernel_propagates_nan_and_inf():
         _fused.use()
     assert torch.isinf(out[0, 0]) and torch.isnan(out[:, 2]).all()
     assert torch.isfinite(out[:, 1]).all()
+
+
+@pytest.mark.parametrize("eps", [1e-5, 0.0])
+def test_fused_fold_equals_the_array_fold(monkeypatch, eps):
+    # Recorder.flush folds buffered rows with a compiled loop on CPU and with array code
+    # elsewhere: the same arithmetic, so the accumulators agree to float64 rounding of sums
+    # taken in another order (1e-12 of their scale), NaN rows and zero weights included.
+    pytest.importorskip("numba")
+    from normdoctor import _fused
+    from normdoctor.layers import find_norm_layers
+    from normdoctor.recording import Recorder
+
+    if _fused.fold() is None:
+        pytest.skip("the fused kernel is switched off")
+    gen = torch.Generator().manual_seed(11)
+    c, rows = 7, 50
+    bn = nn.BatchNorm2d(c, eps=eps).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_(generator=gen)
+        bn.running_var.uniform_(0.5, 2.0, generator=gen)
+        bn.weight.normal_(generator=gen)
+        bn.weight[3] = 0.0  # a channel without weight
+    layer = find_norm_layers(nn.Sequential(bn))[0]
+    first = torch.randn(3, c, 4, 4, generator=gen)
+    got = {}
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(_fused, "fold", lambda: None)
+        rec = Recorder.for_module(bn, layer)
+        rec.observe(first)  # sets the shift, one row
+        rec.flush()
+        g = torch.Generator().manual_seed(5)  # the same rows for both folds
+        n_per = torch.randint(2, 40, (rows,), generator=g).double()
+        samples = torch.randint(1, 4, (rows,), generator=g).double()
+        x = torch.randn(rows, c, generator=g, dtype=torch.float64)
+        t1 = x * n_per[:, None]
+        t2 = (x.square() + torch.rand(rows, c, generator=g)) * n_per[:, None]
+        t2[7, 2] = t1[7, 2] ** 2 / n_per[7]  # a zero batch variance
+        q = t1.square() / samples[:, None]
+        buf = torch.stack((t1, t2, q), 1)
+        buf[13, 1, 4] = float("nan")  # a non-finite row is skipped
+        buf[21, 0, 0] = float("inf")
+        rec.buf = torch.zeros_like(buf)
+        rec.buf.copy_(buf)
+        rec.nrows = rows
+        rec.meta = [(1, int(n), int(s)) for n, s in zip(n_per, samples, strict=True)]
+        rec.flush()
+        got[fused] = (rec.totals.clone(), rec.sums.clone(), torch.cat(rec.unit_scores))
+    (ta, sa, ua), (tb, sb, ub) = got[True], got[False]
+    assert torch.equal(ta, tb) and ta[3] == 2  # counts are exact; two rows skipped
+    finite = torch.isfinite(sb)
+    assert torch.equal(torch.isfinite(sa), finite)
+    scale = torch.where(finite, sb.abs(), 0.0).amax(dim=1, keepdim=True).clamp_min(1e-300)
+    assert float(((sa - sb).abs() / scale)[finite].max()) < 1e-12
+    # eps = 0 with a zero batch variance: 0 * inf is NaN in both, as it always was
+    assert torch.equal(torch.isnan(ua), torch.isnan(ub))
+    assert int(torch.isnan(ua).sum()) == 2 + (eps == 0)
+    ok = ~torch.isnan(ub)
+    torch.testing.assert_close(ua[ok], ub[ok], rtol=1e-12, atol=0)
 
 
 def test_kernel_choice_is_checked():

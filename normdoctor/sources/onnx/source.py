@@ -25,7 +25,7 @@ from ...batching import Batch
 from ...checks import Finding
 from ...errors import NormDoctorError, ScanError
 from ...layers import NormLayer
-from ...recording import LayerMeasurement, NormState, PathName, Recorder
+from ...recording import LayerMeasurement, NormState, PathName, Recorder, finish_all
 from ...report import LayerStatus, ScanReport
 from .graph import NormNode, Shapes
 from .rewrite import train_variant
@@ -115,7 +115,8 @@ class OnnxSession:
         return torch.from_numpy(np.asarray(out[0])) if out else None
 
     def results(self, path: PathName) -> dict[str, LayerMeasurement | None]:
-        return {name: rec.finish() for name, rec in self._recorders[path].items()}
+        recorders = self._recorders[path]
+        return dict(zip(recorders, finish_all(list(recorders.values())), strict=True))
 
     def recorders(self) -> list[Recorder]:
         return [r for p in self.paths for r in self._recorders[p].values()]

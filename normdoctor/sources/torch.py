@@ -1,10 +1,11 @@
-"""The PyTorch source: an ``nn.Module``'s norm layers, the two paths, forward hooks.
+"""The PyTorch source: an ``nn.Module``'s norm layers, the two paths, taps on their inputs.
 
-:class:`Probe` owns everything that touches the model: it attaches one pre-hook per measured
-layer, switches the model between the two paths (DESIGN.md), and on exit, normal or not,
-removes every hook and restores every module's ``training`` flag, every attribute it changed and
-every norm buffer bit for bit.  The hook is the hot path: it runs once per layer per batch and
-hands the input to the layer's :class:`~normdoctor.recording.Recorder`.
+:class:`Probe` owns everything that touches the model: it attaches one tap per measured layer
+(a forward wrapper, cheaper than a pre-hook: :mod:`normdoctor.taps`), switches the model between
+the two paths (DESIGN.md), and on exit, normal or not, removes every tap and restores every
+module's ``training`` flag, every attribute it changed and every norm buffer bit for bit.  The
+tap is the hot path: it runs once per layer per batch and hands the input to the layer's
+:class:`~normdoctor.recording.Recorder`.
 
 :class:`TorchSource` is the :class:`~normdoctor.sources.Source` the scan driver runs; the
 forward helpers (:func:`default_forward`, :func:`model_device_dtype`, :func:`output_tensor`,
@@ -34,9 +35,11 @@ from ..recording import (
     PathName,
     Recorder,
     Scratch,
+    finish_all,
     module_state,
 )
 from ..report import ScanReport
+from ..taps import Tap, tap
 
 __all__ = [
     "Probe",
@@ -79,6 +82,15 @@ def output_tensor(out: Any) -> torch.Tensor | None:
 
 
 def to_device(batch: Batch, device: torch.device, dtype: torch.dtype | None) -> Batch:
+    inputs, labels = batch.inputs, batch.labels
+    if (
+        type(inputs) is torch.Tensor
+        and inputs.device == device
+        and (dtype is None or not inputs.is_floating_point() or inputs.dtype == dtype)
+        and (labels is None or labels.device == device)
+    ):
+        return batch  # already there: the common case, no tree walk per batch
+
     def move(t: Any) -> Any:
         if not isinstance(t, torch.Tensor):
             return t
@@ -130,7 +142,7 @@ class Probe:
                     model(x)
         measurements = probe.results("train")
 
-    On exit every hook is removed and the model is restored exactly: ``training`` flags of every
+    On exit every tap is removed and the model is restored exactly: ``training`` flags of every
     module, ``track_running_stats`` and the norm buffers (values and objects).
     """
 
@@ -142,7 +154,7 @@ class Probe:
         self._order_only = [layer for layer in layers if not layer.batch_dependent]
         self.paths = tuple(paths)
         self._modules = dict(model.named_modules())
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._taps: list[Tap] = []
         self._recorders: dict[PathName, dict[str, Recorder]] = {}
         self._active: dict[str, Recorder] | None = None
         self._train_active = False
@@ -196,20 +208,20 @@ class Probe:
             if _fused.kernel() is not None:
                 _fused.match_threads()
             self.model.eval()
-            for path in self.paths:
-                self._recorders[path] = {
-                    layer.name: Recorder.for_module(self._modules[layer.name], layer)
-                    for layer in self.layers
-                }
+            first = {
+                layer.name: Recorder.for_module(self._modules[layer.name], layer)
+                for layer in self.layers
+            }
+            for i, path in enumerate(self.paths):
+                self._recorders[path] = first if i == 0 else {n: r.like() for n, r in first.items()}
             self._switched = {module: family for module, family, _t, _b in self._switch}
             for layer in self.layers:
                 module = self._modules[layer.name]
-                self._handles.append(module.register_forward_pre_hook(self._hook_for(layer.name)))
-                if module in self._switched:
-                    self._handles.append(module.register_forward_hook(self._release))
+                release = self._release if module in self._switched else None
+                self._taps.append(tap(module, self._hook_for(layer.name), release))
             for layer in self._order_only:  # batch-independent: only where it runs in the order
                 module = self._modules[layer.name]
-                self._handles.append(module.register_forward_pre_hook(self._order_hook(layer.name)))
+                self._taps.append(tap(module, self._order_hook(layer.name)))
         except BaseException:
             self._close()
             raise
@@ -219,41 +231,52 @@ class Probe:
         self._close()
 
     def _close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        for t in reversed(self._taps):  # innermost last: nested wrappers come off in order
+            t.remove()
+        self._taps.clear()
         self._active = None
         self._scratch = Scratch()  # let the buffer go
         self._restore()
 
-    def _hook_for(self, name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
+    def _hook_for(self, name: str) -> Callable[[nn.Module, tuple], bool]:
+        seen = self._seen
+        checked: list[Any] = [None, False]  # the last input shape checked, and the answer
+
+        def hook(module: nn.Module, args: tuple) -> bool:
+            """Record the call's input; True: the call runs held in eval mode (release it)."""
             active = self._active
-            if active is None or not args or not isinstance(args[0], torch.Tensor):
-                return
-            self.last_layer = name
-            if name not in self._seen:
-                self._seen.add(name)
-                self.order.append(name)
+            if active is None or not args:
+                return False
             x = args[0]
-            if self._train_active and module.training and _one_value_per_channel(x, module):
-                # BatchNorm over pooled features at batch size 1: torch raises in train mode.
-                # This call runs in eval mode instead and is not recorded (not measurable).
-                _set(module, "training", False)
-                self._held.append(module)
-                self.single_value[name] = self.single_value.get(name, 0) + 1
-                return
+            if not isinstance(x, torch.Tensor):
+                return False
+            self.last_layer = name
+            if name not in seen:
+                seen.add(name)
+                self.order.append(name)
+            if self._train_active and module.training:
+                if x.shape != checked[0]:
+                    checked[0], checked[1] = x.shape, _one_value_per_channel(x, module)
+                if checked[1]:
+                    # BatchNorm over pooled features at batch size 1: torch raises in train
+                    # mode.  This call runs in eval mode instead and is not recorded (not
+                    # measurable).
+                    _set(module, "training", False)
+                    self._held.append(module)
+                    self.single_value[name] = self.single_value.get(name, 0) + 1
+                    return True
             active[name].observe(x, self._scratch)
+            return False
 
         return hook
 
-    def _release(self, module: nn.Module, _args: tuple, _out: Any) -> None:
-        """After a call held in eval mode by the pre-hook: back to train mode."""
+    def _release(self, module: nn.Module) -> None:
+        """After a call held in eval mode by the hook: back to train mode."""
         if self._held and self._held[-1] is module:
             self._held.pop()
             _set(module, "training", True)
 
-    def _order_hook(self, name: str):
+    def _order_hook(self, name: str) -> Callable[[nn.Module, tuple], None]:
         def hook(module: nn.Module, args: tuple) -> None:
             if self._active is not None and name not in self._seen:
                 self._seen.add(name)
@@ -270,7 +293,17 @@ class Probe:
         The whole model was put in eval mode on entering the probe; a path only switches the
         batch-dependent norm layers, so the cost per batch does not grow with the model's size.
         """
-        if path not in self._recorders:
+        self.enter_path(path)
+        try:
+            yield
+        finally:
+            self.exit_path()
+
+    def enter_path(self, path: PathName) -> None:
+        """:meth:`path` without the context manager (the per-batch loop): pair with
+        :meth:`exit_path` in a ``finally``."""
+        active = self._recorders.get(path)
+        if active is None:
             raise ValueError(f"path {path!r} not recorded by this probe (paths: {self.paths})")
         train = path == "train"
         # object.__setattr__: nn.Module.__setattr__ checks its parameter, buffer and submodule
@@ -283,25 +316,28 @@ class Probe:
                     # InstanceNorm updates running stats whenever it is handed them.
                     module._buffers["running_mean"] = None
                     module._buffers["running_var"] = None
-        self._active = self._recorders[path]
+        self._active = active
         self._train_active = train
-        try:
-            yield
-        finally:
-            self._active = None
-            self._train_active = False
+
+    def exit_path(self) -> None:
+        """Back to the state between paths (every switched layer in eval mode)."""
+        train = self._train_active
+        self._active = None
+        self._train_active = False
+        if self._held:
             self._held.clear()
-            if train:
-                for module, family, track, buffers in self._switch:
-                    _set(module, "training", False)
-                    _set(module, "track_running_stats", track)
-                    if family is NormFamily.INSTANCE_TRACKED:
-                        module._buffers["running_mean"] = buffers["running_mean"]
-                        module._buffers["running_var"] = buffers["running_var"]
+        if train:
+            for module, family, track, buffers in self._switch:
+                _set(module, "training", False)
+                _set(module, "track_running_stats", track)
+                if family is NormFamily.INSTANCE_TRACKED:
+                    module._buffers["running_mean"] = buffers["running_mean"]
+                    module._buffers["running_var"] = buffers["running_var"]
 
     def results(self, path: PathName) -> dict[str, LayerMeasurement | None]:
         """Per layer name, what ``path`` recorded (``None``: the layer never ran)."""
-        return {name: rec.finish() for name, rec in self._recorders[path].items()}
+        recorders = self._recorders[path]
+        return dict(zip(recorders, finish_all(list(recorders.values())), strict=True))
 
     def recorders(self, path: PathName | None = None) -> list[Recorder]:
         """The recorders of ``path`` (default: of every path, path by path) in layer order:
@@ -345,11 +381,13 @@ class TorchSession:
 
     def run(self, path: PathName, batch: Batch, index: int) -> Any:
         probe = self.probe
+        probe.enter_path(path)
         try:
-            with probe.path(path):
-                return self.source.forward(self.source.model, batch.inputs)
+            return self.source.forward(self.source.model, batch.inputs)
         except (Exception, SystemExit) as exc:
             raise forward_failed(exc, index, f"({path} path)", probe.last_layer) from exc
+        finally:
+            probe.exit_path()
 
     def results(self, path: PathName) -> dict[str, LayerMeasurement | None]:
         return self.probe.results(path)

@@ -8,9 +8,6 @@ accelerate's module hooks do), so that ``_call_impl`` keeps its fast path and th
 one Python call.  The user's own hooks on the module still run, around the wrapper, so the tap
 sees what the layer's ``forward`` is handed.
 
-Where ``forward`` cannot be replaced (TorchScript modules) a tap falls back to a forward
-pre-hook (and a forward hook for ``release``): the same calls, the hook's cost.
-
 Removing a tap puts back exactly what the instance had (its own ``forward`` attribute, or none).
 If something else wrapped ``forward`` after the tap (so that the tap is no longer the outermost
 attribute), the tap turns itself into a pass-through instead of tearing the other wrapper out.
@@ -21,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import nn
 
 __all__ = ["Tap", "tap"]
@@ -37,18 +33,14 @@ _MISSING = object()
 class Tap:
     """One installed tap; :meth:`remove` takes it out (idempotent)."""
 
-    __slots__ = ("_handles", "_live", "_module", "_saved", "_wrapper")
+    __slots__ = ("_live", "_module", "_saved", "_wrapper")
 
     def __init__(self, module: nn.Module, before: Before, release: Release | None) -> None:
         self._module = module
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._live = [True]
         self._wrapper: Callable[..., Any] | None = None
         self._saved: Any = _MISSING
-        if isinstance(module, torch.jit.ScriptModule):
-            self._hook(before, release)
-        else:
-            self._wrap(before, release)
+        self._wrap(before, release)
 
     def _wrap(self, before: Before, release: Release | None) -> None:
         module, live = self._module, self._live
@@ -76,23 +68,7 @@ class Tap:
         self._wrapper = forward
         module.__dict__["forward"] = forward
 
-    def _hook(self, before: Before, release: Release | None) -> None:
-        held: list[bool] = []
-
-        def pre(module: nn.Module, args: tuple) -> None:
-            held.append(bool(before(module, args)))
-
-        def post(module: nn.Module, _args: tuple, _out: Any) -> None:
-            if held and held.pop() and release is not None:
-                release(module)
-
-        self._handles.append(self._module.register_forward_pre_hook(pre))
-        self._handles.append(self._module.register_forward_hook(post, always_call=True))
-
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
         if self._wrapper is None or not self._live[0]:
             return
         self._live[0] = False  # a pass-through from now on, wherever it still sits

@@ -22,8 +22,8 @@ from sample_models.archs import DigitsCNN
 def _snapshot(model: nn.Module) -> tuple[dict, dict, list]:
     state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
     flags = {name: m.training for name, m in model.named_modules()}
-    hooks = [
-        (name, len(m._forward_pre_hooks), len(m._forward_hooks))
+    hooks = [  # and no forward wrapper left in an instance (normdoctor.taps)
+        (name, len(m._forward_pre_hooks), len(m._forward_hooks), m.__dict__.get("forward"))
         for name, m in model.named_modules()
     ]
     return state, flags, hooks

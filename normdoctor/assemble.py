@@ -27,7 +27,6 @@ from .metrics import (
     DEFAULT_NONIID_THRESHOLD,
     DEFAULT_THRESHOLD,
     Recommendation,
-    layer_score,
     mismatch_sq,
     recommend,
 )
@@ -105,22 +104,40 @@ def sample_outcomes(
     return pred, None, None
 
 
+#: Batches (and output elements) :class:`EndToEndMeter` gathers before comparing them at once.
+_DEFER_BATCHES = 64
+_DEFER_ELEMENTS = 1 << 20
+
+
 class EndToEndMeter:
     """Device-side sums comparing the outputs of both paths (one small tensor, one add a batch).
 
     The keys a batch gives depend on what it allows (classifier output, labels, targets); the
     accumulator keeps those every batch so far gave.
+
+    With ``defer`` (the scan's loop), batches whose outputs and labels line up sample by sample
+    are held (references, at most 64 batches or 2^20 output elements) and compared in one go:
+    every quantity is a sum over samples, so the result is the same up to float64 rounding of
+    the sums, and at batch size 1 the twenty-odd small operations a comparison takes are paid
+    once per 64 batches instead of once per batch.  The held outputs must not change in place
+    afterwards (a model's fresh outputs do not); the monitor, which sees a training loop's
+    outputs, does not defer.
     """
 
-    def __init__(self, loss: LossFn | None = None) -> None:
+    def __init__(self, loss: LossFn | None = None, *, defer: bool = False) -> None:
         self._acc: torch.Tensor | None = None
         self._keys: tuple[str, ...] = ()
         self.loss = loss
         self.batches = 0
         self.samples = 0
+        self._defer = defer and loss is None  # a user's loss may not be per sample
+        self._held: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        self._held_key: tuple[Any, ...] | None = None
+        self._held_elements = 0
 
     @property
     def sums(self) -> dict[str, torch.Tensor]:
+        self._compare_held()
         if self._acc is None:
             return {}
         return dict(zip(self._keys, self._acc, strict=True))
@@ -131,7 +148,47 @@ class EndToEndMeter:
             return
         self.batches += 1
         self.samples += size
-        t64, e64 = t.detach().double(), e.detach().double()
+        t, e = t.detach(), e.detach()
+        if (
+            self._defer
+            and t.dim() >= 1
+            and t.shape[0] == size
+            and (labels is None or (labels.dim() >= 1 and labels.shape[0] == size))
+        ):
+            key = (
+                t.shape[1:],
+                t.dtype,
+                t.device,
+                None if labels is None else (labels.shape[1:], labels.dtype),
+            )
+            if key != self._held_key or self._held_elements + t.numel() > _DEFER_ELEMENTS:
+                self._compare_held()
+                self._held_key = key
+            self._held.append((t, e, labels))
+            self._held_elements += t.numel()
+            if len(self._held) >= _DEFER_BATCHES:
+                self._compare_held()
+            return
+        self._compare_held()
+        self._compare(t, e, labels, size)
+
+    def _compare_held(self) -> None:
+        held = self._held
+        if not held:
+            return
+        self._held, self._held_key, self._held_elements = [], None, 0
+        if len(held) == 1:
+            t, e, labels = held[0]
+        else:
+            t = torch.cat([h[0] for h in held])
+            e = torch.cat([h[1] for h in held])
+            labels = None if held[0][2] is None else torch.cat([h[2] for h in held])  # type: ignore[misc]
+        self._compare(t, e, labels, t.shape[0])
+
+    def _compare(
+        self, t: torch.Tensor, e: torch.Tensor, labels: torch.Tensor | None, size: int
+    ) -> None:
+        t64, e64 = t.double(), e.double()
         finite = torch.isfinite(t64) & torch.isfinite(e64)
         parts = {
             "nonfinite": (~finite).sum(),
@@ -166,7 +223,7 @@ class EndToEndMeter:
             self._acc += values
         else:  # a batch that allows fewer comparisons: keep the ones every batch gave
             common = tuple(k for k in self._keys if k in parts)
-            old = self.sums
+            old = dict(zip(self._keys, self._acc, strict=True))
             self._keys = common
             self._acc = torch.stack([old[k] + parts[k].to(torch.float64) for k in common])
 
@@ -204,9 +261,10 @@ class EndToEndMeter:
         )
 
     def result(self) -> EndToEnd | None:
+        sums = self.sums  # compares what is still held
         if self.batches == 0 or self._acc is None:
             return None
-        s = {k: float(v) for k, v in self.sums.items()}
+        s = {k: float(v) for k, v in sums.items()}
         n = self.samples
         kwargs: dict[str, Any] = {}
         if "correct_t" in s:
@@ -250,56 +308,95 @@ def _floats(a: np.ndarray | torch.Tensor) -> tuple[float | None, ...]:
     return tuple(values) if np.isfinite(a).all() else floats(values)
 
 
-def _path_report(m: LayerMeasurement, eps: float) -> PathReport:
-    # NumPy on CPU views: a few dozen operations on vectors of C floats per layer.  Degenerate
-    # running statistics (var < -eps, NaN) give NaN here, reported as null, not as warnings.
+def _path_reports(items: Sequence[tuple[LayerMeasurement, float]]) -> list[PathReport]:
+    """One :class:`PathReport` per (measurement, eps), in one pass over every layer's channels.
+
+    NumPy on the concatenated channels of all layers, with per-layer weighted means taken by
+    segment sums: a few dozen operations for the whole model instead of per layer, which at
+    twenty layers and two paths was most of a scan's fixed cost (issue 16).  Degenerate running
+    statistics (var < -eps, NaN) give NaN here, reported as null, not as warnings.
+    """
+    if not items:
+        return []
+    sizes = [m.weights.numel() for m, _ in items]
+    assert min(sizes) > 0  # a layer without channels records nothing (Recorder.observe)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.intp)
+    ends = np.cumsum(sizes)
+
+    def joined(get: Callable[[LayerMeasurement], torch.Tensor]) -> np.ndarray:
+        return np.concatenate([get(m).numpy() for m, _ in items])
+
+    w = joined(lambda m: m.weights)
+    rm, rv = joined(lambda m: m.running_mean), joined(lambda m: m.running_var)
+    pm, pv = joined(lambda m: m.pooled.mean), joined(lambda m: m.pooled.var)
+    channel_m2 = joined(lambda m: m.channel_m2)
+    eps = np.repeat(np.array([e for _, e in items], dtype=np.float64), sizes)
+    weighted = w > 0
+    total = np.add.reduceat(w, starts)
+
+    def scores(m2: np.ndarray) -> list[float | None]:
+        """Per layer: sqrt(sum_c w_c m2_c / sum_c w_c) (metrics.layer_score, segmented)."""
+        num = np.add.reduceat(np.where(weighted, m2, 0.0) * w, starts)
+        value = np.where(total == 0, math.nan, np.sqrt(np.clip(num / total, 0, None)))
+        return [finite_or_none(v) for v in value.tolist()]
+
     with np.errstate(invalid="ignore", divide="ignore"):
-        return _path_report_unchecked(m, eps)
-
-
-def _path_report_unchecked(m: LayerMeasurement, eps: float) -> PathReport:
-    w = m.weights.numpy()
-    rm, rv = m.running_mean.numpy(), m.running_var.numpy()
-    pm, pv = m.pooled.mean.numpy(), m.pooled.var.numpy()
-    channel_m2, scores = m.channel_m2.numpy(), m.unit_scores.numpy()
-    drift = finite_or_none(float(layer_score(channel_m2, w)))
-    finite = np.isfinite(scores)
-    if finite.any():
-        worst_idx = int(np.where(finite, scores, -math.inf).argmax())
-        worst = float(scores[worst_idx])
-    else:
+        drift = scores(channel_m2)
+        shift = scores(mismatch_sq(pm, pv, rm, rv, eps))
+        noise = scores(joined(lambda m: m.noise_m2))
+        fit = scores(joined(lambda m: m.fit_m2))
+        vectors = {
+            "pooled_mean": pm,
+            "pooled_var": pv,
+            "channel_drift": np.sqrt(channel_m2),
+            "mean_shift": (pm - rm) / np.sqrt(rv + eps),
+            "var_log_ratio": 0.5 * np.log((pv + eps) / (rv + eps)),
+        }
+    # One tolist per quantity, sliced per layer (floats() maps non-finite values to None).
+    as_tuples: dict[str, list[tuple[float | None, ...]]] = {}
+    for name, values in vectors.items():
+        listed = values.tolist()
+        finite = bool(np.isfinite(values).all())
+        as_tuples[name] = [
+            tuple(listed[a:b]) if finite else floats(listed[a:b])
+            for a, b in zip(starts.tolist(), ends.tolist(), strict=True)
+        ]
+    reports = []
+    for i, (m, _eps) in enumerate(items):
+        unit = m.unit_scores.numpy()
+        ok = np.isfinite(unit)
         worst_idx, worst = None, None
-    s_r = np.sqrt(rv + eps)
-    shift = finite_or_none(float(layer_score(mismatch_sq(pm, pv, rm, rv, eps), w)))
-    noise = finite_or_none(float(layer_score(m.noise_m2.numpy(), w)))
-    fit = finite_or_none(float(layer_score(m.fit_m2.numpy(), w)))
-    noniid = None
-    if m.noniid is not None:
-        ratio = m.noniid.numpy()
-        ok = np.isfinite(ratio) & (w > 0)
         if ok.any():
-            values = np.sort(ratio[ok])
-            noniid = finite_or_none(float(values[(values.size - 1) // 2]))  # the lower median
-    mean_shift = (pm - rm) / s_r
-    var_log_ratio = 0.5 * np.log((pv + eps) / (rv + eps))
-    return PathReport(
-        batches=m.units,
-        samples=m.samples,
-        nonfinite_batches=m.nonfinite_units,
-        drift=drift,
-        drift_worst=finite_or_none(worst),
-        worst_batch=worst_idx,
-        shift=shift,
-        noise=noise,
-        noniid=noniid,
-        pooled_mean=_floats(pm),
-        pooled_var=_floats(pv),
-        channel_drift=_floats(np.sqrt(channel_m2)),
-        mean_shift=_floats(mean_shift),
-        var_log_ratio=_floats(var_log_ratio),
-        batch_drift=_floats(scores),
-        fit=fit,
-    )
+            worst_idx = int(np.where(ok, unit, -math.inf).argmax())
+            worst = float(unit[worst_idx])
+        noniid = None
+        if m.noniid is not None:
+            ratio = m.noniid.numpy()
+            keep = np.isfinite(ratio) & (m.weights.numpy() > 0)
+            if keep.any():
+                values = np.sort(ratio[keep])
+                noniid = finite_or_none(float(values[(values.size - 1) // 2]))  # lower median
+        reports.append(
+            PathReport(
+                batches=m.units,
+                samples=m.samples,
+                nonfinite_batches=m.nonfinite_units,
+                drift=drift[i],
+                drift_worst=finite_or_none(worst),
+                worst_batch=worst_idx,
+                shift=shift[i],
+                noise=noise[i],
+                noniid=noniid,
+                pooled_mean=as_tuples["pooled_mean"][i],
+                pooled_var=as_tuples["pooled_var"][i],
+                channel_drift=as_tuples["channel_drift"][i],
+                mean_shift=as_tuples["mean_shift"][i],
+                var_log_ratio=as_tuples["var_log_ratio"][i],
+                batch_drift=_floats(unit),
+                fit=fit[i],
+            )
+        )
+    return reports
 
 
 def _static_channels(state: NormState) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -332,6 +429,7 @@ def _layer_report(
     threshold: float,
     noniid_threshold: float,
     harmful: bool | None,
+    path_reports: dict[str, dict[str, PathReport]],
 ) -> LayerReport:
     base: dict[str, Any] = dict(
         name=layer.name,
@@ -359,7 +457,7 @@ def _layer_report(
             recommendation=Recommendation.OK,
             reason=unmeasured_reason(layer.family),
         )
-    paths = {p: _path_report(m, layer.eps) for p, m in measured.items() if m is not None}
+    paths = path_reports.get(layer.name, {})
     if not paths:
         why = (
             "lazy layer never materialized"
@@ -539,6 +637,18 @@ def assemble_report(
     else:
         harmful, why = judge(evidence, agreement_threshold, divergence_threshold, alpha)
     position = {n: i for i, n in enumerate(order)}
+    keys, items = [], []
+    for layer in layers:
+        if not layer.batch_dependent:
+            continue
+        for p in paths:
+            m = results.get(p, {}).get(layer.name)
+            if m is not None:
+                keys.append((layer.name, p))
+                items.append((m, layer.eps))
+    path_reports: dict[str, dict[str, PathReport]] = {}
+    for (name, p), report in zip(keys, _path_reports(items), strict=True):
+        path_reports.setdefault(name, {})[p] = report
 
     def build(harm: bool | None, layer_threshold: float) -> list[LayerReport]:
         return [
@@ -550,6 +660,7 @@ def assemble_report(
                 layer_threshold,
                 noniid_threshold,
                 harm,
+                path_reports,
             )
             for layer in layers
         ]

@@ -299,7 +299,7 @@ class _Run:
     ]:
         """Every batch through every path, recording; per-layer results, order, sizes, e2e."""
         sizes: list[int] = []
-        e2e = EndToEndMeter(self.loss)
+        e2e = EndToEndMeter(self.loss, defer=True)
         batches, total = plan.batches, plan.total
         if sharded and plan.source != "batches":  # deal normdoctor's own batches round-robin
             rank, world = _dist.rank_and_world()

@@ -1,0 +1,143 @@
+"""The end-to-end meter and the path reports against plain per-batch and per-layer references."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from normdoctor.assemble import EndToEndMeter, assemble_report
+from normdoctor.metrics import layer_score, mismatch_sq
+from normdoctor.recording import LayerMeasurement
+from normdoctor.report import Composition
+from normdoctor.stats import Moments
+
+
+def _batches(kind: str, n: int = 150) -> list[tuple[torch.Tensor, torch.Tensor, object, int]]:
+    gen = torch.Generator().manual_seed(3)
+    out = []
+    for i in range(n):
+        size = 1 if i % 7 else 3
+        t = torch.randn(size, 5, generator=gen)
+        e = t + 0.5 * torch.randn(size, 5, generator=gen)
+        if kind == "labels":
+            labels = torch.randint(0, 5, (size,), generator=gen)
+        elif kind == "targets":
+            labels = torch.randn(size, 5, generator=gen)
+        else:
+            labels = None
+        if i == 40:
+            e[0, 1] = math.nan  # a non-finite output is left out of the comparison
+        if i == 90 and labels is not None:
+            labels = None  # a batch without labels: the comparison keeps what every batch gave
+        out.append((t, e, labels, size))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["labels", "targets", "none"])
+def test_a_deferred_comparison_equals_the_batch_by_batch_one(kind):
+    batches = _batches(kind)
+    results = []
+    for defer in (False, True):
+        meter = EndToEndMeter(defer=defer)
+        for t, e, labels, size in batches:
+            meter.update(t, e, labels, size)
+        results.append((meter.result(), {k: float(v) for k, v in meter.sums.items()}))
+    (a, sa), (b, sb) = results
+    assert sa.keys() == sb.keys()
+    for k in sa:  # sums over samples: the same up to float64 rounding of the order
+        assert sa[k] == pytest.approx(sb[k], rel=1e-12, abs=1e-12), k
+    assert a is not None and b is not None
+    assert (a.batches, a.samples, a.nonfinite_outputs) == (b.batches, b.samples, 1)
+    assert a.agreement == b.agreement and a.acc_train == b.acc_train
+    if kind == "none":
+        assert "agree" in sa and "correct_t" not in sa
+    # the batch without labels dropped the label keys in both
+    assert "correct_t" not in sa and "loss_t" not in sa
+
+
+def _measurement(gen: torch.Generator, c: int, units: int) -> LayerMeasurement:
+    def vec(lo: float = 0.1) -> torch.Tensor:
+        return torch.rand(c, generator=gen, dtype=torch.float64) + lo
+
+    w = vec()
+    return LayerMeasurement(
+        units=units,
+        samples=units * 4,
+        pooled=Moments(400.0, torch.randn(c, generator=gen, dtype=torch.float64), vec() * 400),
+        running_mean=torch.randn(c, generator=gen, dtype=torch.float64),
+        running_var=vec(0.5),
+        weights=w / w.sum(),
+        channel_m2=vec(0.0),
+        unit_scores=torch.rand(units, generator=gen, dtype=torch.float64),
+        noise_m2=vec(0.0),
+        fit_m2=vec(0.0),
+        noniid=vec(),
+        nonfinite_units=0,
+        per_sample=False,
+        spatial=True,
+    )
+
+
+def test_path_reports_equal_the_per_layer_formulas():
+    # assemble_report scores every layer in one pass over the concatenated channels; each
+    # layer's figures must be what metrics.layer_score gives on that layer alone.
+    from normdoctor.layers import find_norm_layers
+    from normdoctor.recording import module_state
+
+    gen = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(*(torch.nn.BatchNorm2d(c) for c in (3, 8, 1, 5)))
+    layers = find_norm_layers(model)
+    ms = {
+        layer.name: _measurement(gen, layer.num_features, 10 + i) for i, layer in enumerate(layers)
+    }
+    ms["2"] = dataclasses.replace(ms["2"], weights=torch.zeros(1, dtype=torch.float64))
+    report = assemble_report(
+        model_name="m",
+        layers=layers,
+        states={layer.name: module_state(model[int(layer.name)]) for layer in layers},
+        results={"train": ms},
+        order=[layer.name for layer in layers],
+        end_to_end=None,
+        composition=Composition(
+            source="tensor",
+            batch_size=4,
+            order="keep",
+            seed=None,
+            group_by=None,
+            num_batches=10,
+            num_samples=40,
+            min_batch=4,
+            max_batch=4,
+        ),
+        paths=("train",),
+    )
+    for layer in layers:
+        m, eps = ms[layer.name], layer.eps
+        got = report.layer(layer.name).train
+        assert got is not None
+        w = m.weights.numpy()
+
+        def score(m2: np.ndarray, w: np.ndarray = w) -> float | None:
+            v = float(layer_score(m2, w))
+            return v if math.isfinite(v) else None
+
+        pm, pv = m.pooled.mean.numpy(), m.pooled.var.numpy()
+        rm, rv = m.running_mean.numpy(), m.running_var.numpy()
+        for name, want in (
+            ("drift", score(m.channel_m2.numpy())),
+            ("shift", score(mismatch_sq(pm, pv, rm, rv, eps))),
+            ("noise", score(m.noise_m2.numpy())),
+            ("fit", score(m.fit_m2.numpy())),
+        ):
+            value = getattr(got, name)
+            if want is None:
+                assert value is None, (layer.name, name)  # no channel has weight
+            else:
+                assert value == pytest.approx(want, rel=1e-13), (layer.name, name)
+        np.testing.assert_allclose(got.mean_shift, (pm - rm) / np.sqrt(rv + eps), rtol=1e-14)
+        np.testing.assert_allclose(got.channel_drift, np.sqrt(m.channel_m2.numpy()), rtol=1e-14)
+        assert got.worst_batch == int(m.unit_scores.argmax())

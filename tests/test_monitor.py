@@ -197,6 +197,7 @@ def test_flags_hooks_and_eval_forwards_are_left_alone():
         assert model.drop.training is False and model.bn.training is False
     assert mon.step == 6 and mon.checks == 3
     assert (len(model.bn._forward_pre_hooks), len(model._forward_hooks)) == before
+    assert not any("forward" in m.__dict__ for m in model.modules())  # no tap left
 
 
 def test_report_renders_and_round_trips_like_a_scan(tmp_path):

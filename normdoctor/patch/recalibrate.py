@@ -1,12 +1,17 @@
 """Exact recalibration: running statistics set to the pooled statistics of data.
 
+Sequential mode advances every batch's forward in lockstep from one norm layer to the next
+(:class:`_Lockstep`), so that inference-exact statistics cost about one pass, not one per layer.
+
 Also the passes over data that fixing shares (:func:`batch_source`): recalibration, the input
 shapes a conversion checks, :func:`~normdoctor.patch.impact` and autopatch's comparisons.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -23,13 +28,16 @@ from ..batching import Batch, BatchPlan, GroupBy, plan_batches
 from ..convert.select import resolve
 from ..errors import ConversionError, DataError
 from ..layers import BATCH_NORMS, NormLayer, find_norm_layers
-from ..recording import LayerMeasurement
+from ..recording import LayerMeasurement, Recorder, Scratch
 from ..report import ScanReport
 from ..sources.torch import Probe, default_forward, forward_failed, model_device_dtype, to_device
 
 __all__ = ["Forward", "batch_source", "recalibrate"]
 
 Forward = Callable[[nn.Module, Any], Any]
+
+#: Sequential mode: bytes of layer inputs the paused forwards may hold (1 GiB).
+DEFAULT_RESIDENT_BYTES = 1 << 30
 
 
 def batch_source(
@@ -91,6 +99,7 @@ def recalibrate(
     max_batches: int | None = None,
     device: torch.device | str | None = None,
     forward: Forward | None = None,
+    max_resident_bytes: int = DEFAULT_RESIDENT_BYTES,
 ) -> nn.Module:
     """Set running statistics to the exact pooled statistics of ``data``.
 
@@ -102,20 +111,34 @@ def recalibrate(
     average continues as if those batches had been averaged).
 
     Note:
-        ``mode="sequential"`` (default) measures the layers one at a time in forward order, in
-        eval mode, each with its upstream layers already recalibrated: the statistics are exactly
-        those of the inputs the layer sees at inference.  Each layer costs one pass over the
-        data that stops right after the layer's input is recorded, so L layers cost about L/2
-        full forward passes (for a chain).  ``mode="single-pass"`` measures all layers in one
-        pass on the train path (every norm layer normalizes with batch statistics, dropout off),
-        like ``torch.optim.swa_utils.update_bn`` and fvcore's precise BN but exact: one forward
+        ``mode="sequential"`` (default) gives each layer, in forward order, the statistics of
+        its eval-mode inputs with every upstream layer already recalibrated: exactly the
+        inputs the layer sees at inference (the model's own eval-path statistics, up to the
+        float32 rounding of the stored buffers, about 6e-8; no tolerance or iteration is
+        involved).  It gets there in about one eval-mode pass: each batch's forward runs in its
+        own thread, paused at every measured layer until all batches have handed that layer
+        their input and its statistics are written, then all go on to the next layer (one
+        thread runs at a time, the batches in their usual order; the numbers are those of
+        measuring one layer per pass).  The paused forwards hold their activations: past
+        ``max_resident_bytes`` of held layer inputs, further batches are run again from the
+        start for each layer instead (one pass per layer stopped after its input, as earlier
+        versions did for every batch: same result, up to about L/2 passes for L layers).  A
+        model whose batches reach different layers (a data-dependent branch), that calls a
+        layer twice in one forward or hands it a non-tensor, is measured that way too, with
+        ``distributed=True`` as well.  Thread-local state set around the call does not reach
+        the forwards, except autocast, which is carried over.
+
+        ``mode="single-pass"`` measures all layers in one pass on the train path (every norm
+        layer normalizes with batch statistics, dropout off), like
+        ``torch.optim.swa_utils.update_bn`` and fvcore's precise BN but exact: one forward
         pass, but each layer sees inputs normalized upstream by *batch* statistics, which differ
         from inference when batches are small or correlated.  In that pass plain BatchNorm
         layers normalize with the batch statistics normdoctor has just measured (exactly, in
         float64), through the inference kernel, instead of recomputing them in BatchNorm's
         training kernel; subclasses keep their own forward.  Measured on a ResNet-18-shaped CNN
-        (``benchmarks/bench_recalibrate.py``): single-pass costs about 0.95-1.0x
-        ``torch.optim.swa_utils.update_bn``, sequential about 11x.
+        (``benchmarks/bench_recalibrate.py``, one thread): single-pass costs about 0.95x
+        ``torch.optim.swa_utils.update_bn``, sequential about 0.85x (1.1 eval-mode passes;
+        one layer per pass, ``max_resident_bytes=0``, 10x).
 
         InstanceNorm with ``track_running_stats=True`` gets the same pooled statistics (over
         every sample and position), not the average of per-sample statistics its own update
@@ -136,6 +159,9 @@ def recalibrate(
         batch_size, shuffle, seed, group_by, max_batches: how batches are formed.
         device: run on this device (the model is moved there and back).
         forward: ``forward(model, inputs)`` for models with several inputs.
+        max_resident_bytes: sequential mode: how many bytes of layer inputs the paused
+            forwards may hold (default 1 GiB); batches beyond it are run again for each layer
+            (slower, same result).  0 runs every batch again for each layer.
 
     Returns:
         The recalibrated model; with ``inplace=False`` a copy, ``model`` unchanged.
@@ -147,6 +173,10 @@ def recalibrate(
     """
     if mode not in ("sequential", "single-pass"):
         raise ValueError(f"mode must be 'sequential' or 'single-pass', got {mode!r}")
+    if isinstance(max_resident_bytes, bool) or not isinstance(max_resident_bytes, int):
+        raise TypeError(f"max_resident_bytes must be an int, got {max_resident_bytes!r}")
+    if max_resident_bytes < 0:
+        raise ValueError(f"max_resident_bytes must be >= 0, got {max_resident_bytes}")
     plan = resolve(model, layers, "recalibrate")
     names = list(plan)
     if data is None:
@@ -197,29 +227,18 @@ def recalibrate(
             for n in names:
                 _write(modules[n], n, results[n], counts.get(n))
         else:
-            results, counts, order = _measure(
-                target, chosen, batches, fwd, run_device, dtype, "eval", sharded=sharded
-            )
-            _require_reached(results, names)
-            ordered = [n for n in order if n in plan]
-            first, rest = ordered[0], ordered[1:]
-            _write(modules[first], first, results[first], counts.get(first))
-            for n in rest:
-                # A layer called once per forward: stop the pass after recording its input.
-                stop = counts.get(n, 0) <= counts.get("__batches__", 0)
-                res, calls, _ = _measure(
-                    target,
-                    [by_name[n]],
-                    batches,
-                    fwd,
-                    run_device,
-                    dtype,
-                    "eval",
-                    stop_at=n if stop else None,
-                    sharded=sharded,
-                )
-                _require_reached(res, [n])
-                _write(modules[n], n, res[n], calls.get(n))
+            done = None
+            if not sharded:
+                done = _Lockstep(
+                    target, chosen, batches, fwd, run_device, dtype, max_resident_bytes
+                ).run()
+            if done is None:  # sharded, or a model the lockstep cannot follow
+                _layer_by_layer(target, chosen, batches, fwd, run_device, dtype, sharded)
+            else:
+                results, calls = done
+                _require_reached(results, names)
+                for n in names:
+                    _write(modules[n], n, results[n], calls.get(n))
     except BaseException:
         with torch.no_grad():
             for n, values in saved.items():
@@ -232,6 +251,271 @@ def recalibrate(
         if moved:
             target.to(home)
     return target
+
+
+def _layer_by_layer(
+    model: nn.Module,
+    chosen: Sequence[NormLayer],
+    batches: Callable[[], Iterator[Batch]],
+    fwd: Forward,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    sharded: bool,
+) -> None:
+    """Sequential mode one layer at a time: one eval-mode pass per layer in forward order,
+    stopped after the layer's input where the layer runs once per forward (what every model
+    allows; :class:`_Lockstep` is the same result in about one pass)."""
+    modules = dict(model.named_modules())
+    by_name = {layer.name: layer for layer in chosen}
+    names = list(by_name)
+    results, counts, order = _measure(
+        model, chosen, batches, fwd, device, dtype, "eval", sharded=sharded
+    )
+    _require_reached(results, names)
+    ordered = [n for n in order if n in by_name]
+    first, rest = ordered[0], ordered[1:]
+    _write(modules[first], first, results[first], counts.get(first))
+    for n in rest:
+        # A layer called once per forward: stop the pass after recording its input.
+        stop = counts.get(n, 0) <= counts.get("__batches__", 0)
+        res, calls, _ = _measure(
+            model,
+            [by_name[n]],
+            batches,
+            fwd,
+            device,
+            dtype,
+            "eval",
+            stop_at=n if stop else None,
+            sharded=sharded,
+        )
+        _require_reached(res, [n])
+        _write(modules[n], n, res[n], calls.get(n))
+
+
+class _Worker:
+    """One batch's forward pass, run in its own thread and paused at each measured layer."""
+
+    __slots__ = (
+        "error", "go", "index", "inputs", "layer", "nbytes", "passed", "state", "stop", "thread"
+    )  # fmt: skip
+
+    def __init__(self, index: int, inputs: Any) -> None:
+        self.index = index
+        self.inputs = inputs
+        self.go = threading.Semaphore(0)  # the coordinator lets this forward go on
+        self.stop = False  # ... or end it (_StopForward from where it is paused)
+        self.state = "new"  # paused | twice | irregular | finished | stopped | failed
+        self.layer: str | None = None  # where it is paused
+        self.nbytes = 0  # the size of the input it holds there
+        self.passed: set[str] = set()  # measured layers this forward has passed
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+
+
+class _Lockstep:
+    """Sequential recalibration in about one eval-mode pass: every batch's forward runs in its
+    own thread, all advance together from one measured layer to the next, and each layer's
+    statistics are written once every batch has handed it its input, before any batch goes on.
+
+    So each layer sees exactly the inputs the layer-by-layer method gives it (upstream layers
+    recalibrated, eval mode, the same batches in the same order: the same numbers), without
+    running the upstream part once per layer.  One thread runs at a time (the coordinator
+    hands the turn on), so the model, the recorders and the kernels see no concurrency.  The
+    paused batches keep their activations: past ``budget`` bytes of held layer inputs, a batch
+    is ended after handing its input and run again from the start for the next layer (what the
+    layer-by-layer method does for every batch).  A model the lockstep cannot follow (a layer
+    called twice in one forward, batches that reach different layers, a non-tensor input)
+    makes :meth:`run` return ``None``: the caller then measures layer by layer.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[NormLayer],
+        batches: Callable[[], Iterator[Batch]],
+        fwd: Forward,
+        device: torch.device,
+        dtype: torch.dtype | None,
+        budget: int,
+    ) -> None:
+        self.model, self.batches, self.fwd = model, batches, fwd
+        self.device, self.dtype, self.budget = device, dtype, budget
+        self.modules = dict(model.named_modules())
+        self.names = [layer.name for layer in layers]
+        measured = [layer for layer in layers if layer.batch_dependent and layer.materialized]
+        self.recorders = {
+            layer.name: Recorder.for_module(self.modules[layer.name], layer) for layer in measured
+        }
+        self.calls = dict.fromkeys(self.recorders, 0)
+        self.final: dict[str, LayerMeasurement | None] = {}
+        self.workers: dict[int, _Worker] = {}
+        self.local = threading.local()
+        self.report = threading.Semaphore(0)  # a worker paused or ended: the coordinator's turn
+        self.scratch = Scratch()
+        self.last_layer: str | None = None
+        # Autocast is thread-local: the workers run under the caller's.
+        self.autocast = [
+            (kind, torch.get_autocast_dtype(kind))
+            for kind in ("cpu", "cuda")
+            if torch.is_autocast_enabled(kind)
+        ]
+
+    def run(self) -> tuple[dict[str, LayerMeasurement | None], dict[str, int]] | None:
+        """Measure every layer; ``None`` where the model does not allow the lockstep (the
+        model is then as it was)."""
+        handles = [self.modules[n].register_forward_pre_hook(self._hook(n)) for n in self.recorders]
+        try:
+            # The probe measures nothing: it puts the model in eval mode and restores every
+            # flag and norm buffer on exit (the caller writes the results afterwards).
+            with Probe(self.model, []):
+                count: int | None = None
+                while True:
+                    outcome, count = self._round(count)
+                    if outcome == "irregular":
+                        return None
+                    if outcome == "done":
+                        break
+        finally:
+            self._end_all()
+            for h in handles:
+                h.remove()
+        results = {n: self.final.get(n) for n in self.names}
+        return results, dict(self.calls)
+
+    # -- the coordinator -------------------------------------------------------------------
+    def _round(self, expected: int | None) -> tuple[str, int]:
+        """Move every batch to its next measured layer (batches not held are run again from the
+        start); then write that layer.  Returns ("next" | "done" | "irregular", batches)."""
+        target: str | None = None
+        held = finished = count = 0
+        for i, batch in self._source(expected):
+            count += 1
+            w = self.workers.get(i)
+            if w is None:
+                assert batch is not None
+                w = self._spawn(i, to_device(batch, self.device, self.dtype))
+            self._step(w)
+            if w.state == "failed":
+                assert w.error is not None
+                exc = w.error
+                if isinstance(exc, (Exception, SystemExit)):
+                    during = "while recalibrating"
+                    raise forward_failed(exc, i, during, self.last_layer) from exc
+                raise exc
+            if w.state == "finished":
+                finished += 1
+                self._forget(w)
+                continue
+            if w.state != "paused" or (target is not None and w.layer != target):
+                return "irregular", count
+            target = w.layer
+            if held + w.nbytes <= self.budget:
+                held += w.nbytes
+            else:  # over the budget: end it here, run it again for the next layer
+                self._step(w, stop=True)
+                self._forget(w)
+        if count == 0:
+            raise DataError("the data yielded no batches")
+        if expected is not None and count != expected:
+            return "irregular", count  # the data changed between passes
+        if finished:  # every batch ran to the end, or some skip a layer the others reach
+            return ("done" if finished == count else "irregular"), count
+        assert target is not None
+        m = self.recorders[target].finish()
+        self.final[target] = m
+        if m is not None:
+            _copy_stats(self.modules[target], m)
+        return "next", count
+
+    def _source(self, expected: int | None) -> Iterator[tuple[int, Batch | None]]:
+        """This round's batches: the data again where a batch has no forward held, else the
+        held ones by index (no pass over the data when every batch is held)."""
+        if expected is not None and len(self.workers) == expected:
+            yield from ((i, None) for i in sorted(self.workers))
+            return
+        yield from enumerate(self.batches())
+
+    def _spawn(self, index: int, batch: Batch) -> _Worker:
+        w = _Worker(index, batch.inputs)
+        w.thread = threading.Thread(
+            target=self._work, args=(w,), name=f"normdoctor-recalibrate-{index}", daemon=True
+        )
+        self.workers[index] = w
+        w.thread.start()
+        return w
+
+    def _step(self, w: _Worker, stop: bool = False) -> None:
+        """Hand the turn to ``w`` until it pauses or ends."""
+        w.stop = stop
+        w.go.release()
+        self.report.acquire()
+
+    def _forget(self, w: _Worker) -> None:
+        assert w.thread is not None
+        w.thread.join()
+        del self.workers[w.index]
+
+    def _end_all(self) -> None:
+        """End every forward still held (each raises _StopForward where it is paused)."""
+        for w in list(self.workers.values()):
+            w.stop = True
+            w.go.release()
+        for w in list(self.workers.values()):
+            assert w.thread is not None
+            w.thread.join()
+        self.workers.clear()
+
+    # -- the workers -----------------------------------------------------------------------
+    def _work(self, w: _Worker) -> None:
+        self.local.worker = w
+        w.go.acquire()
+        try:
+            if w.stop:
+                raise _StopForward
+            with torch.no_grad(), contextlib.ExitStack() as stack:
+                for kind, cast in self.autocast:
+                    stack.enter_context(torch.autocast(kind, dtype=cast))
+                self.fwd(self.model, w.inputs)
+            w.state = "finished"
+        except _StopForward:
+            w.state = "stopped"
+        except BaseException as exc:
+            w.state, w.error = "failed", exc
+        finally:
+            w.inputs = None
+            self.report.release()
+
+    def _pause(self, w: _Worker, state: str) -> None:
+        w.state = state
+        self.report.release()
+        w.go.acquire()
+        if w.stop:
+            raise _StopForward
+
+    def _hook(self, name: str) -> Callable[[nn.Module, tuple], None]:
+        def hook(_module: nn.Module, args: tuple) -> None:
+            w = getattr(self.local, "worker", None)
+            if w is None:
+                return  # a call from another thread: not ours
+            if w.stop:  # told to end: a forward that caught _StopForward records nothing more
+                raise _StopForward
+            if name in w.passed:
+                self._pause(w, "twice")  # the coordinator ends it
+            w.passed.add(name)
+            if name in self.final:
+                return  # a batch run again passes the layers already written
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor):
+                self._pause(w, "irregular")
+                return
+            self.last_layer = name
+            self.recorders[name].observe(x, self.scratch)
+            self.calls[name] += 1
+            w.layer, w.nbytes = name, x.numel() * x.element_size()
+            self._pause(w, "paused")
+
+        return hook
 
 
 def _measure(
@@ -260,13 +544,13 @@ def _measure(
         try:
             for layer in layers:
 
-                def count(_m: nn.Module, _a: tuple, n: str = layer.name) -> None:
+                def count(_m: nn.Module, _a: tuple, _o: Any, n: str = layer.name) -> None:
                     counts[n] = counts.get(n, 0) + 1
                     if n == stop_at:
                         raise _StopForward
 
-                # Registered after the probe's hook, so it runs after the input is recorded.
-                handles.append(modules[layer.name].register_forward_pre_hook(count))
+                # After the layer's forward: the probe has recorded its input, however it taps.
+                handles.append(modules[layer.name].register_forward_hook(count))
             error: BaseException | None = None
             try:
                 for i, batch in enumerate(batches()):
@@ -374,12 +658,18 @@ def _write(
             f"{name}: {m.nonfinite_units} batch(es) with NaN/Inf inputs left out of recalibration",
             stacklevel=3,
         )
-    rm, rv = module._buffers["running_mean"], module._buffers["running_var"]
-    assert rm is not None and rv is not None
+    _copy_stats(module, m)
     with torch.no_grad():
-        rm.copy_(pooled.mean.to(device=rm.device, dtype=rm.dtype))
-        rv.copy_(pooled.unbiased_var.to(device=rv.device, dtype=rv.dtype))
         nbt = module._buffers.get("num_batches_tracked")
         if nbt is not None:
             per_sample = isinstance(module, _InstanceNorm) and calls is not None
             nbt.fill_(calls if per_sample and calls is not None else m.units)
+
+
+def _copy_stats(module: nn.Module, m: LayerMeasurement) -> None:
+    """``running_mean`` and ``running_var`` (unbiased) set to the pooled statistics ``m``."""
+    rm, rv = module._buffers["running_mean"], module._buffers["running_var"]
+    assert rm is not None and rv is not None
+    with torch.no_grad():
+        rm.copy_(m.pooled.mean.to(device=rm.device, dtype=rm.dtype))
+        rv.copy_(m.pooled.unbiased_var.to(device=rv.device, dtype=rv.dtype))

@@ -312,7 +312,7 @@ class Recorder:
         kernel = _fused.group_kernel()
         if kernel is None:
             return None
-        slots = max(2, min(self.capacity, 4 * _STAGE_FLOATS // x.numel()))
+        slots = max(2, min(_FLUSH_ROWS, 4 * _STAGE_FLOATS // x.numel()))
         stage = torch.empty((slots, *x.shape), dtype=x.dtype)
         grouped = stage.numpy().reshape(slots, x.shape[0], x.shape[1], -1)
         return (x.shape, x.dtype, list(stage.unbind(0)), slots, meta, grouped, kernel, shift_np)

@@ -211,7 +211,12 @@ def cli_main(args: argparse.Namespace) -> None:
             cells.append(("memory", args.memory_layers, args.memory_rounds))
         for what, layers, rounds in cells:
             t0 = time.perf_counter()
-            scan_json = write_scan_json(work / f"scan-{layers}.json", layers, args.batches)
+            scan_json = work / f"scan-{layers}.json"
+            # In a child process: a child's peak RSS starts at its parent's (Linux keeps the
+            # high-water mark across fork and exec), so this process must stay small.
+            write = ["--write-json", str(scan_json), "--layers", str(layers)]
+            write += ["--batches", str(args.batches)]
+            subprocess.run([sys.executable, __file__, *write], check=True)
             print(
                 f"{layers} layers: {scan_json.stat().st_size / 1e6:.1f} MB of scan JSON "
                 f"(written in {time.perf_counter() - t0:.1f} s); {rounds} interleaved rounds"

@@ -174,10 +174,23 @@ def _render_png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def _freeze_layout(fig: Figure) -> None:
-    """Keep the axes where the last draw's layout engine put them (no new layout pass)."""
-    if fig.get_layout_engine() is not None:
-        fig.set_layout_engine("none")
+def _lay_out(fig: Figure) -> None:
+    """Solve the figure's layout once, at the PNG's resolution, and keep it for every file.
+
+    ``savefig`` with a layout engine first draws the whole figure without output to lay it
+    out, then draws it; and the SVG would solve the layout again.  Solving it here, as that
+    first pass does, leaves one draw per file (the same PNG pixels).
+    """
+    engine = fig.get_layout_engine()
+    if engine is None:
+        return
+    dpi = fig.dpi
+    fig.dpi = PNG_DPI
+    try:
+        engine.execute(fig)
+    finally:
+        fig.dpi = dpi
+    fig.set_layout_engine("none")
 
 
 @dataclass(frozen=True)
@@ -275,10 +288,8 @@ def _write_files(
     figs, skipped = _build(report, sweep, patched, train_batch_size, series)
     shown = []
     for key, fig in figs.items():
+        _lay_out(fig)
         png = _render(fig, "png")
-        # The layout the PNG was drawn with holds for the SVG: keep it instead of solving it
-        # again (constrained layout measures every label; half of an SVG's time).
-        _freeze_layout(fig)
         files = []
         for fmt in fmts:
             data = png if fmt == "png" else _render(fig, fmt)

@@ -10,6 +10,7 @@ recalibrated one layer at a time over the concatenated data with NumPy statistic
 from __future__ import annotations
 
 import copy
+import importlib
 import threading
 
 import numpy as np
@@ -187,6 +188,27 @@ def test_batches_run_again_when_over_the_memory_budget(held):
     full = recalibrate(model, x, batch_size=8)
     for key, value in full.state_dict().items():
         torch.testing.assert_close(recal.state_dict()[key], value, rtol=1e-6, atol=0)
+
+
+def test_paused_forwards_are_capped_in_number(monkeypatch):
+    """Small batches of small inputs fit the memory budget by the thousand: the number of
+    paused forwards (a thread each) is capped too, and the batches past it are run again."""
+    module = importlib.import_module("normdoctor.patch.recalibrate")
+    monkeypatch.setattr(module, "MAX_HELD_FORWARDS", 3)
+    most = [0]
+    spawn = module._Lockstep._spawn
+
+    def counted(self, index, batch):
+        most[0] = max(most[0], len(self.workers) + 1)
+        return spawn(self, index, batch)
+
+    monkeypatch.setattr(module._Lockstep, "_spawn", counted)
+    model = stale_net(1)
+    x = images(24, seed=4)
+    recal = recalibrate(model, x, batch_size=1)
+    assert most[0] <= 4  # three held, one running
+    reference = float64_reference(model, list(x.split(1)), bn_names(model))
+    assert_matches(recal, reference, F32_VS_F64)
 
 
 class Routed(nn.Module):

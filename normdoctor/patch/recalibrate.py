@@ -38,6 +38,9 @@ Forward = Callable[[nn.Module, Any], Any]
 
 #: Sequential mode: bytes of layer inputs the paused forwards may hold (1 GiB).
 DEFAULT_RESIDENT_BYTES = 1 << 30
+#: Sequential mode: at most this many paused forwards (one thread each), whatever their size:
+#: small batches of small inputs would otherwise start thousands of threads.
+MAX_HELD_FORWARDS = 256
 
 
 def batch_source(
@@ -120,9 +123,10 @@ def recalibrate(
         their input and its statistics are written, then all go on to the next layer (one
         thread runs at a time, the batches in their usual order; the numbers are those of
         measuring one layer per pass).  The paused forwards hold their activations: past
-        ``max_resident_bytes`` of held layer inputs, further batches are run again from the
-        start for each layer instead (one pass per layer stopped after its input, as earlier
-        versions did for every batch: same result, up to about L/2 passes for L layers).  A
+        ``max_resident_bytes`` of held layer inputs (or 256 forwards), further batches are run
+        again from the start for each layer instead (one pass per layer stopped after its
+        input, as earlier versions did for every batch: same result, up to about L/2 passes for
+        L layers).  A
         model whose batches reach different layers (a data-dependent branch), that calls a
         layer twice in one forward or hands it a non-tensor, is measured that way too, with
         ``distributed=True`` as well.  Thread-local state set around the call does not reach
@@ -388,7 +392,7 @@ class _Lockstep:
         """Move every batch to its next measured layer (batches not held are run again from the
         start); then write that layer.  Returns ("next" | "done" | "irregular", batches)."""
         target: str | None = None
-        held = finished = count = 0
+        held = kept = finished = count = 0
         for i, batch in self._source(expected):
             count += 1
             w = self.workers.get(i)
@@ -410,8 +414,9 @@ class _Lockstep:
             if w.state != "paused" or (target is not None and w.layer != target):
                 return "irregular", count
             target = w.layer
-            if held + w.nbytes <= self.budget:
+            if held + w.nbytes <= self.budget and kept < MAX_HELD_FORWARDS:
                 held += w.nbytes
+                kept += 1
             else:  # over the budget: end it here, run it again for the next layer
                 self._step(w, stop=True)
                 self._forget(w)

@@ -689,7 +689,10 @@ def _plain(value: Any) -> Any:
 def _tuples(value: Any) -> Any:
     """Lists back to tuples (the dataclasses hold tuples)."""
     if isinstance(value, list):
-        return tuple(_tuples(v) for v in value)
+        flat = tuple(value)
+        if list in map(type, flat):  # nested; else numbers, converted at C speed
+            return tuple(_tuples(v) for v in flat)
+        return flat
     return value
 
 

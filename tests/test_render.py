@@ -965,6 +965,21 @@ def test_layout_is_solved_once_for_the_png_and_the_svg(drifting: ScanReport) -> 
     assert np.array_equal(_pixels(png), _pixels(fresh.getvalue()))
 
 
+def test_dense_channel_scatters_are_one_image_in_the_svg_only() -> None:
+    wide = large_report(n=4, channels=render_draw.RASTER_POINTS + 1, batches=5)
+    fig = plots.channels_figure(wide, k=1)
+    svg = render_html._render(fig, "svg").decode()
+    assert svg.count("<image") == 2  # the mean and the variance panel's points
+    assert "running mean (used in eval mode)" in svg  # labels stay text
+    png = render_html._render(fig, "png")
+    for ax in fig.axes:
+        for coll in ax.collections:
+            coll.set_rasterized(False)
+    assert np.array_equal(_pixels(png), _pixels(render_html._render(fig, "png")))
+    narrow = plots.channels_figure(large_report(n=4, channels=16, batches=5), k=1)
+    assert "<image" not in render_html._render(narrow, "svg").decode()
+
+
 # -- rendering is called on reports, not by them -------------------------------------------------
 
 

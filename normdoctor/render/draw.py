@@ -110,6 +110,8 @@ def threshold_handle(threshold: float) -> Any:
 # -- 1. drift per layer ----------------------------------------------------------------------
 
 
+#: A scatter of more points than this is rasterized in vector files.
+RASTER_POINTS = 1000
 #: The labels of the drift bars' collections, per part of a bar.
 DRIFT_PARTS = ("shift share", "noise share", "no split")
 
@@ -280,7 +282,18 @@ def _channel_panel(ax: Axes, panel: ChannelPanel) -> None:
     _identity(ax, *panel.limits)
     (lx, ly), (dx, dy) = panel.live, panel.dead
     alpha = 0.85 if len(lx) < 200 else 0.55
-    ax.scatter(list(lx), list(ly), s=14, color=S.SHIFT_COLOR, alpha=alpha, linewidths=0, zorder=2)
+    ax.scatter(
+        list(lx),
+        list(ly),
+        s=14,
+        color=S.SHIFT_COLOR,
+        alpha=alpha,
+        linewidths=0,
+        zorder=2,
+        # In the SVG, thousands of channels as one embedded image at the PNG's resolution
+        # rather than an element each (axes, labels and lines stay vectors; PNGs unchanged).
+        rasterized=len(lx) > RASTER_POINTS,
+    )
     if dx:
         ax.scatter(list(dx), list(dy), s=16, facecolors="none", edgecolors=S.OTHER_COLOR, zorder=2)
     ax.set_aspect("equal", adjustable="box")

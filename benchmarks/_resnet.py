@@ -64,3 +64,33 @@ def resnet18(seed: int = 0) -> ResNet18:
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.uniform_(0.5, 1.5)
     return model.eval()
+
+
+class DeepBN(nn.Module):
+    """A plain stack of conv-BN-ReLU blocks with ``norms`` BatchNorm2d layers (16 channels)."""
+
+    def __init__(self, norms: int = 500, width: int = 16, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, 2, 1, bias=False)
+        self.blocks = nn.Sequential(
+            *(
+                nn.Sequential(nn.BatchNorm2d(width), nn.ReLU(), nn.Conv2d(width, width, 3, 1, 1))
+                for _ in range(norms)
+            )
+        )
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+
+
+def deep_bn(norms: int = 500, seed: int = 0) -> DeepBN:
+    """Deterministic weights; conv weights scaled so that activations stay O(1) in depth."""
+    torch.manual_seed(seed)
+    model = DeepBN(norms)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval()

@@ -1,15 +1,29 @@
-"""Scan overhead against a plain forward, and memory against the amount of data.
+"""Scan overhead against plain forwards, and memory against the amount of data (issue 16's cells).
 
-    python benchmarks/bench_scan.py [--batch-sizes 32] [--sizes 64] [--batches 8] [--rounds 5]
-    python benchmarks/bench_scan.py --batch-sizes 8,32,128 --sizes 32,64 --no-memory   # the grid
+    python benchmarks/bench_scan.py                  # every cell below, with their targets
+    python benchmarks/bench_scan.py --only resnet --batch-sizes 8,32,128 --sizes 32,64  # a grid
 
-Time: per round, interleaved, a plain ``torch.no_grad()`` forward over the same batches in the
-same mode (train-mode BatchNorm for the train path, eval for the eval path) and ``scan`` on that
-path alone, once with the fused kernel (numba) and once with stock torch
-ops.  Each scan sits between two plain runs and its ratio is to their mean; the table shows the
-median ratio over rounds (and median times).  "fixed ms" is what one scan costs beyond its forwards whatever the
-number of batches (hooks, accumulators, report), measured as scan minus plain on one batch.  Memory: peak RSS of a fresh process scanning 1x and 8x as many
-batches (generated on the fly, so the data itself takes no memory).
+Cells (each prints its target beside the measured ratio):
+
+* ``tiny``: the tool's own case.  The tiny-batch sample model (trained at batch size 1) over the
+  360 samples of ``sample_models/data/test.npz`` in batches of 1, both paths, against one plain
+  eval pass plus one plain train-mode pass over the same batches.  Target 1.30x.
+* ``resnet``: the ResNet-18-shaped CNN (20 BatchNorm2d), ``--batches`` batches (16) of 32 at
+  64x64, each path alone, with the fused kernel (numba) and with stock torch ops; "fixed ms" is
+  what one scan costs beyond its forwards whatever the number of batches (taps, accumulators,
+  report), measured as scan minus plain on one batch.  Target 1.10x; fixed cost 5 ms.
+* ``short``: the same with 4 batches, where the fixed cost shows.  Target 1.03x.
+* ``deep``: a stack of 500 conv-BN-ReLU blocks (``_resnet.DeepBN``), 16 batches of 32 at 8x8,
+  each path.  Target 1.10x.
+* memory: peak RSS of a fresh process scanning 1x and 8x as many ResNet batches (generated on the
+  fly, so the data itself takes no memory): it must not grow.
+
+Timing: per round, interleaved, plain ``torch.no_grad()`` forwards over the same batches in the
+same mode (train-mode BatchNorm without running-statistics updates for the train path, eval for
+the eval path) and ``scan`` of that path (``search=False``: the composition is the one given).
+Each scan sits between two plain runs and its ratio is to their mean; the table shows the median
+ratio over rounds and median times.  The machine's speed drifts between rounds (shared cores),
+which a ratio of medians over the whole run would fold in.
 """
 
 from __future__ import annotations
@@ -19,19 +33,31 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _resnet import resnet18
+sys.path.insert(0, str(ROOT))
+from _resnet import deep_bn, resnet18  # noqa: E402
 
-import normdoctor as nd
-from normdoctor import _fused
+import normdoctor as nd  # noqa: E402
+from normdoctor import _fused  # noqa: E402
+
+CELLS = ("tiny", "resnet", "short", "deep")
+TARGETS = {"tiny": 1.30, "resnet": 1.10, "short": 1.03, "deep": 1.10, "fixed": 5.0}
 
 
-def plain(model: torch.nn.Module, batches: list[torch.Tensor], path: str) -> float:
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+def _norms(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def plain(model: torch.nn.Module, batches: Sequence[torch.Tensor], path: str) -> float:
+    """One plain pass in the path's mode; the model is left as it was."""
+    bns = _norms(model)
     model.eval()
     saved = [(m.training, m.track_running_stats) for m in bns]
     if path == "train":  # what the train path runs: batch statistics, nothing updated
@@ -47,11 +73,109 @@ def plain(model: torch.nn.Module, batches: list[torch.Tensor], path: str) -> flo
     return elapsed
 
 
-def scanned(model: torch.nn.Module, batches: list[torch.Tensor], path: str, kernel: str) -> float:
-    _fused.use(kernel)
+def scanned(model: torch.nn.Module, data: object, paths: Sequence[str], **kwargs: object) -> float:
     start = time.perf_counter()
-    nd.scan(model, batches, paths=(path,))
+    nd.scan(model, data, paths=tuple(paths), search=False, **kwargs)  # type: ignore[arg-type]
     return time.perf_counter() - start
+
+
+def interleaved(
+    rounds: int, base: Callable[[], float], run: Callable[[], float]
+) -> tuple[float, float, float]:
+    """(median base s, median run s, median per-round ratio of run to the bases around it)."""
+    base(), run()  # warm-up (and the kernel's one-time compile or cache load)
+    bases, runs, ratios = [], [], []
+    for _ in range(rounds):
+        before = base()
+        t = run()
+        after = base()
+        bases += [before, after]
+        runs.append(t)
+        ratios.append(2 * t / (before + after))
+    return statistics.median(bases), statistics.median(runs), statistics.median(ratios)
+
+
+def verdict(ratio: float, target: float) -> str:
+    return f"target {target:.2f}x: {'met' if ratio <= target else 'MISSED'}"
+
+
+def tiny_cell(rounds: int) -> None:
+    from normdoctor.io import load_model
+
+    model = load_model(ROOT / "sample_models/tiny-batch.pt", arch="sample_models.archs:DigitsCNN")
+    data = np.load(ROOT / "sample_models/data/test.npz")
+    x = torch.from_numpy(data["inputs"]).float()
+    y = torch.from_numpy(data["labels"]).long()
+    singles = list(x.split(1))
+    base, t, ratio = interleaved(
+        rounds,
+        lambda: plain(model, singles, "eval") + plain(model, singles, "train"),
+        lambda: scanned(model, (x, y), ("train", "eval"), batch_size=1, shuffle=False),
+    )
+    print(
+        f"tiny-batch sample model, {len(singles)} batches of 1, both paths: plain eval + train "
+        f"{base * 1e3:.0f} ms, scan {t * 1e3:.0f} ms: {ratio:.2f}x ({verdict(ratio, TARGETS['tiny'])})",
+        flush=True,
+    )
+
+
+def resnet_table(
+    title: str, target: float, batches: int, batch_sizes: list[int], sizes: list[int], rounds: int
+) -> None:
+    model = resnet18()
+    kernels = ["numba", "torch"] if _fused.use("auto") else ["torch"]
+    if kernels == ["torch"]:
+        print("numba does not import here: stock torch ops only")
+    print(f"{title}: {batches} batches per run, {rounds} interleaved rounds, medians")
+    head = "".join(f" {k + ' ms':>9} {'ratio':>7} {'fixed ms':>8}" for k in kernels)
+    print(f"{'batch':>5} {'input':>7}  {'path':5} {'plain ms':>9}{head}")
+    worst = 0.0
+    fixed_numba: list[float] = []
+    for size in sizes:
+        for bs in batch_sizes:
+            gen = torch.Generator().manual_seed(0)
+            data = [torch.randn(bs, 3, size, size, generator=gen) for _ in range(batches)]
+            for path in ("train", "eval"):
+                cells = ""
+                p = 0.0
+                for k in kernels:
+                    _fused.use(k)
+                    p, t, r = interleaved(
+                        rounds,
+                        lambda d=data, q=path: plain(model, d, q),
+                        lambda d=data, q=path: scanned(model, d, (q,)),
+                    )
+                    one = [
+                        scanned(model, data[:1], (path,)) - plain(model, data[:1], path)
+                        for _ in range(rounds)
+                    ]
+                    f = statistics.median(one)
+                    if k == kernels[0]:
+                        worst = max(worst, r)
+                        fixed_numba.append(f)
+                    cells += f" {t * 1e3:9.1f} {r:6.3f}x {f * 1e3:8.1f}"
+                print(f"{bs:5d} {size:3d}x{size:<3d}  {path:5} {p * 1e3:9.1f}{cells}", flush=True)
+    _fused.use()
+    fixed = statistics.median(fixed_numba) * 1e3
+    print(
+        f"  worst ratio {worst:.3f}x ({verdict(worst, target)}); fixed cost {fixed:.1f} ms "
+        f"(target {TARGETS['fixed']:.0f} ms: {'met' if fixed <= TARGETS['fixed'] else 'MISSED'})"
+    )
+
+
+def deep_cell(rounds: int, batches: int, size: int) -> None:
+    model = deep_bn(500)
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(32, 3, size, size, generator=gen) for _ in range(batches)]
+    for path in ("train", "eval"):
+        p, t, r = interleaved(
+            rounds, lambda q=path: plain(model, data, q), lambda q=path: scanned(model, data, (q,))
+        )
+        print(
+            f"500 BatchNorm2d, {batches} batches of 32 at {size}x{size}, {path} path: plain "
+            f"{p:.2f} s, scan {t:.2f} s: {r:.3f}x ({verdict(r, TARGETS['deep'])})",
+            flush=True,
+        )
 
 
 def peak_rss_mib(batches: int, batch_size: int, size: int) -> float:
@@ -73,62 +197,41 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch-sizes", default="32", help="comma-separated")
-    ap.add_argument("--sizes", default="64", help="input heights/widths, comma-separated")
-    ap.add_argument("--batches", type=int, default=8)
+    ap.add_argument("--only", default=",".join(CELLS), help=f"cells, of {','.join(CELLS)}")
+    ap.add_argument("--batch-sizes", default="32", help="ResNet batch sizes, comma-separated")
+    ap.add_argument("--sizes", default="64", help="ResNet input heights/widths, comma-separated")
+    ap.add_argument("--batches", type=int, default=16, help="batches of the resnet cell")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--deep-rounds", type=int, default=3)
+    ap.add_argument("--deep-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-memory", action="store_true")
     args = ap.parse_args()
-    torch.set_num_threads(2)
-    model = resnet18()
-    print(
-        f"ResNet-18-shaped CNN, 20 BatchNorm2d, CPU, {torch.get_num_threads()} threads, "
-        f"{args.batches} batches per run, {args.rounds} interleaved rounds, medians"
-    )
-    kernels = ["numba", "torch"] if _fused.use("auto") else ["torch"]
-    if kernels == ["torch"]:
-        print("numba does not import here: stock torch ops only")
-    head = "".join(f" {k + ' ms':>9} {'ratio':>7} {'fixed ms':>8}" for k in kernels)
-    print(f"{'batch':>5} {'input':>7}  {'path':5} {'plain ms':>9}{head}")
-    for size in (int(v) for v in args.sizes.split(",")):
-        for bs in (int(v) for v in args.batch_sizes.split(",")):
-            gen = torch.Generator().manual_seed(0)
-            batches = [torch.randn(bs, 3, size, size, generator=gen) for _ in range(args.batches)]
-            for path in ("train", "eval"):
-                for k in kernels:  # warm-up (and the kernel's one-time compile or cache load)
-                    plain(model, batches[:2], path), scanned(model, batches[:2], path, k)
-                # Each scan is paired with the plain forwards just before and after it, and the
-                # ratio is taken per round: the machine's speed drifts between rounds (shared
-                # cores), which a ratio of medians over the whole run would fold in.
-                t_plain: list[float] = []
-                ratio: dict[str, list[float]] = {k: [] for k in kernels}
-                t_scan: dict[str, list[float]] = {k: [] for k in kernels}
-                fixed: dict[str, list[float]] = {k: [] for k in kernels}
-                for _ in range(args.rounds):
-                    for k in kernels:
-                        before = plain(model, batches, path)
-                        t = scanned(model, batches, path, k)
-                        after = plain(model, batches, path)
-                        t_plain += [before, after]
-                        t_scan[k].append(t)
-                        ratio[k].append(2 * t / (before + after))
-                        one = plain(model, batches[:1], path)
-                        fixed[k].append(scanned(model, batches[:1], path, k) - one)
-                p = statistics.median(t_plain)
-                cells = ""
-                for k in kernels:
-                    s_k, r_k = statistics.median(t_scan[k]), statistics.median(ratio[k])
-                    f_k = statistics.median(fixed[k])
-                    cells += f" {s_k * 1e3:9.1f} {r_k:6.3f}x {f_k * 1e3:8.1f}"
-                print(f"{bs:5d} {size:3d}x{size:<3d}  {path:5} {p * 1e3:9.1f}{cells}", flush=True)
-    _fused.use()
+    torch.set_num_threads(args.threads)
+    only = [c.strip() for c in args.only.split(",") if c.strip()]
+    unknown = sorted(set(only) - set(CELLS))
+    if unknown:
+        ap.error(f"unknown cell(s) {', '.join(unknown)}: expected {', '.join(CELLS)}")
+    print(f"CPU, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
+    batch_sizes = [int(v) for v in args.batch_sizes.split(",")]
+    sizes = [int(v) for v in args.sizes.split(",")]
+    if "tiny" in only:
+        tiny_cell(args.rounds)
+    if "resnet" in only:
+        resnet_table(
+            "ResNet-18-shaped CNN", TARGETS["resnet"], args.batches, batch_sizes, sizes, args.rounds
+        )
+    if "short" in only:
+        resnet_table("short scans", TARGETS["short"], 4, [32], [64], args.rounds)
+    if "deep" in only:
+        deep_cell(args.deep_rounds, 16, args.deep_size)
     if not args.no_memory:
-        bs, size = int(args.batch_sizes.split(",")[0]), int(args.sizes.split(",")[0])
+        bs, size = batch_sizes[0], sizes[0]
         m1 = peak_rss_mib(args.batches, bs, size)
         m8 = peak_rss_mib(8 * args.batches, bs, size)
         print(
-            f"peak RSS: {args.batches} batches {m1:.0f} MiB, {8 * args.batches} batches {m8:.0f} MiB, "
-            f"growth {100 * (m8 - m1) / m1:+.1f}%"
+            f"peak RSS: {args.batches} batches {m1:.0f} MiB, {8 * args.batches} batches "
+            f"{m8:.0f} MiB, growth {100 * (m8 - m1) / m1:+.1f}%"
         )
 
 

@@ -5,7 +5,10 @@ once per candidate composition and the eval path once (candidates + 1 passes).  
 counts the passes (forward calls over the data) and times, per round and side by side: a plain
 scan at the reference composition; the budget, i.e. one-path scans of every candidate's train
 path plus one eval pass (what candidates + 1 passes cost done separately); and the searching
-scan; on the sample models (360 samples each).
+scan; on the sample models (360 samples each).  Issue 16's target compares the search with
+plain forward passes: every candidate's batches through the train path (batch statistics, no
+running-statistics update) plus the reference's through the eval path, ``no_grad``, batches
+formed beforehand: at most 1x that (candidates + 1 passes).
 
     python benchmarks/bench_search.py --rounds 5
 """
@@ -36,6 +39,36 @@ def _model(cls, name):
     return model.eval()
 
 
+def plain_passes(model, data, specs, reference) -> float:
+    """Seconds of plain forwards: each (batch size, group_by) of ``specs`` on the train path,
+    then ``reference`` on the eval path (batches formed before the clock starts)."""
+    from normdoctor.batching import plan_batches
+
+    runs = [(spec, "train") for spec in specs] + [(reference, "eval")]
+    formed = [
+        [
+            b.inputs
+            for b in plan_batches(
+                data, batch_size=bs, shuffle=True, seed=0, group_by=group, max_batches=None
+            ).batches
+        ]
+        for (bs, group), _ in runs
+    ]
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    total = 0.0
+    with torch.no_grad():
+        for batches, (_, path) in zip(formed, runs, strict=True):
+            for m in bns:
+                m.training, m.track_running_stats = path == "train", path != "train"
+            t = time.perf_counter()
+            for x in batches:
+                model(x)
+            total += time.perf_counter() - t
+    for m in bns:
+        m.training, m.track_running_stats = False, True
+    return total
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -51,9 +84,10 @@ def main() -> int:
     print(
         "| model | candidates | passes (search) | plain scan at the reference (2 paths) | "
         "budget: one-path scans of every candidate + one eval pass | search | "
-        "search / budget | search / plain |"
+        "search / budget | search / plain | plain passes (candidates + 1) | "
+        "search / plain passes (target 1) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, model, x, y in cases:
         data = (torch.from_numpy(x), torch.from_numpy(y))
         calls: list[int] = []
@@ -67,8 +101,10 @@ def main() -> int:
         passes = sum(calls) / x.shape[0]
         cands = [c for c in searched.evidence.candidates if c.measurable]
         ref = searched.composition
-        plain_t, budget_t, search_t = [], [], []
+        plain_t, budget_t, search_t, passes_t = [], [], [], []
+        specs = [(c.batch_size, c.group_by) for c in cands]
         for _ in range(args.rounds):
+            passes_t.append(plain_passes(model, data, specs, (ref.batch_size, ref.group_by)))
             t0 = time.perf_counter()
             nd.scan(model, data, batch_size=ref.batch_size, group_by=ref.group_by, search=False)
             t1 = time.perf_counter()
@@ -100,7 +136,9 @@ def main() -> int:
             f"| {name} | {len(searched.evidence.candidates)} | {passes:g} | "
             f"{med(plain_t):.2f} s | {med(budget_t):.2f} s | {med(search_t):.2f} s | "
             f"{med([s / b for s, b in zip(search_t, budget_t, strict=True)]):.2f}x | "
-            f"{med([s / p for s, p in zip(search_t, plain_t, strict=True)]):.2f}x |"
+            f"{med([s / p for s, p in zip(search_t, plain_t, strict=True)]):.2f}x | "
+            f"{med(passes_t):.2f} s | "
+            f"{med([s / p for s, p in zip(search_t, passes_t, strict=True)]):.2f}x |"
         )
     return 0
 

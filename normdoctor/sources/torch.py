@@ -14,6 +14,7 @@ forward helpers (:func:`default_forward`, :func:`model_device_dtype`, :func:`out
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,7 +66,7 @@ def default_forward(model: nn.Module, inputs: Any) -> Any:
 
 
 def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype | None]:
-    for t in list(model.parameters()) + list(model.buffers()):
+    for t in itertools.chain(model.parameters(), model.buffers()):  # lazily: the first decides
         if t.is_floating_point():
             return t.device, t.dtype
     for t in model.buffers():
@@ -191,10 +192,10 @@ class Probe:
     def _restore(self) -> None:
         """Every flag, attribute and norm buffer back as saved (objects and values)."""
         for module, flag in self._flags:
-            module.training = flag
+            _set(module, "training", flag)  # a plain bool: nn.Module.__setattr__ is slow
         for module, track, buffers, values in self._norm_state:
             if track is not None:
-                module.track_running_stats = track
+                _set(module, "track_running_stats", track)
             for key, tensor in buffers.items():
                 module._buffers[key] = tensor
                 if tensor is not None and key in values:

@@ -43,7 +43,7 @@ from .metrics import DEFAULT_NONIID_THRESHOLD, DEFAULT_THRESHOLD
 from .recording import Recorder, Scratch, finish_all, module_state
 from .report import Composition, LayerReport, ScanReport, Verdict
 from .sources.torch import output_tensor
-from .taps import Tap, tap
+from .taps import Tap, around, tap
 from .verdict import ALPHA
 
 __all__ = [
@@ -185,7 +185,6 @@ class Monitor:
         self.step = 0  # training forwards of the model so far
         self.checks = 0  # eval-mode checks so far
         self.stopped: str | None = None  # why the checks stopped (a model writing its weights)
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._taps: list[Tap] = []
         self._threads: int | None = None
         self._checking = False
@@ -240,10 +239,7 @@ class Monitor:
         try:
             for layer in self.layers:  # taps, not hooks: a fraction of a hook's cost per call
                 self._taps.append(tap(self._modules[layer.name], self._norm_hook(layer)))
-            self._handles.append(
-                self.model.register_forward_pre_hook(self._step_start, with_kwargs=True)
-            )
-            self._handles.append(self.model.register_forward_hook(self._step_end, with_kwargs=True))
+            self._taps.append(around(self.model, self._step_start, self._step_end))
         except BaseException:
             self._remove()
             raise
@@ -257,9 +253,6 @@ class Monitor:
             self._threads = None
 
     def _remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
         for t in reversed(self._taps):
             t.remove()
         self._taps.clear()
@@ -331,7 +324,7 @@ class Monitor:
         finally:
             self._checking = False
             for m, flag in flags:
-                m.training = flag
+                object.__setattr__(m, "training", flag)  # a bool: skip nn.Module.__setattr__
             _set_rng_state(rng)
             for m, held in params:
                 m._parameters.clear()

@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["Tap", "tap"]
+__all__ = ["Tap", "around", "tap"]
 
 #: ``before(module, args)``: called with the positional arguments of each call; a true result
 #: means "call ``release(module)`` once this call's forward has returned (or raised)".
@@ -35,38 +35,18 @@ class Tap:
 
     __slots__ = ("_live", "_module", "_saved", "_wrapper")
 
-    def __init__(self, module: nn.Module, before: Before, release: Release | None) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        make: Callable[[Callable[..., Any], list[bool]], Callable[..., Any]],
+    ) -> None:
+        """``make(inner, live)`` builds the wrapper around ``inner`` (the bound method, or the
+        instance's own forward); it must pass straight through while ``live[0]`` is false."""
         self._module = module
         self._live = [True]
-        self._wrapper: Callable[..., Any] | None = None
-        self._saved: Any = _MISSING
-        self._wrap(before, release)
-
-    def _wrap(self, before: Before, release: Release | None) -> None:
-        module, live = self._module, self._live
-        self._saved = module.__dict__.get("forward", _MISSING)
-        inner = module.forward  # the bound method, or the instance's own wrapper
-
-        if release is None:
-
-            def forward(*args: Any, **kwargs: Any) -> Any:
-                if live[0]:
-                    before(module, args)
-                return inner(*args, **kwargs)
-
-        else:
-            after = release
-
-            def forward(*args: Any, **kwargs: Any) -> Any:
-                if live[0] and before(module, args):
-                    try:
-                        return inner(*args, **kwargs)
-                    finally:
-                        after(module)
-                return inner(*args, **kwargs)
-
-        self._wrapper = forward
-        module.__dict__["forward"] = forward
+        self._saved: Any = module.__dict__.get("forward", _MISSING)
+        self._wrapper: Callable[..., Any] | None = make(module.forward, self._live)
+        module.__dict__["forward"] = self._wrapper
 
     def remove(self) -> None:
         if self._wrapper is None or not self._live[0]:
@@ -87,4 +67,49 @@ def tap(module: nn.Module, before: Before, release: Release | None = None) -> Ta
     With ``release``, a call for which ``before`` returned a true value is followed by
     ``release(module)`` once the forward has returned or raised.
     """
-    return Tap(module, before, release)
+
+    def make(inner: Callable[..., Any], live: list[bool]) -> Callable[..., Any]:
+        if release is None:
+
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                if live[0]:
+                    before(module, args)
+                return inner(*args, **kwargs)
+
+            return forward
+        after = release
+
+        def held(*args: Any, **kwargs: Any) -> Any:
+            if live[0] and before(module, args):
+                try:
+                    return inner(*args, **kwargs)
+                finally:
+                    after(module)
+            return inner(*args, **kwargs)
+
+        return held
+
+    return Tap(module, make)
+
+
+def around(
+    module: nn.Module,
+    enter: Callable[[nn.Module, tuple, dict], None],
+    leave: Callable[[nn.Module, tuple, dict, Any], None],
+) -> Tap:
+    """``enter(module, args, kwargs)`` before and ``leave(module, args, kwargs, output)`` after
+    every call of ``module``'s forward that returns: a forward pre-hook and hook pair (with
+    keyword arguments) without their cost per call."""
+
+    def make(inner: Callable[..., Any], live: list[bool]) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if not live[0]:
+                return inner(*args, **kwargs)
+            enter(module, args, kwargs)
+            out = inner(*args, **kwargs)
+            leave(module, args, kwargs, out)
+            return out
+
+        return forward
+
+    return Tap(module, make)

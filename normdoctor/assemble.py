@@ -20,6 +20,7 @@ from torch import nn
 
 from . import distributed as _dist
 from ._version import __version__
+from .batching import Gather
 from .checks import DEAD_GAMMA_RTOL
 from .errors import DataError
 from .layers import NormFamily, NormLayer
@@ -104,11 +105,6 @@ def sample_outcomes(
     return pred, None, None
 
 
-#: Batches (and output elements) :class:`EndToEndMeter` gathers before comparing them at once.
-_DEFER_BATCHES = 64
-_DEFER_ELEMENTS = 1 << 20
-
-
 class EndToEndMeter:
     """Device-side sums comparing the outputs of both paths (one small tensor, one add a batch).
 
@@ -116,7 +112,7 @@ class EndToEndMeter:
     accumulator keeps those every batch so far gave.
 
     With ``defer`` (the scan's loop), batches whose outputs and labels line up sample by sample
-    are held (references, at most 64 batches or 2^20 output elements) and compared in one go:
+    are held (:class:`~normdoctor.batching.Gather`) and compared in one go:
     every quantity is a sum over samples, so the result is the same up to float64 rounding of
     the sums, and at batch size 1 the twenty-odd small operations a comparison takes are paid
     once per 64 batches instead of once per batch.  The held outputs must not change in place
@@ -131,13 +127,11 @@ class EndToEndMeter:
         self.batches = 0
         self.samples = 0
         self._defer = defer and loss is None  # a user's loss may not be per sample
-        self._held: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
-        self._held_key: tuple[Any, ...] | None = None
-        self._held_elements = 0
+        self._held = Gather(lambda t, e, labels: self._compare(t, e, labels, t.shape[0]))
 
     @property
     def sums(self) -> dict[str, torch.Tensor]:
-        self._compare_held()
+        self._held.flush()
         if self._acc is None:
             return {}
         return dict(zip(self._keys, self._acc, strict=True))
@@ -155,35 +149,10 @@ class EndToEndMeter:
             and t.shape[0] == size
             and (labels is None or (labels.dim() >= 1 and labels.shape[0] == size))
         ):
-            key = (
-                t.shape[1:],
-                t.dtype,
-                t.device,
-                None if labels is None else (labels.shape[1:], labels.dtype),
-            )
-            if key != self._held_key or self._held_elements + t.numel() > _DEFER_ELEMENTS:
-                self._compare_held()
-                self._held_key = key
-            self._held.append((t, e, labels))
-            self._held_elements += t.numel()
-            if len(self._held) >= _DEFER_BATCHES:
-                self._compare_held()
+            self._held.add(t, e, labels)
             return
-        self._compare_held()
+        self._held.flush()
         self._compare(t, e, labels, size)
-
-    def _compare_held(self) -> None:
-        held = self._held
-        if not held:
-            return
-        self._held, self._held_key, self._held_elements = [], None, 0
-        if len(held) == 1:
-            t, e, labels = held[0]
-        else:
-            t = torch.cat([h[0] for h in held])
-            e = torch.cat([h[1] for h in held])
-            labels = None if held[0][2] is None else torch.cat([h[2] for h in held])  # type: ignore[misc]
-        self._compare(t, e, labels, t.shape[0])
 
     def _compare(
         self, t: torch.Tensor, e: torch.Tensor, labels: torch.Tensor | None, size: int

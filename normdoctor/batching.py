@@ -23,7 +23,7 @@ from torch.utils.data._utils.collate import default_collate
 from .errors import DataError
 from .report import Composition
 
-__all__ = ["Batch", "BatchPlan", "plan_batches"]
+__all__ = ["Batch", "BatchPlan", "Gather", "plan_batches"]
 
 INPUT_KEYS = ("inputs", "input", "x", "images", "image")
 LABEL_KEYS = ("labels", "label", "y", "targets", "target")
@@ -63,6 +63,56 @@ class BatchPlan:
             num_samples=sum(sizes),
             min_batch=min(sizes, default=0),
             max_batch=max(sizes, default=0),
+        )
+
+
+class Gather:
+    """Per-batch tensors held and handed to ``sink`` concatenated along the batch dimension.
+
+    At batch size 1 the work done per batch on a model's outputs (predictions, comparisons,
+    per-sample bookkeeping: a dozen small operations) costs more than the batch's forward; done
+    on 64 batches at once it costs what one did (issue 16).  Only for per-sample work: ``sink``
+    must give for the concatenation what it gives batch by batch.  Batches are held while their
+    tensors line up (same trailing shapes, dtypes, devices, the same ones missing), at most 64
+    batches or 2^20 elements of the first tensor; the tensors must not change in place
+    afterwards (fresh outputs do not).  Put the largest tensor first.  :meth:`flush` hands on
+    what is held.
+    """
+
+    def __init__(
+        self, sink: Callable[..., None], batches: int = 64, elements: int = 1 << 20
+    ) -> None:
+        self.sink = sink
+        self.batches, self.elements = batches, elements
+        self._held: list[tuple[torch.Tensor | None, ...]] = []
+        self._key: tuple[Any, ...] | None = None
+        self._count = 0
+
+    def add(self, *tensors: torch.Tensor | None) -> None:
+        key = tuple(None if t is None else (t.shape[1:], t.dtype, t.device) for t in tensors)
+        first = tensors[0]
+        size = first.numel() if first is not None else 0
+        if key != self._key or self._count + size > self.elements:
+            self.flush()
+            self._key = key
+        self._held.append(tensors)
+        self._count += size
+        if len(self._held) >= self.batches:
+            self.flush()
+
+    def flush(self) -> None:
+        held = self._held
+        if not held:
+            return
+        self._held, self._key, self._count = [], None, 0
+        if len(held) == 1:
+            self.sink(*held[0])
+            return
+        self.sink(
+            *(
+                None if column[0] is None else torch.cat(column)  # type: ignore[arg-type]
+                for column in zip(*held, strict=True)
+            )
         )
 
 

@@ -20,7 +20,7 @@ from .assemble import (
     assemble_report,
     sample_outcomes,
 )
-from .batching import GroupBy, plan_batches, sample_level, split_batch
+from .batching import Gather, GroupBy, plan_batches, sample_level, split_batch
 from .errors import CompositionError, DataError, ScanError
 from .metrics import (
     DEFAULT_NONIID_THRESHOLD,
@@ -336,6 +336,13 @@ class _Run:
         """The batches of ``plan`` through one path: outcomes by sample, layer measurements."""
         trial = Trial(spec=Spec(0))
         outcomes = Outcomes(samples)
+        loss = self.loss
+
+        def add(out: torch.Tensor, index: torch.Tensor, labels: torch.Tensor | None) -> None:
+            outcomes.add(index, out, *sample_outcomes(out, labels, index.shape[0], loss))
+
+        # Per-sample outcomes of many batches at once (a user's loss may not be per sample).
+        held = Gather(add, batches=64 if loss is None else 1)
         with self.source.session((path,)) as session:
             try:
                 for i, batch in enumerate(plan.batches):
@@ -343,12 +350,25 @@ class _Run:
                     out = output_tensor(session.run(path, batch, i))
                     trial.sizes.append(batch.size)
                     if out is not None and batch.index is not None:
-                        outcomes.add(
-                            batch.index,
-                            out,
-                            *sample_outcomes(out, batch.labels, batch.size, self.loss),
-                        )
+                        labels = batch.labels
+                        if (
+                            out.dim() >= 1
+                            and out.shape[0] == batch.size
+                            and (
+                                labels is None
+                                or (labels.dim() >= 1 and labels.shape[0] == batch.size)
+                            )
+                        ):
+                            held.add(out.detach(), batch.index, labels)
+                        else:  # outcomes not per sample: this batch on its own
+                            held.flush()
+                            outcomes.add(
+                                batch.index,
+                                out,
+                                *sample_outcomes(out, batch.labels, batch.size, loss),
+                            )
                     self.tick()
+                held.flush()
             except CompositionError as exc:  # this source cannot run batches composed so
                 trial.error = str(exc)
                 return trial

@@ -173,7 +173,7 @@ class Recorder:
         c, device = self.running_mean.numel(), self.device
         self.shift: torch.Tensor | None = None
         self._fused: tuple[Any, ...] | None = None  # set on the first call
-        # (shape, dtype, view, meta row, kernel, shift, buffer rows) of the last fused call
+        # (shape, dtype, view, meta row, kernel, shift, buffer) of the last fused call
         self._fast_call: tuple[Any, ...] | None = None
         self._stage_call: tuple[Any, ...] | None = None  # see _stage_for
         self._staged = 0  # calls waiting in the stage
@@ -223,10 +223,10 @@ class Recorder:
         ):
             # A large input of the same shape as the last fused call: the checks and views
             # below are done.
-            _shape, _dtype, view, meta, kernel, shift_np, rows = fast
+            _shape, _dtype, view, meta, kernel, shift_np, buf_np = fast
             arr = (x.detach() if x.requires_grad else x).numpy()
             row = self.nrows
-            kernel(arr.reshape(view), shift_np, rows[row])
+            kernel(arr.reshape(view), shift_np, buf_np[row])
             self.last = (row, meta[1])
             self.rows_per_call.append(1)
             self.meta.append(meta)
@@ -263,8 +263,7 @@ class Recorder:
                 if x.numel() <= _STAGE_FLOATS:
                     self._stage_call = self._stage_for(x, meta, shift_np)
                 else:
-                    rows = [buf_np[i] for i in range(self.capacity)]
-                    self._fast_call = (x.shape, x.dtype, view, meta, kernel, shift_np, rows)
+                    self._fast_call = (x.shape, x.dtype, view, meta, kernel, shift_np, buf_np)
             return
         shift = self._shift_view.get(x.dim())
         if shift is None:

@@ -126,15 +126,20 @@ def _define(cache: bool) -> Kernels:
         group_sums(x.reshape(one), k, out.reshape(single))
 
     # IEEE arithmetic throughout (error_model="numpy": x / 0 is inf, not an exception; no
-    # fastmath), so that NaN, inf and the order of operations are those of Recorder.flush's
-    # array code, which this replaces on CPU.
+    # fastmath), so that NaN, inf and the operations are those of Recorder.flush's array code,
+    # which this replaces on CPU (within a few ulps: products with reciprocals, not quotients).
     @numba.njit(cache=cache, nogil=True, boundscheck=False, error_model="numpy")
     def fold(rows, n, ns, shift, mean_r, var_r, weights, eps, totals, sums, scores):
         """Fold buffered rows (R, 3, C) into totals (4,) and sums (11, C); scores (R,)."""
         n_rows, _, channels = rows.shape
         wtotal = 0.0
+        inv_r = np.empty(channels)  # per channel, the same for every row
         for c in range(channels):
             wtotal += weights[c]
+            inv_r[c] = 1.0 / np.sqrt(var_r[c] + eps)
+        # Channel-major accumulators: the rows of ``sums`` lie C floats apart, and at 512
+        # channels (4 KiB) all eleven fall into one cache set (5x slower, measured).
+        acc = np.zeros((channels, 11))
         for r in range(n_rows):  # pragma: no cover - compiled, tested through its results
             finite = True
             for k in range(3):
@@ -151,39 +156,46 @@ def _define(cache: bool) -> Kernels:
             totals[0] += nr
             totals[1] += nsr
             totals[2] += 1.0
-            acc = 0.0
+            inv_n = 1.0 / nr
+            inv_per = 1.0 / per
+            q_scale = inv_per * inv_per
+            z_scale = 1.0 / nsr
+            score = 0.0
             for c in range(channels):
                 t1 = rows[r, 0, c]
                 t2 = rows[r, 1, c]
                 q = rows[r, 2, c]
-                e = t1 / nr
-                var = t2 / nr - e * e
-                if not var > 0:
-                    var = 0.0
-                inv_b = 1.0 / np.sqrt(var + eps)
-                inv_r = 1.0 / np.sqrt(var_r[c] + eps)
-                dm = shift[c] + e - mean_r[c]
-                m2 = var * (inv_b - inv_r) ** 2 + dm**2 * inv_r**2
-                if weights[c] > 0:
-                    acc += m2 * weights[c]
+                e = t1 * inv_n
+                var = t2 * inv_n - e * e
+                var = var if var > 0 else 0.0
                 inv2 = 1.0 / (var + eps)
-                d1 = t1 / per
-                sums[0, c] += t1
-                sums[1, c] += t2
-                sums[2, c] += m2
-                sums[3, c] += var * inv2
-                sums[4, c] += var * np.sqrt(inv2)
-                sums[5, c] += var
-                sums[6, c] += e
-                sums[7, c] += e * e
-                sums[8, c] += d1
-                sums[9, c] += q / (per * per)
-                sums[10, c] += d1 * d1 / nsr
+                inv_b = np.sqrt(inv2)  # one division and one root per channel and row
+                ir = inv_r[c]
+                dm = shift[c] + e - mean_r[c]
+                m2 = var * (inv_b - ir) ** 2 + dm**2 * ir**2
+                w = weights[c]
+                score += m2 * w if w > 0 else 0.0
+                d1 = t1 * inv_per
+                a = acc[c]
+                a[0] += t1
+                a[1] += t2
+                a[2] += m2
+                a[3] += var * inv2
+                a[4] += var * inv_b
+                a[5] += var
+                a[6] += e
+                a[7] += e * e
+                a[8] += d1
+                a[9] += q * q_scale
+                a[10] += d1 * d1 * z_scale
             if wtotal == 0.0:
                 scores[r] = np.nan
             else:
-                score = acc / wtotal
+                score = score / wtotal
                 scores[r] = np.sqrt(score) if score > 0 else (score if score != score else 0.0)
+        for c in range(channels):
+            for k in range(11):
+                sums[k, c] += acc[c, k]
 
     return batch_sums, fold, group_sums
 

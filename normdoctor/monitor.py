@@ -261,11 +261,13 @@ class Monitor:
         name = layer.name
         measured = layer.batch_dependent and layer.materialized
 
+        seen = self._seen
+
         def hook(module: nn.Module, args: tuple) -> None:
             if self._checking or not module.training:
                 return
-            if name not in self._seen:
-                self._seen.add(name)
+            if name not in seen:
+                seen.add(name)
                 self._order.append(name)
             if measured and args and isinstance(args[0], torch.Tensor):
                 self._recorders[name].observe(args[0], self._scratch)
@@ -279,7 +281,7 @@ class Monitor:
         if len(self._sizes) >= self.window:
             self._close_window()
         self.step += 1
-        t = first_tensor((args, kwargs))
+        t = args[0] if args and type(args[0]) is torch.Tensor else first_tensor((args, kwargs))
         self._sizes.append(int(t.shape[0]) if t is not None and t.dim() else 1)
         if self.step % self.every == 0 and self.stopped is None:
             self._captured = _clone_inputs(args, kwargs)

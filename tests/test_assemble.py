@@ -141,3 +141,65 @@ def test_path_reports_equal_the_per_layer_formulas():
         np.testing.assert_allclose(got.mean_shift, (pm - rm) / np.sqrt(rv + eps), rtol=1e-14)
         np.testing.assert_allclose(got.channel_drift, np.sqrt(m.channel_m2.numpy()), rtol=1e-14)
         assert got.worst_batch == int(m.unit_scores.argmax())
+
+
+def _statics_reference(state):
+    """One layer at a time, in plain Python: what a report says of its stored tensors."""
+    from normdoctor.checks import DEAD_GAMMA_RTOL
+
+    def listed(t):
+        return [float(v) for v in t.detach().double().reshape(-1).tolist()]
+
+    dead: tuple[int, ...] = ()
+    if isinstance(state.weight, torch.Tensor) and state.weight.numel():
+        g = [abs(v) for v in listed(state.weight)]
+        top = max([v for v in g if not math.isnan(v)], default=0.0)
+        dead = tuple(
+            i for i, v in enumerate(g) if (v <= DEAD_GAMMA_RTOL * top if top > 0 else v >= 0)
+        )
+    mean = var = None
+    degenerate: tuple[int, ...] = ()
+    if isinstance(state.running_mean, torch.Tensor) and isinstance(state.running_var, torch.Tensor):
+        m, v = listed(state.running_mean), listed(state.running_var)
+        mean = tuple(x if math.isfinite(x) else None for x in m)
+        var = tuple(x if math.isfinite(x) else None for x in v)
+        degenerate = tuple(
+            i
+            for i, (a, b) in enumerate(zip(m, v, strict=True))
+            if not (math.isfinite(a) and math.isfinite(b)) or b <= 0
+        )
+    return mean, var, dead, degenerate
+
+
+def test_statics_of_every_layer_at_once_equal_one_layer_at_a_time():
+    # _statics reads running statistics, dead and degenerate channels of all layers in one
+    # NumPy pass; the reference reads one layer at a time in plain Python.
+    from normdoctor.assemble import _statics
+    from normdoctor.recording import NormState
+
+    gen = torch.Generator().manual_seed(4)
+
+    def t(*values):
+        return torch.tensor(values, dtype=torch.float32)
+
+    states = [
+        NormState(
+            torch.randn(6, generator=gen),
+            torch.rand(6, generator=gen) + 0.1,
+            torch.randn(6, generator=gen),
+        ),
+        NormState(t(0.0, math.nan, 1.0), t(1.0, 1.0, -2.0), t(1.0, 1e-9, 0.0)),  # dead, degenerate
+        NormState(None, None, t(math.nan, 2.0, 0.0)),  # no running stats; a NaN gamma
+        NormState(t(1.0, 2.0), t(0.0, math.inf), None),  # no gamma
+        NormState(t(3.0), t(1.0), t(0.0)),  # every gamma 0: every channel dead
+        NormState(t(1.0, 1.0), t(1.0, 1.0), t(math.inf, 1.0)),  # an infinite gamma
+        NormState(torch.empty(0), torch.empty(0), torch.empty(0)),  # no channels
+        NormState(
+            torch.randn(4, generator=gen).double(),
+            torch.rand(4, generator=gen).double(),
+            t(1, 1, 1, 1),
+        ),
+    ]
+    got = _statics(states)
+    assert got == [_statics_reference(s) for s in states]
+    assert got[1][2:] == ((1, 2), (1, 2)) and got[4][2] == (0,)

@@ -160,6 +160,7 @@ def test_staged_small_inputs_give_what_each_call_alone_gives():
     layer = find_norm_layers(nn.Sequential(bn))[0]
     shapes = [(1, 4, 3, 3)] * 150 + [(2, 4, 3, 3)] * 3 + [(1, 4, 3, 3)] * 80 + [(1, 4, 70, 70)]
     shapes += [(1, 4, 3, 3)] * 700  # over the buffer's capacity: folds mid-stage
+    shapes += [(1, 4, 3, 3), (2, 4, 3, 3)] * 5 + [(3, 4, 3, 3)]  # alternating; one call alone
     inputs = [torch.randn(*shape, generator=gen) * 2 + 5 for shape in shapes]
     got = {}
     for choice in ("numba", "torch"):
@@ -173,7 +174,7 @@ def test_staged_small_inputs_give_what_each_call_alone_gives():
         finally:
             _fused.use()
     (a, mean_a, var_a, n_a), (b, mean_b, var_b, n_b) = got["numba"], got["torch"]
-    assert a.units == b.units == len(shapes) and a.samples == b.samples and n_a == n_b == 9
+    assert a.units == b.units == len(shapes) and a.samples == b.samples and n_a == n_b == 27
     torch.testing.assert_close(a.unit_scores, b.unit_scores, rtol=1e-6, atol=0)
     torch.testing.assert_close(a.pooled.mean, b.pooled.mean, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(a.pooled.m2, b.pooled.m2, rtol=1e-6, atol=0)
@@ -240,10 +241,11 @@ def test_fused_fold_equals_the_array_fold(monkeypatch, eps):
         buf = torch.stack((t1, t2, q), 1)
         buf[13, 1, 4] = float("nan")  # a non-finite row is skipped
         buf[21, 0, 0] = float("inf")
-        rec.buf = torch.zeros_like(buf)
-        rec.buf.copy_(buf)
+        assert rows <= rec.capacity
+        rec._buffer()[:rows].copy_(buf)
+        rec.elems[:rows] = n_per.numpy()
+        rec.samples[:rows] = samples.numpy()
         rec.nrows = rows
-        rec.meta = [(1, int(n), int(s)) for n, s in zip(n_per, samples, strict=True)]
         rec.flush()
         got[fused] = (rec.totals.clone(), rec.sums.clone(), torch.cat(rec.unit_scores))
     (ta, sa, ua), (tb, sb, ub) = got[True], got[False]
@@ -315,3 +317,51 @@ def test_a_failing_kernel_build_falls_back_to_torch_ops(monkeypatch):
     finally:
         monkeypatch.undo()
         _fused.use()
+
+
+def test_recorders_made_together_equal_recorders_made_alone():
+    # Recorder.many sets up every layer of a probe in one NumPy pass: it must give each layer
+    # exactly what Recorder(...) gives it alone, including the corner cases of the weights
+    # (no affine, every gamma 0, a non-finite gamma) and of degenerate running statistics.
+    from normdoctor.layers import find_norm_layers
+    from normdoctor.recording import Recorder, module_state
+
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.BatchNorm2d(5),
+        nn.BatchNorm2d(3, affine=False),
+        nn.BatchNorm1d(4),
+        nn.BatchNorm2d(6),
+        nn.InstanceNorm2d(2, track_running_stats=True, affine=True),
+        nn.BatchNorm2d(1, eps=0.0),
+    )
+    with torch.no_grad():
+        for m in model:
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            if m.weight is not None:
+                m.weight.normal_()
+        model[2].weight.zero_()  # every gamma 0: channels weigh alike
+        model[3].weight[1] = float("inf")
+        model[3].running_var[2] = float("nan")
+        model[3].running_mean[4] = float("inf")
+        model[0].running_var[0] = -1e-5  # var + eps = 0: not a valid channel
+        model[5].running_var[0] = 0.0
+    layers = find_norm_layers(model)
+    specs = []
+    for layer in layers:
+        state = module_state(dict(model.named_modules())[layer.name])
+        specs.append((layer, state.running_mean, state.running_var, state.weight))
+    together = Recorder.many(specs)
+    alone = [Recorder(*spec) for spec in specs]
+    assert len(together) == len(alone) == 6
+    for a, b in zip(together, alone, strict=True):
+        assert a.layer is b.layer and a.eps == b.eps and a.capacity == b.capacity
+        assert a.per_unit_sample == b.per_unit_sample
+        for name in ("running_mean", "running_var", "weights", "safe_mean", "safe_var"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert x.dtype == y.dtype == torch.float64
+            assert torch.equal(x.isnan(), y.isnan()), name
+            assert torch.equal(x.nan_to_num(), y.nan_to_num()), name
+    assert float(together[2].weights.sum()) == pytest.approx(1.0)  # the zero-gamma layer
+    assert float(together[3].weights[1]) == 0.0  # the infinite gamma weighs nothing

@@ -148,13 +148,20 @@ class Probe:
     """
 
     def __init__(
-        self, model: nn.Module, layers: Sequence[NormLayer], paths: Sequence[PathName] = PATHS
+        self,
+        model: nn.Module,
+        layers: Sequence[NormLayer],
+        paths: Sequence[PathName] = PATHS,
+        *,
+        modules: dict[str, nn.Module] | None = None,
     ):
+        """``modules``: ``dict(model.named_modules())`` where the caller has it (a traversal
+        of a 2000-module model costs several milliseconds)."""
         self.model = model
         self.layers = [layer for layer in layers if layer.batch_dependent and layer.materialized]
         self._order_only = [layer for layer in layers if not layer.batch_dependent]
         self.paths = tuple(paths)
-        self._modules = dict(model.named_modules())
+        self._modules = dict(model.named_modules()) if modules is None else modules
         self._taps: list[Tap] = []
         self._recorders: dict[PathName, dict[str, Recorder]] = {}
         self._active: dict[str, Recorder] | None = None
@@ -172,10 +179,10 @@ class Probe:
 
     # -- state saving ----------------------------------------------------------------------
     def _save(self) -> None:
-        self._flags = [(m, m.training) for m in self.model.modules()]
+        self._flags = [(m, m.training) for m in self._modules.values()]
         self._norm_state = []
         measured = {layer.name for layer in self.layers}
-        for name, module in self.model.named_modules():
+        for name, module in self._modules.items():
             if isinstance(module, nn.modules.batchnorm._NormBase) or name in measured:
                 buffers = dict(module._buffers)
                 values = {k: v.detach().clone() for k, v in buffers.items() if v is not None}
@@ -209,10 +216,14 @@ class Probe:
             if _fused.kernel() is not None:
                 _fused.match_threads()
             self.model.eval()
-            first = {
-                layer.name: Recorder.for_module(self._modules[layer.name], layer)
-                for layer in self.layers
-            }
+            states = [module_state(self._modules[layer.name]) for layer in self.layers]
+            made = Recorder.many(
+                [
+                    (layer, state.running_mean, state.running_var, state.weight)  # type: ignore[misc]
+                    for layer, state in zip(self.layers, states, strict=True)
+                ]
+            )
+            first = {layer.name: rec for layer, rec in zip(self.layers, made, strict=True)}
             for i, path in enumerate(self.paths):
                 self._recorders[path] = first if i == 0 else {n: r.like() for n, r in first.items()}
             self._switched = {module: family for module, family, _t, _b in self._switch}
@@ -356,7 +367,7 @@ class TorchSession:
 
     def __init__(self, source: TorchSource, paths: Sequence[PathName]) -> None:
         self.source = source
-        self.probe = Probe(source.model, source.layers, paths)
+        self.probe = Probe(source.model, source.layers, paths, modules=source.modules)
         self.order: list[str] = self.probe.order
         self.single_value: dict[str, int] = self.probe.single_value
         self.notes: list[str] = []

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data._utils.collate import default_collate
 
 from . import distributed as _dist
-from ._globals import preserved_globals
+from ._globals import paused_gc, preserved_globals
 from .assemble import (
     DEFAULT_AGREEMENT_THRESHOLD,
     DEFAULT_DIVERGENCE_THRESHOLD,
@@ -177,7 +177,8 @@ def scan(
         )
         notes.append(f"no composition search: {why}")
         search = False
-    source = as_source(model, forward=forward, device=device, providers=providers)
+    with paused_gc():
+        source = as_source(model, forward=forward, device=device, providers=providers)
     name = model_name or source.name
     notes.extend(source.notes())
     described = getattr(data, "normalization", None)  # image folders say how pixels were read
@@ -225,20 +226,21 @@ def scan(
     if source.measures and not sizes:
         raise DataError("the data yielded no batches")
     composition = plan.composition(sizes)
-    report = assemble_report(
-        layers=layers,
-        states=source.states(),
-        results=results,
-        order=order,
-        end_to_end=e2e,
-        composition=composition,
-        paths=paths,
-        notes=[*notes, *run.notes],
-        stated=stated,
-        folded=source.folded,
-        unmeasurable=run.single_value,
-        **options,
-    )
+    with paused_gc():
+        report = assemble_report(
+            layers=layers,
+            states=source.states(),
+            results=results,
+            order=order,
+            end_to_end=e2e,
+            composition=composition,
+            paths=paths,
+            notes=[*notes, *run.notes],
+            stated=stated,
+            folded=source.folded,
+            unmeasurable=run.single_value,
+            **options,
+        )
     return source.finish(report)
 
 

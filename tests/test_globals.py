@@ -136,3 +136,29 @@ def test_forwards_stay_bit_identical_around_a_scan(digits):
     with torch.no_grad():
         after = model(x)
     assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_cycle_collector_is_as_it_was_after_a_scan(digits, enabled):
+    # Setting up and closing a scan hold the collector off (_globals.paused_gc); the batch loop
+    # runs with it as the user had it, and afterwards it is as it was, even after an error.
+    import gc
+
+    from normdoctor._globals import paused_gc
+
+    model, data = digits
+    seen = []
+    tap = model.register_forward_pre_hook(lambda m, a: seen.append(gc.isenabled()))
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        nd.scan(model, data, batch_size=32, max_batches=2, paths=("eval",))
+        assert gc.isenabled() is enabled
+        assert seen and all(s is enabled for s in seen)  # the forwards ran with it as set
+        with pytest.raises(ZeroDivisionError), paused_gc():
+            assert not gc.isenabled()
+            1 / 0  # noqa: B018
+        assert gc.isenabled() is enabled
+    finally:
+        tap.remove()
+        (gc.enable if was else gc.disable)()

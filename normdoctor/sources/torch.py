@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from .. import _fused
+from .._globals import paused_gc
 from ..batching import Batch, first_tensor
 from ..checks import Finding, static_checks
 from ..errors import ScanError
@@ -210,6 +211,7 @@ class Probe:
                         tensor.copy_(values[key])
 
     # -- context manager -------------------------------------------------------------------
+    @paused_gc()
     def __enter__(self) -> Probe:
         self._save()
         try:
@@ -242,6 +244,7 @@ class Probe:
     def __exit__(self, *exc: object) -> None:
         self._close()
 
+    @paused_gc()
     def _close(self) -> None:
         for t in reversed(self._taps):  # innermost last: nested wrappers come off in order
             t.remove()
@@ -346,6 +349,7 @@ class Probe:
                     module._buffers["running_mean"] = buffers["running_mean"]
                     module._buffers["running_var"] = buffers["running_var"]
 
+    @paused_gc()
     def results(self, path: PathName) -> dict[str, LayerMeasurement | None]:
         """Per layer name, what ``path`` recorded (``None``: the layer never ran)."""
         recorders = self._recorders[path]

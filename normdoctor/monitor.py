@@ -198,9 +198,9 @@ class Monitor:
     # -- windows ---------------------------------------------------------------------------
     def _new_window(self) -> None:
         self._scratch = Scratch()
-        self._recorders = {
-            l.name: Recorder.for_module(self._modules[l.name], l) for l in self.measured
-        }
+        made = Recorder.for_layers(self.measured, self._modules)
+        Recorder.preallocate(made)
+        self._recorders = {layer.name: rec for layer, rec in zip(self.measured, made, strict=True)}
         self._meter = EndToEndMeter(self.loss)
         self._first = self.step + 1
         self._sizes: list[int] = []  # one int per step of this window (at most ``window``)

@@ -365,3 +365,41 @@ def test_recorders_made_together_equal_recorders_made_alone():
             assert torch.equal(x.nan_to_num(), y.nan_to_num()), name
     assert float(together[2].weights.sum()) == pytest.approx(1.0)  # the zero-gamma layer
     assert float(together[3].weights[1]) == 0.0  # the infinite gamma weighs nothing
+
+
+def test_preallocated_row_buffers_record_what_lazy_ones_do():
+    # Recorder.preallocate carves every recorder's rows from one block (64 rows each): over
+    # several folds and layers of different widths, the measurements equal those of recorders
+    # that allocate their own buffers on first use (whose narrow layers hold up to 512 rows).
+    pytest.importorskip("numba")
+    from normdoctor import _fused
+    from normdoctor.layers import find_norm_layers
+    from normdoctor.recording import Recorder, finish_all
+
+    if _fused.fold() is None:
+        pytest.skip("the fused kernel is switched off")
+    model = nn.Sequential(
+        nn.BatchNorm2d(3), nn.BatchNorm1d(7), nn.BatchNorm2d(130), nn.BatchNorm2d(2)
+    ).eval()
+    layers = find_norm_layers(model)
+    modules = dict(model.named_modules())
+    gen = torch.Generator().manual_seed(9)
+    shapes = [(2, 3, 5, 5), (4, 7), (3, 130, 2, 2), (2, 2, 40, 40)]  # staged, and not
+    calls = [[torch.randn(*s, generator=gen) * 3 + 1 for _ in range(150)] for s in shapes]
+    got = []
+    for pre in (True, False):
+        recs = Recorder.for_layers(layers, modules)
+        if pre:
+            Recorder.preallocate(recs)
+            assert all(r.capacity == 64 and r.buf is not None for r in recs)
+        for rec, xs in zip(recs, calls, strict=True):
+            for x in xs:
+                rec.observe(x)
+        got.append(finish_all(recs))
+    for a, b in zip(*got, strict=True):
+        assert a.units == b.units == 150
+        torch.testing.assert_close(a.unit_scores, b.unit_scores, rtol=1e-12, atol=0)
+        torch.testing.assert_close(a.pooled.mean, b.pooled.mean, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(a.pooled.m2, b.pooled.m2, rtol=1e-12, atol=0)
+        torch.testing.assert_close(a.noise_m2, b.noise_m2, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(a.channel_m2, b.channel_m2, rtol=1e-12, atol=0)

@@ -218,16 +218,11 @@ class Probe:
             if _fused.kernel() is not None:
                 _fused.match_threads()
             self.model.eval()
-            states = [module_state(self._modules[layer.name]) for layer in self.layers]
-            made = Recorder.many(
-                [
-                    (layer, state.running_mean, state.running_var, state.weight)  # type: ignore[misc]
-                    for layer, state in zip(self.layers, states, strict=True)
-                ]
-            )
+            made = Recorder.for_layers(self.layers, self._modules)
             first = {layer.name: rec for layer, rec in zip(self.layers, made, strict=True)}
             for i, path in enumerate(self.paths):
                 self._recorders[path] = first if i == 0 else {n: r.like() for n, r in first.items()}
+                Recorder.preallocate(list(self._recorders[path].values()))
             self._switched = {module: family for module, family, _t, _b in self._switch}
             for layer in self.layers:
                 module = self._modules[layer.name]

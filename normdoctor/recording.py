@@ -4,10 +4,11 @@ A :class:`Recorder` is fed one layer input (or per-channel reductions) per batch
 fixed-size float64 accumulators: it shifts the input by a per-layer constant (the first sample's
 channel means, so that ill-conditioned channels keep their digits), reduces it to per-sample
 channel sums and sums of squares in the input's dtype, and writes one float64 row into a
-fixed-size buffer.  It never synchronises with the host.  When the buffer is full (64 rows; up
-to 512 for narrow layers, whose rows are small) it is folded, vectorised, into the
-accumulators, so memory does not grow with the number of batches (apart from one float per
-batch: the per-batch score).  On CPU the reduction is one call of a fused kernel
+fixed-size buffer.  It never synchronises with the host.  When the buffer is full (64 rows,
+carved from one block per path by :meth:`Recorder.preallocate` where the fold is compiled; up
+to 512 rows for narrow layers folded by array code, whose cost is per operation) it is folded
+into the accumulators, so memory does not grow with the number of batches (apart from one
+float per batch: the per-batch score).  On CPU the reduction is one call of a fused kernel
 (:mod:`normdoctor._fused`); the torch-ops fallback puts the shifted copy of the input into one
 scratch buffer that all layers reuse.
 

@@ -317,7 +317,7 @@ class Recorder:
             # A small input of the shape before: one copy into the stage, whose calls are
             # reduced together, one kernel call per block (see _stage_for).
             j = self._staged
-            stage[2][j].copy_(x.detach() if x.requires_grad else x)
+            stage[2][j][...] = (x.detach() if x.requires_grad else x).numpy()
             self._staged = j + 1
             self.rows_per_call.append(1)
             if j + 1 == stage[3]:
@@ -436,9 +436,12 @@ class Recorder:
         if kernel is None:
             return None
         slots = max(2, min(_FLUSH_ROWS, _STAGE_SIZE // x.numel()))
-        stage = torch.empty((slots, *x.shape), dtype=x.dtype)
-        grouped = stage.numpy().reshape(slots, x.shape[0], x.shape[1], -1)
-        return (x.shape, x.dtype, list(stage.unbind(0)), slots, meta, grouped, kernel, shift_np)
+        stage = torch.empty((slots, *x.shape), dtype=x.dtype).numpy()
+        grouped = stage.reshape(slots, x.shape[0], x.shape[1], -1)
+        # NumPy views of the slots: 64 of them cost about 12 us, 64 tensor views (unbind) up to
+        # a millisecond inside a scan (4.7 ms of the tiny-batch scan's 150); a copy into one
+        # costs 2.1 us against a tensor view's 1.7 us.
+        return (x.shape, x.dtype, list(stage), slots, meta, grouped, kernel, shift_np)
 
     def _run_stage(self) -> None:
         """Reduce the staged calls into buffer rows (in call order)."""

@@ -195,13 +195,8 @@ def test_instance_reproduces_tiny_batch_training(test_split):
         isinstance(m, InstanceNormFromBN2d) for n, m in patched.named_modules() if "norm" in n
     )
     # Training behaviour: BatchNorm in train mode, one sample per batch (on a copy).
-    train_like = copy.deepcopy(model)
-    for m in train_like.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.train()
-            m.track_running_stats = False
+    expected = _per_sample_batch_stat_outputs(model, x)
     with torch.no_grad():
-        expected = torch.cat([train_like(x[i : i + 1]) for i in range(len(x))])
         got = patched.eval()(x)
     torch.testing.assert_close(got, expected, rtol=0, atol=F32_ATOL)
     acc = accuracy(patched, x, y)
@@ -579,13 +574,8 @@ def test_autopatch_minimal_reproduces_training_as_well_as_the_full_fix(test_spli
     assert any(n.startswith("minimal fix") for n in after.notes)
     # The contract: eval-mode predictions match training-mode ones (batch statistics, one
     # sample per batch) at least as often as with every flagged layer fixed.
-    train_like = copy.deepcopy(model)
-    for m in train_like.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.train()
-            m.track_running_stats = False
+    reference = _per_sample_batch_stat_outputs(model, x).argmax(1)
     with torch.no_grad():
-        reference = torch.cat([train_like(x[i : i + 1]) for i in range(len(x))]).argmax(1)
         agree_full = (full.eval()(x).argmax(1) == reference).double().mean()
         agree_small = (small.eval()(x).argmax(1) == reference).double().mean()
     assert agree_small >= agree_full
@@ -670,13 +660,8 @@ def test_autopatch_without_labels_reuses_the_original_train_path(test_split, mon
     check = patched.normdoctor_verification
     assert check.metric == "agreement"
     assert check == verify_patch(model, patched, x, before)
-    train_like = copy.deepcopy(model)  # batch statistics, one sample per batch
-    for m in train_like.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.train()
-            m.track_running_stats = False
+    reference = _per_sample_batch_stat_outputs(model, x).argmax(1)
     with torch.no_grad():
-        reference = torch.cat([train_like(x[i : i + 1]) for i in range(len(x))]).argmax(1)
         agree_before = float((model.eval()(x).argmax(1) == reference).double().mean())
         agree_after = float((patched.eval()(x).argmax(1) == reference).double().mean())
     assert check.before == pytest.approx(agree_before, abs=1 / 120)
@@ -827,3 +812,15 @@ def test_instance_fast_path_at_batch_size_one_equals_instance_norm(dim, dtype, a
         (grad,) = torch.autograd.grad(y, x, g)
         (grad_ref,) = torch.autograd.grad(ref, x_ref, g)
         torch.testing.assert_close(grad, grad_ref, rtol=10 * tol, atol=10 * tol)
+
+
+def _per_sample_batch_stat_outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What training did at batch size 1: outputs with batch statistics, one sample per batch
+    (on a copy of the model; running statistics untouched)."""
+    train_like = copy.deepcopy(model)
+    for m in train_like.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.train()
+            m.track_running_stats = False
+    with torch.no_grad():
+        return torch.cat([train_like(x[i : i + 1]) for i in range(len(x))])

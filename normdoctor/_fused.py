@@ -22,6 +22,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,11 +31,18 @@ from .errors import NormDoctorError
 
 _kernel: Callable[..., None] | None = None
 _fold: Callable[..., None] | None = None
-_groups: Callable[..., None] | None = None
-#: (batch_sums, fold, group_sums)
-Kernels = tuple[Callable[..., None], Callable[..., None], Callable[..., None]]
+#: (batch_sums, fold)
+Kernels = tuple[Callable[..., None], Callable[..., None]]
 _built: Kernels | None = None
+_address: Any = None  # see _define
+_channel: Any = None
 _tried = False
+
+#: Columns of a job of ``batch_sums``: the input's address, N, C, L (its shape as (N, C, L),
+#: C-contiguous), the address of the shift (C floats of the input's dtype), the address of the
+#: output (3 x C float64, contiguous) and 1 for a float64 input (0: float32).
+JOB = ("x", "n", "c", "l", "shift", "out", "float64")
+JOB_COLUMNS = len(JOB)
 
 
 def _build() -> Kernels:
@@ -63,17 +71,16 @@ def _compile() -> Kernels:
     return fns
 
 
-def _warm(
-    sums: Callable[..., None], fold: Callable[..., None], groups: Callable[..., None]
-) -> None:
-    # float32 only: loading each signature from numba's cache costs a few tenths of a second
-    # per process; a float64 model loads (or compiles) its own on first use.
-    out = np.zeros((3, 2))
-    grouped = np.zeros((2, 3, 2))
-    sums(np.ones((2, 2, 3), dtype=np.float32), np.zeros(2, dtype=np.float32), out)
-    groups(np.ones((2, 2, 2, 3), dtype=np.float32), np.zeros(2, dtype=np.float32), grouped)
+def _warm(sums: Callable[..., None], fold: Callable[..., None]) -> None:
+    # One signature per kernel, whatever the input's dtype: loading each from numba's cache
+    # costs a few tenths of a second per process.
+    x32 = np.ones((2, 2, 3), dtype=np.float32)
+    x64 = np.ones((2, 2, 3))
+    k32, k64 = np.zeros(2, dtype=np.float32), np.zeros(2)
+    out = np.zeros((2, 3, 2))
+    sums(np.array([job(x32, k32, out[0]), job(x64, k64, out[1])]))
     want = [[6.0, 6.0], [6.0, 6.0], [18.0, 18.0]]
-    if not (np.allclose(out, want) and np.allclose(grouped, [want, want])):
+    if not np.allclose(out, [want, want]):
         raise RuntimeError(f"fused kernel self-check failed: {out.tolist()}")
     # Two rows of one channel: x = (1, 3) about shift 0 (one batch of 2), and a NaN row.
     rows = np.array([[[4.0], [10.0], [16.0]], [[math.nan], [0.0], [0.0]]])
@@ -88,42 +95,91 @@ def _warm(
         raise RuntimeError("fused fold self-check failed: a NaN row must score NaN")
 
 
+def job(x: np.ndarray, shift: np.ndarray, out: np.ndarray) -> list[int]:
+    """The job row (see :data:`JOB`) of C-contiguous NumPy arrays ``x`` (N, C, L) (or (N, C)),
+    ``shift`` (C,) of x's dtype and ``out`` (3, C) float64.  They must outlive the call."""
+    assert x.flags.c_contiguous and shift.flags.c_contiguous and out.flags.c_contiguous
+    assert x.dtype in (np.float32, np.float64) and shift.dtype == x.dtype
+    assert out.dtype == np.float64 and out.shape == (3, x.shape[1])
+    n, c = x.shape[:2]
+    length = x.size // (n * c) if n * c else 0
+    return [x.ctypes.data, n, c, length, shift.ctypes.data, out.ctypes.data,
+            int(x.dtype == np.float64)]  # fmt: skip
+
+
 def _define(cache: bool) -> Kernels:
     import numba
+    from numba.core import cgutils, types
+    from numba.extending import intrinsic
 
     # reassoc lets LLVM vectorise the float64 sums; no nnan/ninf: NaN and Inf must propagate.
     fast = {"reassoc", "contract"}
 
-    @numba.njit(parallel=True, fastmath=fast, cache=cache, nogil=True, boundscheck=False)
-    def group_sums(x, k, out):  # pragma: no cover - compiled, tested through its results
-        """x (G, N, C, L): per group g, the three sums of one batch of N samples into out[g]."""
-        groups, n_samples, channels, length = x.shape
-        for c in numba.prange(channels):
-            kc = np.float64(k[c])
-            for g in range(groups):
-                t1 = 0.0
-                t2 = 0.0
-                q = 0.0
-                for n in range(n_samples):
-                    s1 = 0.0
-                    s2 = 0.0
-                    for j in range(length):
-                        d = np.float64(x[g, n, c, j]) - kc  # exact for float32 inputs
-                        s1 += d
-                        s2 += d * d
-                    t1 += s1
-                    t2 += s2
-                    q += s1 * s1
-                out[g, 0, c] = t1
-                out[g, 1, c] = t2
-                out[g, 2, c] = q
+    global _address
+    if _address is None:
 
-    @numba.njit(cache=cache, nogil=True)
-    def batch_sums(x, k, out):  # pragma: no cover - compiled, tested through its results
-        """x (N, C, L): sum of x - K, of (x - K)^2 and of squared per-sample sums into out."""
-        # tuple concatenation: what numba compiles (not (1, *shape))
-        one, single = (1,) + x.shape, (1,) + out.shape  # noqa: RUF005
-        group_sums(x.reshape(one), k, out.reshape(single))
+        @intrinsic
+        def address(typingctx, addr):  # pragma: no cover - compiled
+            """An int64 address as a pointer (what ``numba.carray`` views)."""
+
+            def codegen(context, builder, signature, args):
+                return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+            return types.voidptr(types.int64), codegen
+
+        # Module globals, not closure variables: numba keys the cache of a closure on the
+        # pickle of its variables, and a kernel pickles with a uuid fresh in every process
+        # (so the kernel was compiled again in each, measured: a cache miss every time).
+        _address = address
+
+    global _channel
+
+    @numba.njit(cache=cache, nogil=True, boundscheck=False, fastmath=fast)
+    def channel(x, k, out, c):  # pragma: no cover - compiled, tested through its results
+        """The three sums of channel c of x (N, C, L) about k[c] into out[:, c]."""
+        n_samples, _, length = x.shape
+        kc = np.float64(k[c])
+        t1 = 0.0
+        t2 = 0.0
+        q = 0.0
+        for n in range(n_samples):
+            s1 = 0.0
+            s2 = 0.0
+            for j in range(length):
+                d = np.float64(x[n, c, j]) - kc  # exact for float32 inputs
+                s1 += d
+                s2 += d * d
+            t1 += s1
+            t2 += s2
+            q += s1 * s1
+        out[0, c] = t1
+        out[1, c] = t2
+        out[2, c] = q
+
+    _channel = channel  # a global too: a kernel in a closure pickles with a fresh uuid
+
+    @numba.njit(parallel=True, fastmath=fast, cache=cache, nogil=True, boundscheck=False)
+    def batch_sums(jobs):  # pragma: no cover - compiled, tested through its results
+        """Per job (a row of ``jobs``, see JOB): sum of x - K, of (x - K)^2 and of squared
+        per-sample sums, per channel, into the job's output.  In parallel over every channel
+        of every job: one layer's input, a stage of calls, or a forward's worth of layers."""
+        count = jobs.shape[0]
+        ends = np.empty(count, dtype=np.int64)  # channels of jobs 0..j
+        total = 0
+        for i in range(count):
+            total += jobs[i, 2]
+            ends[i] = total
+        for t in numba.prange(total):
+            i = np.searchsorted(ends, t, side="right")
+            n, c, length = jobs[i, 1], jobs[i, 2], jobs[i, 3]
+            ch = t - (ends[i] - c)
+            out = numba.carray(_address(jobs[i, 5]), (3, c), np.float64)
+            if jobs[i, 6]:
+                x64 = numba.carray(_address(jobs[i, 0]), (n, c, length), np.float64)
+                _channel(x64, numba.carray(_address(jobs[i, 4]), c, np.float64), out, ch)
+            else:
+                x32 = numba.carray(_address(jobs[i, 0]), (n, c, length), np.float32)
+                _channel(x32, numba.carray(_address(jobs[i, 4]), c, np.float32), out, ch)
 
     # IEEE arithmetic throughout (error_model="numpy": x / 0 is inf, not an exception; no
     # fastmath), so that NaN, inf and the operations are those of Recorder.flush's array code,
@@ -197,7 +253,7 @@ def _define(cache: bool) -> Kernels:
             for k in range(11):
                 sums[k, c] += acc[c, k]
 
-    return batch_sums, fold, group_sums
+    return batch_sums, fold
 
 
 CHOICES = ("auto", "numba", "torch")
@@ -208,16 +264,16 @@ def use(choice: str | None = None) -> bool:
 
     ``None`` reads ``NORMDOCTOR_KERNEL`` (default ``auto``).  Returns whether the kernel is on.
     """
-    global _kernel, _fold, _groups, _tried
+    global _kernel, _fold, _tried
     if choice is None:
         choice = os.environ.get("NORMDOCTOR_KERNEL", "auto")
     choice = choice.strip().lower()
     if choice not in CHOICES:
         raise NormDoctorError(f"kernel {choice!r}: expected one of {', '.join(CHOICES)}")
-    _tried, _kernel, _fold, _groups = True, None, None, None
+    _tried, _kernel, _fold = True, None, None
     if choice != "torch":
         try:
-            _kernel, _fold, _groups = _build()
+            _kernel, _fold = _build()
         except ImportError as exc:
             if choice == "numba":
                 raise NormDoctorError(
@@ -236,7 +292,8 @@ def use(choice: str | None = None) -> bool:
 
 
 def kernel() -> Callable[..., None] | None:
-    """The compiled kernel, or ``None`` when numba is missing or switched off."""
+    """The compiled ``batch_sums(jobs)`` (int64 rows, see :data:`JOB`), or ``None`` when numba
+    is missing or switched off."""
     if not _tried:
         use()
     return _kernel
@@ -247,13 +304,6 @@ def fold() -> Callable[..., None] | None:
     if not _tried:
         use()
     return _fold
-
-
-def group_kernel() -> Callable[..., None] | None:
-    """The compiled per-group sums (``x`` (G, N, C, L) into ``out`` (G, 3, C)), or ``None``."""
-    if not _tried:
-        use()
-    return _groups
 
 
 def match_threads() -> int:
@@ -277,4 +327,14 @@ def restore_threads(before: int) -> None:
         numba.set_num_threads(before)
 
 
-__all__ = ["CHOICES", "fold", "group_kernel", "kernel", "match_threads", "restore_threads", "use"]
+__all__ = [
+    "CHOICES",
+    "JOB",
+    "JOB_COLUMNS",
+    "fold",
+    "job",
+    "kernel",
+    "match_threads",
+    "restore_threads",
+    "use",
+]

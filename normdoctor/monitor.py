@@ -38,6 +38,7 @@ from torch.utils._pytree import tree_map
 from . import _fused
 from .assemble import EndToEndMeter, LossFn, assemble_report
 from .batching import first_tensor
+from .deferred import Deferred
 from .layers import NormLayer, find_norm_layers
 from .metrics import DEFAULT_NONIID_THRESHOLD, DEFAULT_THRESHOLD
 from .recording import Recorder, Scratch, finish_all, module_state
@@ -190,6 +191,8 @@ class Monitor:
         self._checking = False
         self._captured: tuple[tuple, dict] | None = None
         self._pending: tuple[Any, int, Any] | None = None
+        # Small layer inputs held until the forward returns (the hooks' cost inside a step)
+        self._deferred = Deferred()
         self._order: list[str] = []
         self._seen: set[str] = set()
         self._last: ScanReport | None = None
@@ -262,6 +265,7 @@ class Monitor:
         measured = layer.batch_dependent and layer.materialized
 
         seen = self._seen
+        record = self._deferred.observe
 
         def hook(module: nn.Module, args: tuple) -> None:
             if self._checking or not module.training:
@@ -270,7 +274,7 @@ class Monitor:
                 seen.add(name)
                 self._order.append(name)
             if measured and args and isinstance(args[0], torch.Tensor):
-                self._recorders[name].observe(args[0], self._scratch)
+                record(self._recorders[name], args[0], self._scratch)
 
         return hook
 
@@ -287,7 +291,10 @@ class Monitor:
             self._captured = _clone_inputs(args, kwargs)
 
     def _step_end(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-        if self._checking or self._captured is None:
+        if self._checking:
+            return
+        self._deferred.flush()  # the forward has returned: reduce (and let go of) its inputs
+        if self._captured is None:
             return
         captured, self._captured = self._captured, None
         out_eval = self._eval_forward(*captured)
@@ -366,6 +373,7 @@ class Monitor:
         self._meter.update(out_train, out_eval, labels, size)
 
     def _flush_pending(self) -> None:
+        self._deferred.flush()
         if self._pending is not None:
             out_eval, size, out_train = self._pending
             self._pending = None
@@ -393,6 +401,9 @@ class Monitor:
             f"{self._window_checks} checked in eval mode (every {self.every} steps)"
         )
         notes = [note] + ([self.stopped] if self.stopped else [])
+        lost = self._deferred.note()
+        if lost:
+            notes.append(lost)
         return assemble_report(
             model_name=type(self.model).__name__,
             layers=self.layers,

@@ -266,6 +266,7 @@ class Recorder:
             rec.capacity = _FLUSH_ROWS
             rec.buf = block[start : start + size].view(_FLUSH_ROWS, 3, c)
             rec._buf_np = rec.buf.numpy()
+            rec._buf_addr = rec.buf.data_ptr()
             rec.elems, rec.samples = counts[i]
             start += size
 
@@ -281,7 +282,7 @@ class Recorder:
         c, device = self.running_mean.numel(), self.device
         self.shift: torch.Tensor | None = None
         self._fused: tuple[Any, ...] | None = None  # set on the first call
-        # (shape, dtype, view, meta row, kernel, shift, buffer) of the last fused call
+        # (shape, dtype, job, elements per channel, samples, kernel) of the last fused call
         self._fast_call: tuple[Any, ...] | None = None
         # see _stage_for; False: the next call of this small shape builds the stage
         self._stage_call: tuple[Any, ...] | Literal[False] | None = None
@@ -290,6 +291,11 @@ class Recorder:
         self._shift_view: dict[int, torch.Tensor] = {}
         self.buf: torch.Tensor | None = None
         self._buf_np: np.ndarray | None = None  # the buffer's NumPy view (CPU)
+        self._buf_addr = 0  # its address, and a row's size in bytes (kernel jobs)
+        self._row_bytes = 3 * 8 * c
+        # Calls may be held until the forward returns (see Deferred): None until a first
+        # call has shown whether the layer's input outlives the layer unchanged.
+        self.defer: bool | None = None
         self.nrows = 0
         self.last: tuple[int, int] | None = None  # (buffer row, elements per channel)
         # per buffered row: elements per channel and samples (host arrays, set with the buffer)
@@ -334,19 +340,20 @@ class Recorder:
             and x.is_cpu
             and x.is_contiguous()
         ):
-            # A large input of the same shape as the last fused call: the checks and views
-            # below are done.
-            _shape, _dtype, view, (elems, samples), kernel, shift_np, buf_np = fast
-            arr = (x.detach() if x.requires_grad else x).numpy()
+            # A large input of the same shape as the last fused call: the checks and the job
+            # below are done; only the input's address and the row's change.
+            _shape, _dtype, job, elems, samples, kernel = fast
             row = self.nrows
             if self._stage_call is False and x.numel() <= _STAGE_FLOATS:
                 # the second call of a small shape: from now on staged (see _stage_for)
-                self._stage_call = self._stage_for(x, (elems, samples), shift_np)
+                self._stage_call = self._stage_for(x, job, elems, samples)
                 if self._stage_call is not None:
                     self._fast_call = None
                     self.observe(x)
                     return
-            kernel(arr.reshape(view), shift_np, buf_np[row])
+            job[0, 0] = x.data_ptr()
+            job[0, 5] = self._buf_addr + row * self._row_bytes
+            kernel(job)
             self.last = (row, elems)
             self.rows_per_call.append(1)
             self.elems[row] = elems
@@ -376,13 +383,19 @@ class Recorder:
         if fused is None:
             fused = self._fused = self._fused_target(x)
         if fused and x.dtype is self.shift.dtype and x.is_contiguous():
-            kernel, shift_np, buf_np = fused
-            view = (n, x.shape[1], -1)
-            kernel(x.view(view).numpy(), shift_np, buf_np[self.nrows])
+            kernel = fused[0]
+            c = x.shape[1]
+            length = x.numel() // (n * c)
+            job = np.array(
+                [[x.data_ptr(), n, c, length, self.shift.data_ptr(),
+                  self._buf_addr + self.nrows * self._row_bytes,
+                  int(x.dtype is torch.float64)]],
+                dtype=np.int64,
+            )  # fmt: skip
+            kernel(job)
             self._count_row(n, x)
             if x.is_cpu:  # calls of this shape take the short way above
-                meta = (n * (x.numel() // (n * x.shape[1])), n)
-                self._fast_call = (x.shape, x.dtype, view, meta, kernel, shift_np, buf_np)
+                self._fast_call = (x.shape, x.dtype, job, n * length, n, kernel)
                 # A small input is staged from its second call on: a scan of one batch
                 # (or a layer that runs once) does not pay for a stage it would not use.
                 self._stage_call = False if x.numel() <= _STAGE_FLOATS else None
@@ -422,27 +435,29 @@ class Recorder:
             self._count_row(n, x)
 
     def _stage_for(
-        self, x: torch.Tensor, meta: tuple[int, int], shift_np: np.ndarray
+        self, x: torch.Tensor, job: np.ndarray, elems: int, samples: int
     ) -> tuple[Any, ...] | None:
-        """(shape, dtype, slot views, slots, (elements, samples) per row, stage as (G, N, C, L),
-        kernel, shift).
+        """(shape, dtype, slot views, slots, (elements, samples) per row, jobs, row offsets,
+        kernel).
 
         At batch size 1 a layer's input is a few thousand floats: reducing it costs about a
-        microsecond, and the Python around a kernel call (array views, dispatch) several
-        times that, once per layer and batch (issue 16).  Inputs of up to 4096 elements are
-        therefore copied into a stage of up to 256 KiB and reduced one block at a time: one
-        copy per call, one kernel call per block, the same rows in the same order.
+        microsecond, and the Python around a kernel call several times that, once per layer
+        and batch (issue 16).  Inputs of up to 4096 elements are therefore copied into a stage
+        of up to 256 KiB and reduced one block at a time: one copy per call, one kernel call
+        per block (one job per slot), the same rows in the same order.
         """
-        kernel = _fused.group_kernel()
+        kernel = _fused.kernel()
         if kernel is None:
             return None
         slots = max(2, min(_FLUSH_ROWS, _STAGE_SIZE // x.numel()))
         stage = torch.empty((slots, *x.shape), dtype=x.dtype).numpy()
-        grouped = stage.reshape(slots, x.shape[0], x.shape[1], -1)
+        jobs = np.repeat(job, slots, axis=0)
+        jobs[:, 0] = stage.ctypes.data + np.arange(slots) * (stage.nbytes // slots)
+        offsets = np.arange(slots) * self._row_bytes
         # NumPy views of the slots: 64 of them cost about 12 us, 64 tensor views (unbind) up to
         # a millisecond inside a scan (4.7 ms of the tiny-batch scan's 150); a copy into one
-        # costs 2.1 us against a tensor view's 1.7 us.
-        return (x.shape, x.dtype, list(stage), slots, meta, grouped, kernel, shift_np)
+        # costs 2.1 us against a tensor view's 1.7 us.  They keep the stage alive.
+        return (x.shape, x.dtype, list(stage), slots, (elems, samples), jobs, offsets, kernel)
 
     def _run_stage(self) -> None:
         """Reduce the staged calls into buffer rows (in call order)."""
@@ -452,13 +467,12 @@ class Recorder:
         self._staged = 0
         stage = self._stage_call
         assert stage
-        (elems, samples), grouped, kernel, shift_np = stage[4:]
+        (elems, samples), jobs, offsets, kernel = stage[4:]
         if self.nrows + j > self.capacity:
             self._fold_rows()
         row = self.nrows
-        self._buffer()
-        assert self._buf_np is not None
-        kernel(grouped[:j], shift_np, self._buf_np[row : row + j])
+        jobs[:j, 5] = offsets[:j] + (self._buf_addr + row * self._row_bytes)
+        kernel(jobs[:j])
         self.elems[row : row + j] = elems
         self.samples[row : row + j] = samples
         self.nrows = row + j
@@ -467,13 +481,12 @@ class Recorder:
             self._fold_rows()
 
     def _fused_target(self, x: torch.Tensor) -> tuple[Any, ...] | tuple[()]:
-        """(kernel, shift, buffer) as NumPy views where the fused kernel applies, else ()."""
+        """(kernel,) where the fused kernel applies (the buffer allocated), else ()."""
         kernel = _fused.kernel()
         if kernel is None or self.per_unit_sample or x.device.type != "cpu":
             return ()
-        assert self.shift is not None
         self._buffer()
-        return (kernel, self.shift.numpy(), self._buf_np)
+        return (kernel,)
 
     def _count_row(self, n: int, x: torch.Tensor) -> None:
         """Book one batch row just written to the buffer."""
@@ -517,6 +530,7 @@ class Recorder:
             c = self.running_mean.numel()
             self.buf = torch.empty(self.capacity, 3, c, dtype=torch.float64, device=self.device)
             self._buf_np = self.buf.numpy() if self.device.type == "cpu" else None
+            self._buf_addr = self.buf.data_ptr()
             self.elems = np.empty(self.capacity)
             self.samples = np.empty(self.capacity)
         return self.buf

@@ -28,6 +28,7 @@ from .. import _fused
 from .._globals import paused_gc
 from ..batching import Batch, first_tensor
 from ..checks import Finding, static_checks
+from ..deferred import Deferred
 from ..errors import ScanError
 from ..layers import BATCH_DEPENDENT, NormFamily, NormLayer, find_norm_layers, norm_family
 from ..recording import (
@@ -174,6 +175,7 @@ class Probe:
         self.single_value: dict[str, int] = {}
         self._held: list[nn.Module] = []
         self._scratch = Scratch()
+        self._deferred = Deferred()  # small inputs, reduced when each forward returns
         self.order: list[str] = []
         self._seen: set[str] = set()
         self.last_layer: str | None = None
@@ -241,6 +243,7 @@ class Probe:
 
     @paused_gc()
     def _close(self) -> None:
+        self._deferred.flush()
         for t in reversed(self._taps):  # innermost last: nested wrappers come off in order
             t.remove()
         self._taps.clear()
@@ -251,6 +254,7 @@ class Probe:
     def _hook_for(self, name: str) -> Callable[[nn.Module, tuple], bool]:
         seen = self._seen
         checked: list[Any] = [None, False]  # the last input shape checked, and the answer
+        record = self._deferred.observe
 
         def hook(module: nn.Module, args: tuple) -> bool:
             """Record the call's input; True: the call runs held in eval mode (release it)."""
@@ -275,7 +279,7 @@ class Probe:
                     self._held.append(module)
                     self.single_value[name] = self.single_value.get(name, 0) + 1
                     return True
-            active[name].observe(x, self._scratch)
+            record(active[name], x, self._scratch)
             return False
 
         return hook
@@ -331,6 +335,7 @@ class Probe:
 
     def exit_path(self) -> None:
         """Back to the state between paths (every switched layer in eval mode)."""
+        self._deferred.flush()  # the forward has returned: reduce what it held
         train = self._train_active
         self._active = None
         self._train_active = False
@@ -344,9 +349,16 @@ class Probe:
                     module._buffers["running_mean"] = buffers["running_mean"]
                     module._buffers["running_var"] = buffers["running_var"]
 
+    @property
+    def lost(self) -> dict[str, int]:
+        """Per layer, calls not recorded: the model wrote to the layer's input after the layer
+        had read it, before the forward returned (see :class:`~normdoctor.recording.Deferred`)."""
+        return self._deferred.lost
+
     @paused_gc()
     def results(self, path: PathName) -> dict[str, LayerMeasurement | None]:
         """Per layer name, what ``path`` recorded (``None``: the layer never ran)."""
+        self._deferred.flush()
         recorders = self._recorders[path]
         return dict(zip(recorders, finish_all(list(recorders.values())), strict=True))
 
@@ -369,7 +381,12 @@ class TorchSession:
         self.probe = Probe(source.model, source.layers, paths, modules=source.modules)
         self.order: list[str] = self.probe.order
         self.single_value: dict[str, int] = self.probe.single_value
-        self.notes: list[str] = []
+        self._notes: list[str] = []
+
+    @property
+    def notes(self) -> list[str]:
+        lost = self.probe._deferred.note()
+        return [*self._notes, lost] if lost else self._notes
 
     def __enter__(self) -> TorchSession:
         self._grad = torch.no_grad()

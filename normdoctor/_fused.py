@@ -38,10 +38,10 @@ _address: Any = None  # see _define
 _channel: Any = None
 _tried = False
 
-#: Columns of a job of ``batch_sums``: the input's address, N, C, L (its shape as (N, C, L),
-#: C-contiguous), the address of the shift (C floats of the input's dtype), the address of the
-#: output (3 x C float64, contiguous) and 1 for a float64 input (0: float32).
-JOB = ("x", "n", "c", "l", "shift", "out", "float64")
+#: Columns of a job of ``batch_sums``: the input's address, the address of the output (3 x C
+#: float64, contiguous), N, C, L (the input's shape as (N, C, L), C-contiguous), the address of
+#: the shift (C floats of the input's dtype) and 1 for a float64 input (0: float32).
+JOB = ("x", "out", "n", "c", "l", "shift", "float64")
 JOB_COLUMNS = len(JOB)
 
 
@@ -103,7 +103,7 @@ def job(x: np.ndarray, shift: np.ndarray, out: np.ndarray) -> list[int]:
     assert out.dtype == np.float64 and out.shape == (3, x.shape[1])
     n, c = x.shape[:2]
     length = x.size // (n * c) if n * c else 0
-    return [x.ctypes.data, n, c, length, shift.ctypes.data, out.ctypes.data,
+    return [x.ctypes.data, out.ctypes.data, n, c, length, shift.ctypes.data,
             int(x.dtype == np.float64)]  # fmt: skip
 
 
@@ -167,19 +167,19 @@ def _define(cache: bool) -> Kernels:
         ends = np.empty(count, dtype=np.int64)  # channels of jobs 0..j
         total = 0
         for i in range(count):
-            total += jobs[i, 2]
+            total += jobs[i, 3]
             ends[i] = total
         for t in numba.prange(total):
             i = np.searchsorted(ends, t, side="right")
-            n, c, length = jobs[i, 1], jobs[i, 2], jobs[i, 3]
+            n, c, length = jobs[i, 2], jobs[i, 3], jobs[i, 4]
             ch = t - (ends[i] - c)
-            out = numba.carray(_address(jobs[i, 5]), (3, c), np.float64)
+            out = numba.carray(_address(jobs[i, 1]), (3, c), np.float64)
             if jobs[i, 6]:
                 x64 = numba.carray(_address(jobs[i, 0]), (n, c, length), np.float64)
-                _channel(x64, numba.carray(_address(jobs[i, 4]), c, np.float64), out, ch)
+                _channel(x64, numba.carray(_address(jobs[i, 5]), c, np.float64), out, ch)
             else:
                 x32 = numba.carray(_address(jobs[i, 0]), (n, c, length), np.float32)
-                _channel(x32, numba.carray(_address(jobs[i, 4]), c, np.float32), out, ch)
+                _channel(x32, numba.carray(_address(jobs[i, 5]), c, np.float32), out, ch)
 
     # IEEE arithmetic throughout (error_model="numpy": x / 0 is inf, not an exception; no
     # fastmath), so that NaN, inf and the operations are those of Recorder.flush's array code,

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import _fused
 from .recording import Recorder, Scratch
 
 __all__ = ["Deferred"]
@@ -97,36 +98,48 @@ class Deferred:
 def _reduce_held(calls: list[tuple[Recorder, torch.Tensor, int]], lost: dict[str, int]) -> None:
     """:meth:`Deferred.flush`: one job per held call, one kernel call (or a few, where a
     recorder's buffer fills or a call needs the general path)."""
-    jobs: list[tuple[int, ...]] = []
+    addresses: list[int] = []  # per job: the input's, the output row's, the rest of the job
+    rows: list[int] = []
+    heads: list[tuple[int, ...]] = []
     kernel: Any = None
+
+    def run() -> None:
+        jobs = np.empty((len(heads), _fused.JOB_COLUMNS), dtype=np.int64)
+        jobs[:, 0] = addresses
+        jobs[:, 1] = rows
+        jobs[:, 2:] = heads
+        kernel(jobs)
+        addresses.clear()
+        rows.clear()
+        heads.clear()
+
     for rec, x, version in calls:
+        fast = rec._fast_call
         if x._version != version:  # written since the layer read it: that input is gone
             name = rec.layer.name
             lost[name] = lost.get(name, 0) + 1
             rec.defer = False
             continue
-        fast = rec._fast_call
         if fast is None or x.shape != fast[0] or x.dtype is not fast[1] or not x.is_contiguous():
-            if jobs:
-                kernel(np.array(jobs, dtype=np.int64))
-                jobs = []
+            if heads:
+                run()
             rec.observe(x)  # another shape or layout: the general path, which sets it up
             continue
         if rec._staged:
             rec._run_stage()
-        _shape, _dtype, job, elems, samples, kernel = fast
         row = rec.nrows
-        _x, n, c, length, shift, _out, wide = job[0].tolist()
-        jobs.append((x.data_ptr(), n, c, length, shift, rec._buf_addr + row * rec._row_bytes,
-                     wide))  # fmt: skip
+        kernel = fast[5]
+        addresses.append(x.data_ptr())
+        rows.append(rec._buf_addr + row * rec._row_bytes)
+        heads.append(fast[6])
+        elems = fast[3]
         rec.last = (row, elems)
         rec.rows_per_call.append(1)
         rec.elems[row] = elems
-        rec.samples[row] = samples
+        rec.samples[row] = fast[4]
         rec.nrows = row + 1
         if row + 1 >= rec.capacity:
-            kernel(np.array(jobs, dtype=np.int64))
-            jobs = []
+            run()
             rec._fold_rows()
-    if jobs:
-        kernel(np.array(jobs, dtype=np.int64))
+    if heads:
+        run()

@@ -282,7 +282,8 @@ class Recorder:
         c, device = self.running_mean.numel(), self.device
         self.shift: torch.Tensor | None = None
         self._fused: tuple[Any, ...] | None = None  # set on the first call
-        # (shape, dtype, job, elements per channel, samples, kernel) of the last fused call
+        # (shape, dtype, job, elements per channel, samples, kernel, the job's columns after the
+        # two addresses, as ints) of the last fused call
         self._fast_call: tuple[Any, ...] | None = None
         # see _stage_for; False: the next call of this small shape builds the stage
         self._stage_call: tuple[Any, ...] | Literal[False] | None = None
@@ -342,7 +343,7 @@ class Recorder:
         ):
             # A large input of the same shape as the last fused call: the checks and the job
             # below are done; only the input's address and the row's change.
-            _shape, _dtype, job, elems, samples, kernel = fast
+            _shape, _dtype, job, elems, samples, kernel, _head = fast
             row = self.nrows
             if self._stage_call is False and x.numel() <= _STAGE_FLOATS:
                 # the second call of a small shape: from now on staged (see _stage_for)
@@ -352,7 +353,7 @@ class Recorder:
                     self.observe(x)
                     return
             job[0, 0] = x.data_ptr()
-            job[0, 5] = self._buf_addr + row * self._row_bytes
+            job[0, 1] = self._buf_addr + row * self._row_bytes
             kernel(job)
             self.last = (row, elems)
             self.rows_per_call.append(1)
@@ -386,16 +387,13 @@ class Recorder:
             kernel = fused[0]
             c = x.shape[1]
             length = x.numel() // (n * c)
-            job = np.array(
-                [[x.data_ptr(), n, c, length, self.shift.data_ptr(),
-                  self._buf_addr + self.nrows * self._row_bytes,
-                  int(x.dtype is torch.float64)]],
-                dtype=np.int64,
-            )  # fmt: skip
+            head = (n, c, length, self.shift.data_ptr(), int(x.dtype is torch.float64))
+            row = self._buf_addr + self.nrows * self._row_bytes
+            job = np.array([(x.data_ptr(), row, *head)], dtype=np.int64)
             kernel(job)
             self._count_row(n, x)
             if x.is_cpu:  # calls of this shape take the short way above
-                self._fast_call = (x.shape, x.dtype, job, n * length, n, kernel)
+                self._fast_call = (x.shape, x.dtype, job, n * length, n, kernel, head)
                 # A small input is staged from its second call on: a scan of one batch
                 # (or a layer that runs once) does not pay for a stage it would not use.
                 self._stage_call = False if x.numel() <= _STAGE_FLOATS else None
@@ -471,7 +469,7 @@ class Recorder:
         if self.nrows + j > self.capacity:
             self._fold_rows()
         row = self.nrows
-        jobs[:j, 5] = offsets[:j] + (self._buf_addr + row * self._row_bytes)
+        jobs[:j, 1] = offsets[:j] + (self._buf_addr + row * self._row_bytes)
         kernel(jobs[:j])
         self.elems[row : row + j] = elems
         self.samples[row : row + j] = samples

@@ -36,6 +36,7 @@ Kernels = tuple[Callable[..., None], Callable[..., None]]
 _built: Kernels | None = None
 _address: Any = None  # see _define
 _channel: Any = None
+_job_channel: Any = None
 _tried = False
 
 #: Columns of a job of ``batch_sums``: the input's address, the address of the output (3 x C
@@ -158,28 +159,48 @@ def _define(cache: bool) -> Kernels:
 
     _channel = channel  # a global too: a kernel in a closure pickles with a fresh uuid
 
+    global _job_channel
+
+    @numba.njit(cache=cache, nogil=True, boundscheck=False, fastmath=fast)
+    def job_channel(jobs, ends, t):  # pragma: no cover - compiled, tested through its results
+        """Channel t of all jobs' channels in a row (``ends``: their running total)."""
+        i = np.searchsorted(ends, t, side="right")
+        n, c, length = jobs[i, 2], jobs[i, 3], jobs[i, 4]
+        ch = t - (ends[i] - c)
+        out = numba.carray(_address(jobs[i, 1]), (3, c), np.float64)
+        if jobs[i, 6]:
+            x64 = numba.carray(_address(jobs[i, 0]), (n, c, length), np.float64)
+            _channel(x64, numba.carray(_address(jobs[i, 5]), c, np.float64), out, ch)
+        else:
+            x32 = numba.carray(_address(jobs[i, 0]), (n, c, length), np.float32)
+            _channel(x32, numba.carray(_address(jobs[i, 5]), c, np.float32), out, ch)
+
+    _job_channel = job_channel
+
     @numba.njit(parallel=True, fastmath=fast, cache=cache, nogil=True, boundscheck=False)
     def batch_sums(jobs):  # pragma: no cover - compiled, tested through its results
         """Per job (a row of ``jobs``, see JOB): sum of x - K, of (x - K)^2 and of squared
-        per-sample sums, per channel, into the job's output.  In parallel over every channel
-        of every job: one layer's input, a stage of calls, or a forward's worth of layers."""
+        per-sample sums, per channel, into the job's output: one layer's input, a stage of
+        calls, or a forward's worth of layers.
+
+        In parallel over every channel of every job where there are more than 2^17 elements;
+        below, on the calling thread.  Waking numba's threads for less costs more than it
+        saves, and they then spin beside torch's own (two OpenMP pools on the same cores):
+        measured on 2 cores, torch ops between parallel calls ran at half speed."""
         count = jobs.shape[0]
         ends = np.empty(count, dtype=np.int64)  # channels of jobs 0..j
         total = 0
+        work = 0
         for i in range(count):
             total += jobs[i, 3]
             ends[i] = total
-        for t in numba.prange(total):
-            i = np.searchsorted(ends, t, side="right")
-            n, c, length = jobs[i, 2], jobs[i, 3], jobs[i, 4]
-            ch = t - (ends[i] - c)
-            out = numba.carray(_address(jobs[i, 1]), (3, c), np.float64)
-            if jobs[i, 6]:
-                x64 = numba.carray(_address(jobs[i, 0]), (n, c, length), np.float64)
-                _channel(x64, numba.carray(_address(jobs[i, 5]), c, np.float64), out, ch)
-            else:
-                x32 = numba.carray(_address(jobs[i, 0]), (n, c, length), np.float32)
-                _channel(x32, numba.carray(_address(jobs[i, 5]), c, np.float32), out, ch)
+            work += jobs[i, 2] * jobs[i, 3] * jobs[i, 4]
+        if work <= 131072:
+            for t in range(total):
+                _job_channel(jobs, ends, t)
+        else:
+            for t in numba.prange(total):
+                _job_channel(jobs, ends, t)
 
     # IEEE arithmetic throughout (error_model="numpy": x / 0 is inf, not an exception; no
     # fastmath), so that NaN, inf and the operations are those of Recorder.flush's array code,

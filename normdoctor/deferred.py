@@ -26,47 +26,59 @@ _DEFER_FLOATS = 65536
 _DEFER_BUDGET = 1 << 24
 
 
+#: ``Recorder.defer`` of a layer whose first call is held as a copy until the forward returns.
+COPY = "copy"
+
+
 class Deferred:
     """Calls of recorders held until :meth:`flush` (call it when the forward returns).
 
-    A recorder's call is held when its input is small (up to 65536 elements), on CPU, of the
-    shape and dtype its fused kernel call was set up for.  Holding an input is safe only while nothing writes to it: each call is checked against
-    the tensor's version counter.  A layer defers from its second call on, and only if its
-    first call's input was unchanged when that forward returned; a held call whose input was
-    written since (a model that changes an input in place after the layer read it, on some
-    calls only) is not recorded and counted in :attr:`lost`.  Inference tensors have no
-    version counter: their calls are recorded at once.  At most ``1 << 24`` elements (64 MiB
-    of float32) are held; past that they are reduced mid-forward.
+    A call is held when its input is small (up to 65536 elements) and on CPU, and the fused
+    kernel is on.  Holding an input is safe only while nothing writes to it, which the
+    tensor's version counter tells:
+
+    * A layer's first call is held as a copy, and its input is watched: if the input was
+      unchanged when the forward returned (and the layer's calls have a compiled fast path),
+      the layer's later calls are held as they are, else recorded at once.
+    * Each held call is checked against its version: a call whose input was written since (a
+      model that changes an input in place after the layer read it, on some calls only) is
+      not recorded, counted in :attr:`lost`, and the layer records at once from then on.
+    * Inference tensors have no version counter: their calls are recorded at once.
+
+    At most ``1 << 24`` elements (64 MiB of float32) are held; past that the held calls are
+    reduced mid-forward.
     """
 
-    __slots__ = ("calls", "held", "lost", "watch")
+    __slots__ = ("calls", "enabled", "held", "lost", "watch")
 
     def __init__(self) -> None:
         self.calls: list[tuple[Recorder, torch.Tensor, int]] = []
         self.held = 0  # elements held
         self.watch: list[tuple[Recorder, torch.Tensor, int]] = []  # first calls, see above
         self.lost: dict[str, int] = {}  # per layer: held calls whose input was written since
+        self.enabled = _fused.kernel() is not None  # else nothing is held
 
     def observe(self, rec: Recorder, x: torch.Tensor, scratch: Scratch | None = None) -> None:
-        """``rec.observe(x, scratch)``, or ``x`` held until :meth:`flush`."""
+        """``rec.observe(x, scratch)``, or the call held until :meth:`flush`."""
         defer = rec.defer
-        if defer or defer is None:
+        if defer is not False and self.enabled:
             n = x.numel()
             try:
                 version = x._version
             except RuntimeError:  # an inference tensor: no version counter
                 n = _DEFER_FLOATS + 1
-            if n <= _DEFER_FLOATS:
-                if defer:
+            if n <= _DEFER_FLOATS and x.is_cpu:
+                if defer is True:
                     self.calls.append((rec, x, version))
-                    self.held += n
-                    if self.held > _DEFER_BUDGET:
-                        self.flush()
-                    return
-                rec.observe(x, scratch)
-                if rec._fast_call is not None and rec._fast_call[1] is x.dtype:
-                    rec.defer = False  # until flush() has seen this input unchanged
-                    self.watch.append((rec, x, version))
+                else:  # the first forward: a copy, and the input watched (see above)
+                    copy = (x.detach() if x.requires_grad else x).clone()
+                    self.calls.append((rec, copy, copy._version))
+                    if defer is None:
+                        rec.defer = COPY
+                        self.watch.append((rec, x, version))
+                self.held += n
+                if self.held > _DEFER_BUDGET:
+                    self.flush()
                 return
             if self.calls:
                 self.flush()  # the held calls first: rows stay in call order
@@ -91,7 +103,7 @@ class Deferred:
             _reduce_held(calls, self.lost)
         if self.watch:
             for rec, x, version in self.watch:
-                rec.defer = x._version == version
+                rec.defer = x._version == version and rec._fast_call is not None
             self.watch.clear()
 
 

@@ -294,9 +294,9 @@ class Recorder:
         self._buf_np: np.ndarray | None = None  # the buffer's NumPy view (CPU)
         self._buf_addr = 0  # its address, and a row's size in bytes (kernel jobs)
         self._row_bytes = 3 * 8 * c
-        # Calls may be held until the forward returns (see Deferred): None until a first
-        # call has shown whether the layer's input outlives the layer unchanged.
-        self.defer: bool | None = None
+        # Calls may be held until the forward returns (normdoctor.deferred): None before the
+        # first call, "copy" while it is held, then whether the input outlived the layer.
+        self.defer: bool | str | None = None
         self.nrows = 0
         self.last: tuple[int, int] | None = None  # (buffer row, elements per channel)
         # per buffered row: elements per channel and samples (host arrays, set with the buffer)

@@ -206,9 +206,10 @@ def test_fused_kernel_propagates_nan_and_inf():
 
 def test_one_kernel_call_reduces_many_jobs_as_each_alone():
     # The kernel takes jobs (one layer input each, float32 or float64, any (N, C, L)) and runs
-    # in parallel over every channel of every job: each output must be the float64 reference
-    # of its own input, whatever the other jobs, to the rounding of float64 sums in another
-    # order (1e-12 of their scale).
+    # over every channel of every job, on the calling thread for small work and in parallel
+    # above 2^17 elements: each output must be the float64 reference of its own input,
+    # whatever the other jobs, to the rounding of float64 sums in another order (1e-12 of
+    # their scale).
     pytest.importorskip("numba")
     from normdoctor import _fused
 
@@ -216,8 +217,9 @@ def test_one_kernel_call_reduces_many_jobs_as_each_alone():
     try:
         kernel = _fused.kernel()
         gen = torch.Generator().manual_seed(3)
-        shapes = [(4, 3, 25), (1, 7, 1), (2, 130, 4), (3, 1, 9), (5, 2, 0)]
+        shapes = [(4, 3, 25), (1, 7, 1), (2, 130, 4), (3, 1, 9), (5, 2, 0), (4, 64, 600)]
         dtypes = [torch.float32, torch.float64, torch.float32, torch.float64, torch.float32]
+        dtypes += [torch.float32]
         xs = [
             5 + torch.randn(s, generator=gen, dtype=d) for s, d in zip(shapes, dtypes, strict=True)
         ]
@@ -228,7 +230,8 @@ def test_one_kernel_call_reduces_many_jobs_as_each_alone():
             _fused.job(x.numpy(), k.numpy(), o.numpy())
             for x, k, o in zip(xs, shifts, outs, strict=True)
         ]
-        kernel(np.array(jobs[::-1]))  # any order of jobs
+        kernel(np.array(jobs[:5][::-1]))  # any order of jobs; small: on this thread
+        kernel(np.array(jobs[4:]))  # 153600 elements: in parallel
     finally:
         _fused.use()
     for x, k, out in zip(xs, shifts, outs, strict=True):

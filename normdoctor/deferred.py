@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import _fused
-from .recording import Recorder, Scratch
+from .recording import _STAGE_FLOATS, Recorder, Scratch
 
 __all__ = ["Deferred"]
 
@@ -132,10 +132,20 @@ def _reduce_held(calls: list[tuple[Recorder, torch.Tensor, int]], lost: dict[str
             lost[name] = lost.get(name, 0) + 1
             rec.defer = False
             continue
-        if fast is None or x.shape != fast[0] or x.dtype is not fast[1] or not x.is_contiguous():
+        if (
+            fast is None
+            or x.shape != fast[0]
+            or x.dtype is not fast[1]
+            or not x.is_contiguous()
+            or x.numel() <= _STAGE_FLOATS
+        ):
+            # Another shape or layout: the general path, which sets it up.  Or an input so
+            # small that the recorder's stage (reduced once per 64 calls) beats a job per
+            # forward; the copy into it, done here, costs a fraction of the same copy done
+            # inside the forward.
             if heads:
-                run()
-            rec.observe(x)  # another shape or layout: the general path, which sets it up
+                run()  # first: a recorder may fold its rows on the way, and rows keep order
+            rec.observe(x)
             continue
         if rec._staged:
             rec._run_stage()

@@ -10,13 +10,11 @@ all when the forward has returned: one job per call, one kernel call, rows in ca
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
 from . import _fused
-from .recording import _STAGE_FLOATS, Recorder, Scratch
+from .recording import Recorder, Scratch
 
 __all__ = ["Deferred"]
 
@@ -103,7 +101,7 @@ class Deferred:
             _reduce_held(calls, self.lost)
         if self.watch:
             for rec, x, version in self.watch:
-                rec.defer = x._version == version and rec._fast_call is not None
+                rec.defer = x._version == version and rec.fast
             self.watch.clear()
 
 
@@ -113,55 +111,39 @@ def _reduce_held(calls: list[tuple[Recorder, torch.Tensor, int]], lost: dict[str
     addresses: list[int] = []  # per job: the input's, the output row's, the rest of the job
     rows: list[int] = []
     heads: list[tuple[int, ...]] = []
-    kernel: Any = None
 
     def run() -> None:
         jobs = np.empty((len(heads), _fused.JOB_COLUMNS), dtype=np.int64)
         jobs[:, 0] = addresses
         jobs[:, 1] = rows
         jobs[:, 2:] = heads
+        kernel = _fused.kernel()
+        assert kernel is not None  # a row was booked for it
         kernel(jobs)
         addresses.clear()
         rows.clear()
         heads.clear()
 
     for rec, x, version in calls:
-        fast = rec._fast_call
         if x._version != version:  # written since the layer read it: that input is gone
             name = rec.layer.name
             lost[name] = lost.get(name, 0) + 1
             rec.defer = False
             continue
-        if (
-            fast is None
-            or x.shape != fast[0]
-            or x.dtype is not fast[1]
-            or not x.is_contiguous()
-            or x.numel() <= _STAGE_FLOATS
-        ):
-            # Another shape or layout: the general path, which sets it up.  Or an input so
-            # small that the recorder's stage (reduced once per 64 calls) beats a job per
-            # forward; the copy into it, done here, costs a fraction of the same copy done
-            # inside the forward.
+        job = rec.book(x)
+        if job is None:
+            # The general path, which sets up another shape or layout.  Or an input so small
+            # that the recorder's stage (reduced once per 64 calls) beats a job per forward;
+            # the copy into it, done here, costs a fraction of the same copy inside the forward.
             if heads:
                 run()  # first: a recorder may fold its rows on the way, and rows keep order
             rec.observe(x)
             continue
-        if rec._staged:
-            rec._run_stage()
-        row = rec.nrows
-        kernel = fast[5]
-        addresses.append(x.data_ptr())
-        rows.append(rec._buf_addr + row * rec._row_bytes)
-        heads.append(fast[6])
-        elems = fast[3]
-        rec.last = (row, elems)
-        rec.rows_per_call.append(1)
-        rec.elems[row] = elems
-        rec.samples[row] = fast[4]
-        rec.nrows = row + 1
-        if row + 1 >= rec.capacity:
+        addresses.append(job[0])
+        rows.append(job[1])
+        heads.append(job[2])
+        if rec.nrows >= rec.capacity:
             run()
-            rec._fold_rows()
+            rec.flush()
     if heads:
         run()

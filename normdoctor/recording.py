@@ -432,6 +432,41 @@ class Recorder:
             torch.sum(rows, 0, dtype=torch.float64, out=buf[self.nrows])
             self._count_row(n, x)
 
+    @property
+    def fast(self) -> bool:
+        """Whether calls of the last input's shape have their compiled short way (see
+        :meth:`book`)."""
+        return self._fast_call is not None
+
+    def book(self, x: torch.Tensor) -> tuple[int, int, tuple[int, ...]] | None:
+        """Book the next buffer row for a call whose reduction the caller runs: its kernel job
+        as (input address, row address, the job's other columns), see ``_fused.JOB``.  The
+        caller keeps ``x`` alive until it has run the job, and folds (:meth:`flush`) once
+        :attr:`nrows` reaches :attr:`capacity`.
+
+        ``None`` where the call should go through :meth:`observe` instead: not the shape,
+        dtype or layout of the last fused call, or small enough to be staged.
+        """
+        fast = self._fast_call
+        if (
+            fast is None
+            or x.shape != fast[0]
+            or x.dtype is not fast[1]
+            or not x.is_contiguous()
+            or x.numel() <= _STAGE_FLOATS
+        ):
+            return None
+        if self._staged:
+            self._run_stage()  # rows stay in call order
+        row = self.nrows
+        elems = fast[3]
+        self.last = (row, elems)
+        self.rows_per_call.append(1)
+        self.elems[row] = elems
+        self.samples[row] = fast[4]
+        self.nrows = row + 1
+        return (x.data_ptr(), self._buf_addr + row * self._row_bytes, fast[6])
+
     def _stage_for(
         self, x: torch.Tensor, job: np.ndarray, elems: int, samples: int
     ) -> tuple[Any, ...] | None:

@@ -150,6 +150,7 @@ FORBIDDEN = [
     ("normdoctor.metrics", ("normdoctor.",)),
     ("normdoctor.verdict", ("normdoctor.scan", "normdoctor.sources", "normdoctor.render")),
     ("normdoctor.recording", ("normdoctor.sources", "normdoctor.scan", "normdoctor.io")),
+    ("normdoctor.deferred", ("normdoctor.sources", "normdoctor.scan", "normdoctor.io")),
     ("normdoctor.checks", ("normdoctor.io", "normdoctor.scan", "normdoctor.sources")),
     ("normdoctor.io", ("normdoctor.patch", "normdoctor.scan", "normdoctor.render")),
     ("normdoctor.sources", ("normdoctor.io", "normdoctor.render", "normdoctor.cli")),

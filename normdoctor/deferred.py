@@ -47,9 +47,15 @@ class Deferred:
     reduced mid-forward.
     """
 
-    __slots__ = ("calls", "enabled", "held", "lost", "watch")
+    __slots__ = ("budget", "calls", "enabled", "held", "lost", "stage", "watch")
 
-    def __init__(self) -> None:
+    def __init__(self, *, budget: int = _DEFER_BUDGET, stage: bool = True) -> None:
+        """``budget``: elements held at most before the held calls are reduced.  ``stage``:
+        inputs of up to 4096 elements go into their recorder's stage at :meth:`flush`, which
+        pays where a flush holds few calls (one forward at batch size 1); without it every
+        held call is a job of the one kernel call (the monitor, which holds many steps)."""
+        self.budget = budget
+        self.stage = stage
         self.calls: list[tuple[Recorder, torch.Tensor, int]] = []
         self.held = 0  # elements held
         self.watch: list[tuple[Recorder, torch.Tensor, int]] = []  # first calls, see above
@@ -75,7 +81,7 @@ class Deferred:
                         rec.defer = COPY
                         self.watch.append((rec, x, version))
                 self.held += n
-                if self.held > _DEFER_BUDGET:
+                if self.held > self.budget:
                     self.flush()
                 return
             if self.calls:
@@ -98,14 +104,16 @@ class Deferred:
         if calls:
             self.calls = []
             self.held = 0
-            _reduce_held(calls, self.lost)
+            _reduce_held(calls, self.lost, self.stage)
         if self.watch:
             for rec, x, version in self.watch:
                 rec.defer = x._version == version and rec.fast
             self.watch.clear()
 
 
-def _reduce_held(calls: list[tuple[Recorder, torch.Tensor, int]], lost: dict[str, int]) -> None:
+def _reduce_held(
+    calls: list[tuple[Recorder, torch.Tensor, int]], lost: dict[str, int], stage: bool
+) -> None:
     """:meth:`Deferred.flush`: one job per held call, one kernel call (or a few, where a
     recorder's buffer fills or a call needs the general path)."""
     addresses: list[int] = []  # per job: the input's, the output row's, the rest of the job
@@ -130,7 +138,7 @@ def _reduce_held(calls: list[tuple[Recorder, torch.Tensor, int]], lost: dict[str
             lost[name] = lost.get(name, 0) + 1
             rec.defer = False
             continue
-        job = rec.book(x)
+        job = rec.book(x, stage=stage)
         if job is None:
             # The general path, which sets up another shape or layout.  Or an input so small
             # that the recorder's stage (reduced once per 64 calls) beats a job per forward;

@@ -191,8 +191,9 @@ class Monitor:
         self._checking = False
         self._captured: tuple[tuple, dict] | None = None
         self._pending: tuple[Any, int, Any] | None = None
-        # Small layer inputs held until the forward returns (the hooks' cost inside a step)
-        self._deferred = Deferred()
+        # Small layer inputs held across steps, up to 2^18 elements, and reduced together when
+        # that fills or a window closes (see _step_end)
+        self._deferred = Deferred(budget=1 << 18, stage=False)
         self._order: list[str] = []
         self._seen: set[str] = set()
         self._last: ScanReport | None = None
@@ -250,6 +251,7 @@ class Monitor:
 
     def __exit__(self, *exc: object) -> None:
         self._remove()
+        self._deferred.flush()
         self._flush_pending()
         if self._threads is not None:
             _fused.restore_threads(self._threads)
@@ -293,7 +295,8 @@ class Monitor:
     def _step_end(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         if self._checking:
             return
-        self._deferred.flush()  # the forward has returned: reduce (and let go of) its inputs
+        if self._deferred.watch:  # the first step: whether each layer's input outlives it
+            self._deferred.flush()
         if self._captured is None:
             return
         captured, self._captured = self._captured, None
@@ -373,7 +376,6 @@ class Monitor:
         self._meter.update(out_train, out_eval, labels, size)
 
     def _flush_pending(self) -> None:
-        self._deferred.flush()
         if self._pending is not None:
             out_eval, size, out_train = self._pending
             self._pending = None
@@ -381,6 +383,7 @@ class Monitor:
 
     # -- the verdict -----------------------------------------------------------------------
     def _judge(self) -> ScanReport:
+        self._deferred.flush()  # what the recorders have not reduced yet
         sizes = self._sizes
         same = bool(sizes) and min(sizes) == max(sizes)
         composition = Composition(

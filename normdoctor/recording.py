@@ -438,14 +438,14 @@ class Recorder:
         :meth:`book`)."""
         return self._fast_call is not None
 
-    def book(self, x: torch.Tensor) -> tuple[int, int, tuple[int, ...]] | None:
+    def book(self, x: torch.Tensor, stage: bool = True) -> tuple[int, int, tuple[int, ...]] | None:
         """Book the next buffer row for a call whose reduction the caller runs: its kernel job
         as (input address, row address, the job's other columns), see ``_fused.JOB``.  The
         caller keeps ``x`` alive until it has run the job, and folds (:meth:`flush`) once
         :attr:`nrows` reaches :attr:`capacity`.
 
         ``None`` where the call should go through :meth:`observe` instead: not the shape,
-        dtype or layout of the last fused call, or small enough to be staged.
+        dtype or layout of the last fused call, or (with ``stage``) small enough to be staged.
         """
         fast = self._fast_call
         if (
@@ -453,7 +453,7 @@ class Recorder:
             or x.shape != fast[0]
             or x.dtype is not fast[1]
             or not x.is_contiguous()
-            or x.numel() <= _STAGE_FLOATS
+            or (stage and x.numel() <= _STAGE_FLOATS)
         ):
             return None
         if self._staged:

@@ -256,3 +256,30 @@ def test_arguments_are_checked():
         normdoctor.monitor(DigitsCNN(), every=0)
     with pytest.raises(ValueError, match="window"):
         normdoctor.monitor(DigitsCNN(), every=10, window=5)
+
+
+def test_inputs_held_across_steps_measure_what_recording_each_step_does():
+    # The monitor holds small layer inputs across training steps (up to 2^18 elements) and
+    # reduces them together: over 300 steps at batch size 1 and 100 at batch size 8 (five
+    # windows closing in between, buffers folding mid-flush), every layer figure of the last
+    # window and of the history equals that of a monitor recording each call at once, to
+    # float64 rounding of sums taken in another order (1e-12).
+    reports = []
+    for held in (True, False):
+        torch.manual_seed(0)
+        model = DigitsCNN()
+        with normdoctor.monitor(model, every=25, window=75, warn=False) as mon:
+            mon._deferred.enabled = held
+            _train(model, _batches(1, "shuffle", 300) + _batches(8, "shuffle", 100), 1e-3, mon)
+            assert [r.defer is True for r in mon._recorders.values()] == [held] * 3
+        reports.append((mon.report(), list(mon.history)))
+    (a, hist_a), (b, hist_b) = reports
+    assert len(hist_a) == len(hist_b) >= 4
+    for ra, rb in zip(a.layers, b.layers, strict=True):
+        for key in ("drift", "shift", "noise", "noniid"):
+            x, y = getattr(ra, key), getattr(rb, key)
+            assert (x is None) == (y is None) and (x is None or x == pytest.approx(y, rel=1e-12))
+    for pa, pb in zip(hist_a, hist_b, strict=True):
+        for la, lb in zip(pa.layers, pb.layers, strict=True):
+            assert la.name == lb.name and la.drift == pytest.approx(lb.drift, rel=1e-12)
+            assert la.noise == pytest.approx(lb.noise, rel=1e-12)

@@ -47,7 +47,7 @@ class Deferred:
     reduced mid-forward.
     """
 
-    __slots__ = ("budget", "calls", "enabled", "held", "lost", "stage", "watch")
+    __slots__ = ("budget", "calls", "detached", "enabled", "held", "lost", "stage", "watch")
 
     def __init__(self, *, budget: int = _DEFER_BUDGET, stage: bool = True) -> None:
         """``budget``: elements held at most before the held calls are reduced.  ``stage``:
@@ -56,6 +56,7 @@ class Deferred:
         held call is a job of the one kernel call (the monitor, which holds many steps)."""
         self.budget = budget
         self.stage = stage
+        self.detached = 0  # calls[:detached] hold no autograd graph (see detach_held)
         self.calls: list[tuple[Recorder, torch.Tensor, int]] = []
         self.held = 0  # elements held
         self.watch: list[tuple[Recorder, torch.Tensor, int]] = []  # first calls, see above
@@ -88,6 +89,17 @@ class Deferred:
                 self.flush()  # the held calls first: rows stay in call order
         rec.observe(x, scratch)
 
+    def detach_held(self) -> None:
+        """Hold the inputs held since the last call detached (the same storage and version
+        counter, without the autograd graph): for holding them past their forward, which must
+        not keep the forward's graph and its saved tensors alive."""
+        calls, start = self.calls, self.detached
+        for i in range(start, len(calls)):
+            rec, x, version = calls[i]
+            if x.requires_grad:
+                calls[i] = (rec, x.detach(), version)
+        self.detached = len(calls)
+
     def note(self) -> str | None:
         """What :attr:`lost` means for a report (``None``: nothing lost)."""
         if not self.lost:
@@ -104,6 +116,7 @@ class Deferred:
         if calls:
             self.calls = []
             self.held = 0
+            self.detached = 0
             _reduce_held(calls, self.lost, self.stage)
         if self.watch:
             for rec, x, version in self.watch:

@@ -295,8 +295,11 @@ class Monitor:
     def _step_end(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         if self._checking:
             return
-        if self._deferred.watch:  # the first step: whether each layer's input outlives it
-            self._deferred.flush()
+        deferred = self._deferred
+        if deferred.watch:  # the first step: whether each layer's input outlives it
+            deferred.flush()
+        elif len(deferred.calls) > deferred.detached:
+            deferred.detach_held()  # held past this forward: without its autograd graph
         if self._captured is None:
             return
         captured, self._captured = self._captured, None

@@ -272,6 +272,9 @@ def test_inputs_held_across_steps_measure_what_recording_each_step_does():
             mon._deferred.enabled = held
             _train(model, _batches(1, "shuffle", 300) + _batches(8, "shuffle", 100), 1e-3, mon)
             assert [r.defer is True for r in mon._recorders.values()] == [held] * 3
+            # held past their step without the autograd graph (and its saved tensors)
+            assert bool(mon._deferred.calls) == held
+            assert not any(x.requires_grad for _r, x, _v in mon._deferred.calls)
         reports.append((mon.report(), list(mon.history)))
     (a, hist_a), (b, hist_b) = reports
     assert len(hist_a) == len(hist_b) >= 4

@@ -4,7 +4,8 @@ With stock PyTorch ops the hook needs three passes over a layer's input and one 
 shifted copy x - K, its per-sample sums, and its per-sample sums of squares (a float64 reduction
 would avoid the shift but runs 5-15 times slower on CPU, and float32 sums of unshifted squares
 lose every digit on channels whose mean is large against their spread).  This kernel reads the
-input once: in parallel over channels, per sample, it accumulates x - K and (x - K)^2 in float64
+input once: per channel and sample (over the channels of every job it is handed, in parallel
+above 2^17 elements), it accumulates x - K and (x - K)^2 in float64
 (for float32 inputs the difference and its square are then exact, so it is more exact than the
 torch path, not less), and writes the three per-batch sums the recorder keeps: sum of x - K, sum
 of (x - K)^2, and sum over samples of the squared per-sample sum.  Measured on the shapes of a

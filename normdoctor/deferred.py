@@ -43,8 +43,9 @@ class Deferred:
       not recorded, counted in :attr:`lost`, and the layer records at once from then on.
     * Inference tensors have no version counter: their calls are recorded at once.
 
-    At most ``1 << 24`` elements (64 MiB of float32) are held; past that the held calls are
-    reduced mid-forward.
+    A layer whose first input is not held records at once from then on.  At most ``budget``
+    elements are held (by default ``1 << 24``, 64 MiB of float32); past that the held calls
+    are reduced.
     """
 
     __slots__ = ("budget", "calls", "detached", "enabled", "held", "lost", "stage", "watch")
@@ -85,6 +86,10 @@ class Deferred:
                 if self.held > self.budget:
                     self.flush()
                 return
+            if defer is None:
+                # A first input too large to hold (or on an accelerator, or an inference
+                # tensor): the layer records at once, without these checks on every call.
+                rec.defer = False
             if self.calls:
                 self.flush()  # the held calls first: rows stay in call order
         rec.observe(x, scratch)

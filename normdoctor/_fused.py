@@ -38,13 +38,23 @@ _built: Kernels | None = None
 _address: Any = None  # see _define
 _channel: Any = None
 _job_channel: Any = None
+_fold_rows: Any = None
 _tried = False
 
 #: Columns of a job of ``batch_sums``: the input's address, the address of the output (3 x C
 #: float64, contiguous), N, C, L (the input's shape as (N, C, L), C-contiguous), the address of
-#: the shift (C floats of the input's dtype) and 1 for a float64 input (0: float32).
-JOB = ("x", "out", "n", "c", "l", "shift", "float64")
+#: the shift (C floats of the input's dtype), 1 for a float64 input (0: float32), and 1 where
+#: the kernel first sets the shift: each channel's mean over the first sample, rounded to the
+#: input's dtype (0 where that is not finite).
+JOB = ("x", "out", "n", "c", "l", "shift", "float64", "first")
 JOB_COLUMNS = len(JOB)
+#: Columns of a job of ``fold``: addresses of a recorder's buffered rows (R, 3, C), their
+#: elements and samples (R,), its shift, safe running mean and variance and weights (C,), its
+#: totals (4,) and sums (11, C), all float64 and C-contiguous; then R, C, and the offset of its
+#: R scores in the call's ``scores``.
+FOLD_JOB = ("rows", "n", "ns", "shift", "mean", "var", "weights", "totals", "sums", "r", "c",
+            "scores")  # fmt: skip
+FOLD_COLUMNS = len(FOLD_JOB)
 
 
 def _build() -> Kernels:
@@ -87,9 +97,9 @@ def _warm(sums: Callable[..., None], fold: Callable[..., None]) -> None:
     # Two rows of one channel: x = (1, 3) about shift 0 (one batch of 2), and a NaN row.
     rows = np.array([[[4.0], [10.0], [16.0]], [[math.nan], [0.0], [0.0]]])
     totals, acc, scores = np.zeros(4), np.zeros((11, 1)), np.zeros(2)
-    one = np.ones(1)
-    fold(rows, np.array([2.0, 0.0]), np.array([2.0, 0.0]), np.zeros(1), np.zeros(1), one, one,
-         0.0, totals, acc, scores)  # fmt: skip
+    one, zero, counts = np.ones(1), np.zeros(1), np.array([2.0, 0.0])
+    arrays = (rows, counts, counts, zero, zero, one, one, totals, acc)
+    fold(np.array([fold_job(*arrays, 0)]), np.zeros(1), scores)
     # batch mean 2, variance 1, against running (0, 1): m^2 = 0 + 4
     if not (totals.tolist() == [2.0, 2.0, 1.0, 1.0] and acc[2, 0] == 4.0 and scores[0] == 2.0):
         raise RuntimeError(f"fused fold self-check failed: {totals.tolist()}, {acc.tolist()}")
@@ -97,7 +107,7 @@ def _warm(sums: Callable[..., None], fold: Callable[..., None]) -> None:
         raise RuntimeError("fused fold self-check failed: a NaN row must score NaN")
 
 
-def job(x: np.ndarray, shift: np.ndarray, out: np.ndarray) -> list[int]:
+def job(x: np.ndarray, shift: np.ndarray, out: np.ndarray, first: bool = False) -> list[int]:
     """The job row (see :data:`JOB`) of C-contiguous NumPy arrays ``x`` (N, C, L) (or (N, C)),
     ``shift`` (C,) of x's dtype and ``out`` (3, C) float64.  They must outlive the call."""
     assert x.flags.c_contiguous and shift.flags.c_contiguous and out.flags.c_contiguous
@@ -106,7 +116,28 @@ def job(x: np.ndarray, shift: np.ndarray, out: np.ndarray) -> list[int]:
     n, c = x.shape[:2]
     length = x.size // (n * c) if n * c else 0
     return [x.ctypes.data, out.ctypes.data, n, c, length, shift.ctypes.data,
-            int(x.dtype == np.float64)]  # fmt: skip
+            int(x.dtype == np.float64), int(first)]  # fmt: skip
+
+
+def fold_job(
+    rows: np.ndarray,
+    n: np.ndarray,
+    ns: np.ndarray,
+    shift: np.ndarray,
+    mean: np.ndarray,
+    var: np.ndarray,
+    weights: np.ndarray,
+    totals: np.ndarray,
+    sums: np.ndarray,
+    at: int,
+) -> list[int]:
+    """The job row of ``fold`` (see :data:`FOLD_JOB`) of C-contiguous float64 arrays; they
+    must outlive the call."""
+    arrays = (rows, n, ns, shift, mean, var, weights, totals, sums)
+    assert all(a.dtype == np.float64 and a.flags.c_contiguous for a in arrays)
+    r, _, c = rows.shape
+    assert n.size >= r and ns.size >= r and totals.size == 4 and sums.shape == (11, c)
+    return [*(a.ctypes.data for a in arrays), r, c, at]
 
 
 def _define(cache: bool) -> Kernels:
@@ -137,9 +168,17 @@ def _define(cache: bool) -> Kernels:
     global _channel
 
     @numba.njit(cache=cache, nogil=True, boundscheck=False, fastmath=fast)
-    def channel(x, k, out, c):  # pragma: no cover - compiled, tested through its results
-        """The three sums of channel c of x (N, C, L) about k[c] into out[:, c]."""
+    def channel(x, k, out, c, first):  # pragma: no cover - compiled, tested through its results
+        """The three sums of channel c of x (N, C, L) about k[c] into out[:, c] (``first``:
+        k[c] set first, see JOB)."""
         n_samples, _, length = x.shape
+        if first:
+            m = 0.0
+            for j in range(length):
+                m += np.float64(x[0, c, j])
+            k[c] = m / length  # rounded to k's dtype
+            if not np.isfinite(k[c]):
+                k[c] = 0.0
         kc = np.float64(k[c])
         t1 = 0.0
         t2 = 0.0
@@ -171,10 +210,10 @@ def _define(cache: bool) -> Kernels:
         out = numba.carray(_address(jobs[i, 1]), (3, c), np.float64)
         if jobs[i, 6]:
             x64 = numba.carray(_address(jobs[i, 0]), (n, c, length), np.float64)
-            _channel(x64, numba.carray(_address(jobs[i, 5]), c, np.float64), out, ch)
+            _channel(x64, numba.carray(_address(jobs[i, 5]), c, np.float64), out, ch, jobs[i, 7])
         else:
             x32 = numba.carray(_address(jobs[i, 0]), (n, c, length), np.float32)
-            _channel(x32, numba.carray(_address(jobs[i, 5]), c, np.float32), out, ch)
+            _channel(x32, numba.carray(_address(jobs[i, 5]), c, np.float32), out, ch, jobs[i, 7])
 
     _job_channel = job_channel
 
@@ -203,11 +242,13 @@ def _define(cache: bool) -> Kernels:
             for t in numba.prange(total):
                 _job_channel(jobs, ends, t)
 
+    global _fold_rows
+
     # IEEE arithmetic throughout (error_model="numpy": x / 0 is inf, not an exception; no
     # fastmath), so that NaN, inf and the operations are those of Recorder.flush's array code,
     # which this replaces on CPU (within a few ulps: products with reciprocals, not quotients).
     @numba.njit(cache=cache, nogil=True, boundscheck=False, error_model="numpy")
-    def fold(rows, n, ns, shift, mean_r, var_r, weights, eps, totals, sums, scores):
+    def fold_rows(rows, n, ns, shift, mean_r, var_r, weights, eps, totals, sums, scores):
         """Fold buffered rows (R, 3, C) into totals (4,) and sums (11, C); scores (R,)."""
         n_rows, _, channels = rows.shape
         wtotal = 0.0
@@ -275,6 +316,29 @@ def _define(cache: bool) -> Kernels:
             for k in range(11):
                 sums[k, c] += acc[c, k]
 
+    _fold_rows = fold_rows
+
+    @numba.njit(cache=cache, nogil=True, boundscheck=False, error_model="numpy")
+    def fold(jobs, eps, scores):  # pragma: no cover - compiled, tested through its results
+        """Per job (a row of ``jobs``, see FOLD_JOB; ``eps[j]`` its layer's epsilon): fold one
+        recorder's buffered rows into its accumulators, its scores into ``scores``.  One call
+        for every recorder of a scan, instead of one dispatch of eleven arrays each."""
+        for j in range(jobs.shape[0]):
+            r, c, at = jobs[j, 9], jobs[j, 10], jobs[j, 11]
+            _fold_rows(
+                numba.carray(_address(jobs[j, 0]), (r, 3, c), np.float64),
+                numba.carray(_address(jobs[j, 1]), r, np.float64),
+                numba.carray(_address(jobs[j, 2]), r, np.float64),
+                numba.carray(_address(jobs[j, 3]), c, np.float64),
+                numba.carray(_address(jobs[j, 4]), c, np.float64),
+                numba.carray(_address(jobs[j, 5]), c, np.float64),
+                numba.carray(_address(jobs[j, 6]), c, np.float64),
+                eps[j],
+                numba.carray(_address(jobs[j, 7]), 4, np.float64),
+                numba.carray(_address(jobs[j, 8]), (11, c), np.float64),
+                scores[at : at + r],
+            )
+
     return batch_sums, fold
 
 
@@ -322,7 +386,8 @@ def kernel() -> Callable[..., None] | None:
 
 
 def fold() -> Callable[..., None] | None:
-    """The compiled fold of a recorder's buffered rows (see ``Recorder.flush``), or ``None``."""
+    """The compiled ``fold(jobs, eps, scores)`` of recorders' buffered rows (int64 rows, see
+    :data:`FOLD_JOB`; ``Recorder.flush``), or ``None``."""
     if not _tried:
         use()
     return _fold
@@ -351,9 +416,12 @@ def restore_threads(before: int) -> None:
 
 __all__ = [
     "CHOICES",
+    "FOLD_COLUMNS",
+    "FOLD_JOB",
     "JOB",
     "JOB_COLUMNS",
     "fold",
+    "fold_job",
     "job",
     "kernel",
     "match_threads",

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -303,6 +303,7 @@ class Recorder:
         self.elems = np.empty(0)
         self.samples = np.empty(0)
         self._views: tuple[np.ndarray, ...] | None = None  # see _arrays
+        self._fold_row: tuple[tuple[Any, ...], np.ndarray] | None = None  # see _fold_job
         # Sums over units (rows), names in SCALARS and VECTORS (DESIGN.md): one tensor each, so
         # that setting up, merging and reading them back costs one op, not fifteen.
         self.totals = torch.zeros(len(self.SCALARS), dtype=torch.float64, device=device)
@@ -371,26 +372,28 @@ class Recorder:
             return  # an empty batch holds no statistics (and would divide 0 by 0)
         if x.dtype not in (torch.float32, torch.float64):
             x = x.float()
-        if self.shift is None:
-            # Any value within a few standard deviations of the channel mean keeps the sums
-            # well conditioned: the first sample's channel means cost 1/N of a pass.
-            first = x[0].reshape(x.shape[1], -1).mean(dim=1)
-            self.shift = torch.nan_to_num(first, nan=0.0, posinf=0.0, neginf=0.0)
-            self.shift64 = self.shift.to(torch.float64)
-            self._views = None
-            self._shift_view = {}
         n = x.shape[0]
         fused = self._fused
         if fused is None:
             fused = self._fused = self._fused_target(x)
-        if fused and x.dtype is self.shift.dtype and x.is_contiguous():
+        first = self.shift is None
+        if fused and x.is_contiguous() and (first or x.dtype is getattr(self.shift, "dtype", 0)):
             kernel = fused[0]
             c = x.shape[1]
             length = x.numel() // (n * c)
-            head = (n, c, length, self.shift.data_ptr(), int(x.dtype is torch.float64))
+            if first:  # the kernel sets it (see below, and _fused.JOB)
+                self.shift = torch.empty(c, dtype=x.dtype)
+            assert self.shift is not None
+            head = (n, c, length, self.shift.data_ptr(), int(x.dtype is torch.float64), 0)
             row = self._buf_addr + self.nrows * self._row_bytes
             job = np.array([(x.data_ptr(), row, *head)], dtype=np.int64)
-            kernel(job)
+            if first:
+                job[0, 7] = 1
+                kernel(job)
+                job[0, 7] = 0
+                self._shifted()
+            else:
+                kernel(job)
             self._count_row(n, x)
             if x.is_cpu:  # calls of this shape take the short way above
                 self._fast_call = (x.shape, x.dtype, job, n * length, n, kernel, head)
@@ -398,6 +401,13 @@ class Recorder:
                 # (or a layer that runs once) does not pay for a stage it would not use.
                 self._stage_call = False if x.numel() <= _STAGE_FLOATS else None
             return
+        if self.shift is None:
+            # Any value within a few standard deviations of the channel mean keeps the sums
+            # well conditioned: the first sample's channel means cost 1/N of a pass (the
+            # kernel above works them out in its pass).
+            first_means = x[0].reshape(x.shape[1], -1).mean(dim=1)
+            self.shift = torch.nan_to_num(first_means, nan=0.0, posinf=0.0, neginf=0.0)
+            self._shifted()
         shift = self._shift_view.get(x.dim())
         if shift is None:
             shift = self._shift_view[x.dim()] = self.shift.view(1, -1, *([1] * (x.dim() - 2)))
@@ -431,6 +441,13 @@ class Recorder:
             buf = self.buf if self.buf is not None else self._buffer()
             torch.sum(rows, 0, dtype=torch.float64, out=buf[self.nrows])
             self._count_row(n, x)
+
+    def _shifted(self) -> None:
+        """The shift was just set: its float64 copy, and the views made of the old one gone."""
+        assert self.shift is not None
+        self.shift64 = self.shift.to(torch.float64)
+        self._views = None
+        self._shift_view = {}
 
     @property
     def fast(self) -> bool:
@@ -585,8 +602,8 @@ class Recorder:
         assert self.shift64 is not None  # set by the first row
         buf = self._buffer()
         if self.device.type == "cpu":
-            # The views, once per recorder: the fold runs once per 64 to 512 calls of each
-            # layer, and seven .numpy() calls each time cost more than the compiled fold.
+            # The views, once per recorder: the array fold runs once per 64 to 512 calls of
+            # each layer, and seven .numpy() calls each time cost more than a fold.
             views = self._views
             if views is None:
                 views = self._views = tuple(
@@ -608,21 +625,35 @@ class Recorder:
         """Fold the buffered rows into the accumulators, vectorised over rows."""
         if not self.nrows:
             return
+        if self.device.type == "cpu" and _fused.fold() is not None:
+            # the same arithmetic, compiled: one call instead of ~45 array ops
+            fold_all([self])
+            return
         xp, rows, totals, sums, shift, safe_mean, safe_var, weights = self._arrays()
         r = self.nrows
         n_elems, n_samples = self.elems[:r], self.samples[:r]
         self.nrows = 0
-        fold = _fused.fold() if xp is np else None
-        if fold is not None:  # the same arithmetic, compiled: one call instead of ~45 array ops
-            scores = np.empty(r)
-            fold(rows, n_elems, n_samples, shift, safe_mean, safe_var, weights, self.eps,
-                 totals, sums, scores)  # fmt: skip
-            self.unit_scores.append(torch.from_numpy(scores))
-            return
         with np.errstate(divide="ignore", invalid="ignore"):  # eps = 0: NaN is the answer
             self._fold_arrays(
                 xp, rows, n_elems, n_samples, totals, sums, shift, safe_mean, safe_var, weights
             )
+
+    def _fold_job(self) -> np.ndarray:
+        """This CPU recorder's row of the compiled fold (``_fused.FOLD_JOB``), kept while its
+        tensors stay the same; the caller sets R and the scores' offset."""
+        buf = self._buffer()
+        key = (buf, self.shift64, self.totals, self.sums)
+        cached = self._fold_row
+        if cached is None or any(a is not b for a, b in zip(cached[0], key, strict=True)):
+            assert self.shift64 is not None  # set by the first row
+            tensors = (self.shift64, self.safe_mean, self.safe_var, self.weights, self.totals,
+                       self.sums)  # fmt: skip
+            assert all(t.dtype is torch.float64 and t.is_contiguous() for t in tensors)
+            shift, mean, var, weights, totals, sums = (t.data_ptr() for t in tensors)
+            row = (buf.data_ptr(), self.elems.ctypes.data, self.samples.ctypes.data, shift,
+                   mean, var, weights, totals, sums, 0, self._row_bytes // 24, 0)  # fmt: skip
+            cached = self._fold_row = (key, np.array(row, dtype=np.int64))
+        return cached[1]
 
     def _fold_arrays(
         self,
@@ -729,6 +760,38 @@ class Recorder:
         return finish_all([self])[0]
 
 
+def _host(join: Callable[..., torch.Tensor], tensors: Sequence[Any], *dim: int) -> np.ndarray:
+    """``join(tensors, *dim)`` (``torch.cat`` or ``torch.stack``) as a float64 NumPy array:
+    one op on one device, else the parts moved to the CPU first."""
+    device = tensors[0].device
+    if any(t.device != device for t in tensors):
+        tensors = [t.cpu() for t in tensors]
+    return join(tensors, *dim).detach().to("cpu", torch.float64).numpy()
+
+
+def fold_all(recorders: Sequence[Recorder]) -> None:
+    """Fold the buffered rows of CPU recorders in one call of the compiled fold (it must be
+    on): the scores of all in one array, each recorder's a view of its part."""
+    jobs = np.empty((len(recorders), _fused.FOLD_COLUMNS), dtype=np.int64)
+    eps = np.empty(len(recorders))
+    total = 0
+    for j, rec in enumerate(recorders):
+        jobs[j] = rec._fold_job()
+        jobs[j, 9] = rec.nrows
+        jobs[j, 11] = total
+        eps[j] = rec.eps
+        total += rec.nrows
+    scores = np.empty(total)
+    fold = _fused.fold()
+    assert fold is not None
+    fold(jobs, eps, scores)
+    tensor = torch.from_numpy(scores)
+    for j, rec in enumerate(recorders):
+        start = int(jobs[j, 11])
+        rec.unit_scores.append(tensor[start : start + rec.nrows])
+        rec.nrows = 0
+
+
 def finish_all(recorders: Sequence[Recorder]) -> list[LayerMeasurement | None]:
     """:meth:`Recorder.finish` of many recorders in one vectorised pass over all their channels.
 
@@ -738,26 +801,39 @@ def finish_all(recorders: Sequence[Recorder]) -> list[LayerMeasurement | None]:
     """
     out: list[LayerMeasurement | None] = [None] * len(recorders)
     live = []
+    compiled = []  # folded together below
+    fold = _fused.fold()
     for i, rec in enumerate(recorders):
-        rec.flush()
+        rec._run_stage()
+        if fold is not None and rec.nrows and rec.device.type == "cpu":
+            compiled.append(rec)
+        else:
+            rec.flush()
         if rec.shift64 is not None:
             live.append(i)
+    if compiled:
+        fold_all(compiled)
     if not live:
         return out
     recs = [recorders[i] for i in live]
     sizes = [rec.sums.shape[1] for rec in recs]
-    ends = np.cumsum(sizes)[:-1]
+    ends = np.cumsum(sizes).tolist()
+    starts = [0, *ends[:-1]]
 
     def per_channel(values: Sequence[float] | np.ndarray) -> np.ndarray:
         return np.repeat(np.asarray(values, dtype=np.float64), sizes)
 
-    def joined(tensors: Sequence[torch.Tensor]) -> np.ndarray:
-        return np.concatenate([t.detach().cpu().numpy() for t in tensors], axis=-1)
-
-    # One transfer per recorder, then NumPy over every channel of every layer at once.
-    totals = np.stack([rec.totals.cpu().numpy() for rec in recs])  # (layers, 4)
-    p1, p2, sum_m2, r1, r2, rv, u1, u2, z1, z2, between = joined([rec.sums for rec in recs])
-    k = joined([rec.shift64 for rec in recs if rec.shift64 is not None])
+    # One op per quantity over every recorder (one transfer from an accelerator), then NumPy
+    # over every channel of every layer at once.
+    assert all(rec.shift64 is not None for rec in recs)
+    totals = _host(torch.stack, [rec.totals for rec in recs])  # (layers, 4)
+    p1, p2, sum_m2, r1, r2, rv, u1, u2, z1, z2, between = _host(
+        torch.cat, [rec.sums for rec in recs], 1
+    )
+    k, safe_mean, safe_var = (
+        _host(torch.cat, ts)
+        for ts in zip(*((rec.shift64, rec.safe_mean, rec.safe_var) for rec in recs), strict=True)
+    )
     count, samples, units = (per_channel(totals[:, j]) for j in range(3))
     eps = per_channel([rec.eps for rec in recs])
     units1 = np.maximum(units, 1.0)
@@ -778,51 +854,35 @@ def finish_all(recorders: Sequence[Recorder]) -> list[LayerMeasurement | None]:
         )
         per_unit = np.where(units > 0, count / units, math.nan)
         unbiased = np.where(per_unit > 1, per_unit / (per_unit - 1), math.nan)
-        fit = mismatch_sq(
-            k + u1 / units1,
-            rv / units1 * unbiased,
-            joined([rec.safe_mean for rec in recs]),
-            joined([rec.safe_var for rec in recs]),
-            eps,
-        )
+        fit = mismatch_sq(k + u1 / units1, rv / units1 * unbiased, safe_mean, safe_var, eps)
         total = z2 - z1**2 / samples
         spread = between - z1**2 / samples
         ratio = np.where(total > 0, (spread / (units - 1)) / (total / (samples - 1)), math.nan)
-    channel_m2 = sum_m2 / units1
-    split = {
-        name: np.split(np.asarray(values, dtype=np.float64), ends)
-        for name, values in (
-            ("mean", mean),
-            ("m2", m2),
-            ("channel_m2", channel_m2),
-            ("noise", noise),
-            ("fit", fit),
-            ("noniid", ratio),
-        )
-    }
+    # One array, sliced per layer below: rows mean, m2, channel m2, noise, fit, non-i.i.d.
+    per_layer = np.stack([mean, m2, sum_m2 / units1, noise, fit, ratio], dtype=np.float64)
     cpu = torch.device("cpu")
-    for j, (i, rec) in enumerate(zip(live, recs, strict=True)):
-        n_count, n_samples, n_units, n_nonfinite = (float(v) for v in totals[j])
+    host = torch.from_numpy
+    empty = torch.empty(0, dtype=torch.float64)
+    for j, (i, rec, a, b) in enumerate(zip(live, recs, starts, ends, strict=True)):
+        n_count, n_samples, n_units, n_nonfinite = totals[j].tolist()
         measurable = not rec.per_unit_sample and n_units >= 2 and n_samples > n_units
-        scores = (
-            torch.cat(rec.unit_scores).to("cpu")
-            if rec.unit_scores
-            else torch.empty(0, dtype=torch.float64)
+        scores = rec.unit_scores
+        unit_scores = (
+            (scores[0] if len(scores) == 1 else torch.cat(scores)).to(cpu) if scores else empty
         )
+        on_cpu = rec.device.type == "cpu"
         out[i] = LayerMeasurement(
             units=int(n_units),
             samples=int(n_samples),
-            pooled=Moments(
-                n_count, torch.from_numpy(split["mean"][j]), torch.from_numpy(split["m2"][j])
-            ),
-            running_mean=rec.running_mean.to(cpu),
-            running_var=rec.running_var.to(cpu),
-            weights=rec.weights.to(cpu),
-            channel_m2=torch.from_numpy(split["channel_m2"][j]),
-            unit_scores=scores,
-            noise_m2=torch.from_numpy(split["noise"][j]),
-            fit_m2=torch.from_numpy(split["fit"][j]),
-            noniid=torch.from_numpy(split["noniid"][j]) if measurable else None,
+            pooled=Moments(n_count, host(per_layer[0, a:b]), host(per_layer[1, a:b])),
+            running_mean=rec.running_mean if on_cpu else rec.running_mean.to(cpu),
+            running_var=rec.running_var if on_cpu else rec.running_var.to(cpu),
+            weights=rec.weights if on_cpu else rec.weights.to(cpu),
+            channel_m2=host(per_layer[2, a:b]),
+            unit_scores=unit_scores,
+            noise_m2=host(per_layer[3, a:b]),
+            fit_m2=host(per_layer[4, a:b]),
+            noniid=host(per_layer[5, a:b]) if measurable else None,
             nonfinite_units=int(n_nonfinite),
             per_sample=n_samples == n_units if not rec.per_unit_sample else True,
             spatial=rec.spatial,

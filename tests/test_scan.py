@@ -210,6 +210,74 @@ def test_model_is_restored_after_a_failing_forward():
     _assert_unchanged(model, before)
 
 
+class _Scribbler(nn.Module):
+    """Writes its BatchNorm's buffers behind autograd's back (through ``.data``: no version
+    counter moves) on every forward, and holds a -0.0, a NaN and a 2-D buffer."""
+
+    def __init__(self, only_the_sign: bool = False) -> None:
+        super().__init__()
+        self.only_the_sign = only_the_sign
+        self.bn = nn.BatchNorm2d(3)
+        with torch.no_grad():
+            # (a NaN differs from itself under ==: not with the sign alone)
+            third = 0.25 if only_the_sign else float("nan")
+            self.bn.running_mean.copy_(torch.tensor([-0.0, 0.5, third]))
+            self.bn.running_var.copy_(torch.tensor([1.0, 2.0, 3.0]))
+        self.bn.register_buffer("extra", torch.arange(4.0).reshape(2, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.only_the_sign:  # -0.0 == 0.0, but not bit for bit
+            self.bn.running_mean.data[0] = 0.0
+            return self.bn(x)
+        self.bn.running_mean.data.add_(1.0)
+        self.bn.running_var.data[2] = 0.0
+        self.bn.num_batches_tracked.data.fill_(99)
+        self.bn.extra.data.mul_(2)
+        return self.bn(x)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32) if t.dtype is torch.float32 else t
+
+
+@pytest.mark.parametrize("only_the_sign", [False, True])
+def test_buffers_written_behind_autograds_back_come_back_bit_for_bit(only_the_sign):
+    # The probe restores norm buffers from one joined copy, and copies back only where the
+    # bits differ: writes that no version counter sees, -0.0 against 0.0 and NaN included.
+    model = _Scribbler(only_the_sign)
+    before = {k: v.clone() for k, v in model.bn._buffers.items()}
+    objects = dict(model.bn._buffers)
+    nd.scan(model, torch.randn(8, 3, 4, 4), batch_size=4)
+    for key, value in model.bn._buffers.items():
+        assert value is objects[key], key  # the same tensors
+        assert torch.equal(_bits(value), _bits(before[key])), key
+    assert str(model.bn.running_mean[0].item()) == "-0.0"
+
+
+def test_a_models_own_train_method_is_called_for_eval_mode():
+    # Where a module overrides train() (to keep part of it frozen, say), the scan puts the
+    # model in eval mode through it, not by setting the flags itself.
+    calls: list[bool] = []
+
+    class Frozen(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(4)
+
+        def train(self, mode: bool = True) -> Frozen:
+            calls.append(mode)
+            return super().train(mode)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(x)
+
+    model = Frozen().train()
+    calls.clear()
+    nd.scan(model, torch.randn(16, 4), batch_size=8)
+    assert False in calls
+    assert model.training and model.bn.training  # and back as it was
+
+
 def test_scan_does_not_update_running_stats_even_with_cumulative_momentum():
     model = Mixed()
     before = _snapshot(model)

@@ -130,7 +130,7 @@ def test_fused_kernel_writes_the_sums_the_torch_path_writes(shape, dtype):
     x = torch.randn(*shape, generator=gen, dtype=dtype) * 3 + 100
     bn = nn.BatchNorm1d(c) if len(shape) <= 3 else nn.BatchNorm2d(c)
     layer = find_norm_layers(nn.Sequential(bn))[0]
-    rows = {}
+    rows, shifts = {}, {}
     for choice in ("numba", "torch"):
         _fused.use(choice)
         try:
@@ -138,8 +138,28 @@ def test_fused_kernel_writes_the_sums_the_torch_path_writes(shape, dtype):
             rec.observe(x)
             rec.observe(x.flip(0))
             rows[choice] = rec.rows().clone()
+            shifts[choice] = rec.shift64
         finally:
             _fused.use()
+    # Both shift by the first sample's channel means (the kernel sums them in float64, torch
+    # in float32: they agree to float32 rounding).  Rows about the kernel's shift, converted
+    # exactly to torch's (d = K_numba - K_torch; L elements per sample and channel, N samples):
+    # sum (x - K') = s1 + N L d, sum (x - K')^2 = s2 + 2 d s1 + N L d^2, and the squared
+    # per-sample sums, q + 2 L d s1 + N L^2 d^2.
+    first = x[0].double().reshape(c, -1).mean(1)
+    for k in shifts.values():
+        assert torch.allclose(k, first, rtol=1e-6, atol=0)
+    d = shifts["numba"] - shifts["torch"]
+    n, length = shape[0], x[0, 0].numel()
+    s1, s2, q = rows["numba"].unbind(1)
+    rows["numba"] = torch.stack(
+        [
+            s1 + n * length * d,
+            s2 + 2 * d * s1 + n * length * d**2,
+            q + 2 * length * d * s1 + n * length**2 * d**2,
+        ],
+        1,
+    )
     # float64 sums of the same shifted values: the torch path's float32 per-sample reduction
     # is the only difference (a few ulps of float32 on each per-sample sum).
     tol = 1e-5 if dtype is torch.float32 else 1e-12
@@ -300,6 +320,84 @@ def test_fused_fold_equals_the_array_fold(monkeypatch, eps):
     assert int(torch.isnan(ua).sum()) == 2 + (eps == 0)
     ok = ~torch.isnan(ub)
     torch.testing.assert_close(ua[ok], ub[ok], rtol=1e-12, atol=0)
+
+
+def test_one_fold_call_over_many_recorders_equals_each_alone():
+    # Recorders fold their rows in one call of the compiled fold (one job each) at the end of a
+    # scan, and alone when a buffer fills: the same arithmetic per job, so the accumulators and
+    # scores are bit-identical, and equal the array fold to float64 rounding (1e-12).
+    pytest.importorskip("numba")
+    from normdoctor import _fused
+    from normdoctor.layers import find_norm_layers
+    from normdoctor.recording import Recorder, fold_all
+
+    if _fused.fold() is None:
+        pytest.skip("the fused kernel is switched off")
+    gen = torch.Generator().manual_seed(2)
+    bns = [
+        nn.BatchNorm2d(c, eps=e).eval() for c, e in ((3, 1e-5), (16, 1e-3), (1, 0.1), (70, 1e-5))
+    ]
+    for bn in bns:
+        with torch.no_grad():
+            bn.running_mean.normal_(generator=gen)
+            bn.running_var.uniform_(0.5, 2.0, generator=gen)
+    layers = find_norm_layers(nn.Sequential(*bns))
+    batches = [[torch.randn(n, bn.num_features, 3, 3, generator=gen) * 2 + 1 for n in (4, 2, 7)]
+               for bn in bns]  # fmt: skip
+    got = {}
+    for how in ("together", "alone", "arrays"):
+        recs = [Recorder.for_module(bn, layer) for bn, layer in zip(bns, layers, strict=True)]
+        for rec, xs in zip(recs, batches, strict=True):
+            for x in xs:
+                rec.observe(x)
+        if how == "arrays":
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(_fused, "fold", lambda: None)
+                for rec in recs:
+                    rec.flush()
+        elif how == "together":
+            fold_all(recs)
+        else:
+            for rec in recs:
+                rec.flush()
+        assert all(rec.nrows == 0 for rec in recs)
+        got[how] = [(r.totals.clone(), r.sums.clone(), torch.cat(r.unit_scores)) for r in recs]
+    for a, b, c in zip(got["together"], got["alone"], got["arrays"], strict=True):
+        for x, y, z in zip(a, b, c, strict=True):
+            assert torch.equal(x, y)
+            torch.testing.assert_close(x, z, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_kernel_shifts_by_the_first_samples_channel_means(dtype):
+    # The kernel works out the shift in its pass over a layer's first input: per channel the
+    # mean of the first sample, rounded to the input's dtype, 0 where it is not finite (as
+    # torch.nan_to_num made it before).  Later calls keep it.
+    pytest.importorskip("numba")
+    from normdoctor import _fused
+    from normdoctor.layers import find_norm_layers
+    from normdoctor.recording import Recorder
+
+    bn = nn.BatchNorm2d(3).eval()
+    layer = find_norm_layers(nn.Sequential(bn))[0]
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 3, 4, 4, generator=gen, dtype=dtype) * 3 + 1000
+    x[0, 1, 2, 2] = float("inf")
+    _fused.use("numba")
+    try:
+        rec = Recorder.for_module(bn, layer)
+        rec.observe(x)
+        shift = rec.shift.clone()
+        rec.observe(x.flip(0))
+    finally:
+        _fused.use()
+    want = x[0].double().reshape(3, -1).mean(1).to(dtype)
+    assert shift.dtype is dtype and rec.shift.dtype is dtype
+    assert torch.equal(rec.shift, shift)  # kept
+    assert shift[1] == 0 and torch.equal(shift[[0, 2]], want[[0, 2]])
+    assert torch.equal(rec.shift64, shift.double())
+    rows = rec.rows()
+    assert torch.isfinite(rows[:, :, [0, 2]]).all() and torch.isinf(rows[:, 1, 1]).all()
 
 
 def test_kernel_choice_is_checked():

@@ -117,7 +117,7 @@ class EndToEndMeter:
     the sums, and at batch size 1 the twenty-odd small operations a comparison takes are paid
     once per 64 batches instead of once per batch.  The held outputs must not change in place
     afterwards (a model's fresh outputs do not); the monitor, which sees a training loop's
-    outputs, does not defer.
+    outputs, hands copies.
     """
 
     def __init__(self, loss: LossFn | None = None, *, defer: bool = False) -> None:

@@ -43,7 +43,7 @@ from .layers import NormLayer, find_norm_layers
 from .metrics import DEFAULT_NONIID_THRESHOLD, DEFAULT_THRESHOLD
 from .recording import Recorder, Scratch, finish_all, module_state
 from .report import Composition, LayerReport, ScanReport, Verdict
-from .sources.torch import output_tensor
+from .sources.torch import eval_mode, output_tensor
 from .taps import Tap, around, tap
 from .verdict import ALPHA
 
@@ -125,6 +125,8 @@ def _set_rng_state(state: tuple[Any, ...]) -> None:
 
 def _clone_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Detached copies of the tensors of a call (the forward may change its inputs in place)."""
+    if not kwargs and all(type(a) is torch.Tensor for a in args):  # model(x): no pytree walk
+        return tuple(a.detach().clone() for a in args), {}
 
     def copy(t: Any) -> Any:
         return t.detach().clone() if isinstance(t, torch.Tensor) else t
@@ -205,7 +207,7 @@ class Monitor:
         made = Recorder.for_layers(self.measured, self._modules)
         Recorder.preallocate(made)
         self._recorders = {layer.name: rec for layer, rec in zip(self.measured, made, strict=True)}
-        self._meter = EndToEndMeter(self.loss)
+        self._meter = EndToEndMeter(self.loss, defer=True)  # see _compare
         self._first = self.step + 1
         self._sizes: list[int] = []  # one int per step of this window (at most ``window``)
         self._window_checks = 0
@@ -334,7 +336,7 @@ class Monitor:
         self._checking = True
         try:
             with torch.no_grad():
-                self.model.eval()
+                eval_mode(self.model, modules)
                 return self.model(*args, **kwargs)
         finally:
             self._checking = False
@@ -376,13 +378,24 @@ class Monitor:
         if outputs is not None and output_tensor(out_train) is None:
             out_train = outputs
         labels = targets if isinstance(targets, torch.Tensor) else None
-        self._meter.update(out_train, out_eval, labels, size)
+        self._compare(out_train, out_eval, labels, size)
 
     def _flush_pending(self) -> None:
         if self._pending is not None:
             out_eval, size, out_train = self._pending
             self._pending = None
-            self._meter.update(out_train, out_eval, None, size)
+            self._compare(out_train, out_eval, None, size)
+
+    def _compare(self, out_train: Any, out_eval: Any, labels: Any, size: int) -> None:
+        """Hand a checked step to the meter, which holds up to 64 and compares them together.
+        The training loop's own tensors are copied first: the loop may change or reuse them
+        (the eval-mode output is the monitor's own)."""
+        t = output_tensor(out_train)
+        if t is not None:
+            out_train = t.detach().clone()
+        if labels is not None:
+            labels = labels.detach().clone()
+        self._meter.update(out_train, out_eval, labels, size)
 
     # -- the verdict -----------------------------------------------------------------------
     def _judge(self) -> ScanReport:

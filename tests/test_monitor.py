@@ -286,3 +286,31 @@ def test_inputs_held_across_steps_measure_what_recording_each_step_does():
         for la, lb in zip(pa.layers, pb.layers, strict=True):
             assert la.name == lb.name and la.drift == pytest.approx(lb.drift, rel=1e-12)
             assert la.noise == pytest.approx(lb.noise, rel=1e-12)
+
+
+def test_a_loop_that_reuses_its_tensors_is_compared_as_it_ran():
+    # The monitor compares checked steps 64 at a time, so it copies the loop's own output and
+    # labels: a loop that writes each step's labels into one buffer, and changes its output
+    # in place after handing it over, gets the figures of a loop that does neither.
+    results = []
+    for reuse in (False, True):
+        torch.manual_seed(0)
+        model = DigitsCNN()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        buffer = torch.empty(8, dtype=torch.long)
+        with normdoctor.monitor(model, every=3, warn=False) as mon:
+            for b in _batches(8, "shuffle", 60):
+                out = model(X[b])
+                labels = buffer.copy_(Y[b]) if reuse else Y[b]
+                mon.observe(out, labels)
+                loss = nn.functional.cross_entropy(out, labels)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if reuse:
+                    with torch.no_grad():
+                        out.zero_()
+        e = mon.report().end_to_end
+        assert e is not None and e.acc_train is not None
+        results.append((e.agreement, e.rel_divergence, e.acc_train, e.acc_eval))
+    assert results[0] == results[1]

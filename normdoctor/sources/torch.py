@@ -46,9 +46,11 @@ from ..taps import Tap, tap
 
 __all__ = [
     "Probe",
+    "Snapshot",
     "TorchSession",
     "TorchSource",
     "default_forward",
+    "eval_mode",
     "forward_failed",
     "model_device_dtype",
     "output_tensor",
@@ -127,7 +129,7 @@ _TRAIN = nn.Module.train
 _EVAL = nn.Module.eval
 
 
-def _eval_mode(model: nn.Module, modules: Iterable[nn.Module]) -> None:
+def eval_mode(model: nn.Module, modules: Iterable[nn.Module]) -> None:
     """``model.eval()``: through ``train(False)`` where some module overrides ``train`` or
     ``eval`` (to keep a frozen part frozen, say), else the flags set directly (at 2000 modules
     ``nn.Module.__setattr__`` cost about 5 ms a scan, issue 16)."""
@@ -290,7 +292,7 @@ class Probe:
         try:
             if _fused.kernel() is not None:
                 _fused.match_threads()
-            _eval_mode(self.model, self._modules.values())
+            eval_mode(self.model, self._modules.values())
             made = Recorder.for_layers(self.layers, self._modules)
             first = {layer.name: rec for layer, rec in zip(self.layers, made, strict=True)}
             for i, path in enumerate(self.paths):

@@ -316,9 +316,8 @@ class Recorder:
         self._fold_row: tuple[tuple[Any, ...], np.ndarray] | None = None  # see _fold_job
         # Sums over units (rows), names in SCALARS and VECTORS (DESIGN.md): one tensor each, so
         # that setting up, merging and reading them back costs one op, not fifteen.
-        on = {} if device.type == "cpu" else {"device": device}  # device=: a slower call
-        self.totals = torch.zeros(len(self.SCALARS), dtype=torch.float64, **on)
-        self.sums = torch.zeros(len(self.VECTORS), c, dtype=torch.float64, **on)
+        self.totals = torch.zeros(len(self.SCALARS), dtype=torch.float64, device=device)
+        self.sums = torch.zeros(len(self.VECTORS), c, dtype=torch.float64, device=device)
         self.unit_scores: list[torch.Tensor] = []
         self.rows_per_call: list[int] = []  # units each observe() added, to reorder across shards
         self.spatial = False

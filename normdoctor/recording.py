@@ -386,15 +386,15 @@ class Recorder:
         fused = self._fused
         if fused is None:
             fused = self._fused = self._fused_target(x)
-        first = self.shift is None
-        if fused and x.is_contiguous() and (first or x.dtype is getattr(self.shift, "dtype", 0)):
+        shift = self.shift
+        if fused and x.is_contiguous() and (shift is None or x.dtype is shift.dtype):
             kernel = fused[0]
             c = x.shape[1]
             length = x.numel() // (n * c)
-            if first:  # the kernel sets it (see below, and _fused.JOB)
-                self.shift = torch.empty(c, dtype=x.dtype)
-            assert self.shift is not None
-            head = (n, c, length, self.shift.data_ptr(), int(x.dtype is torch.float64), 0)
+            first = shift is None
+            if shift is None:  # the kernel sets it (see below, and _fused.JOB)
+                shift = self.shift = torch.empty(c, dtype=x.dtype)
+            head = (n, c, length, shift.data_ptr(), int(x.dtype is torch.float64), 0)
             row = self._buf_addr + self.nrows * self._row_bytes
             job = np.array([(x.data_ptr(), row, *head)], dtype=np.int64)
             if first:
@@ -418,13 +418,13 @@ class Recorder:
             first_means = x[0].reshape(x.shape[1], -1).mean(dim=1)
             self.shift = torch.nan_to_num(first_means, nan=0.0, posinf=0.0, neginf=0.0)
             self._shifted()
-        shift = self._shift_view.get(x.dim())
-        if shift is None:
-            shift = self._shift_view[x.dim()] = self.shift.view(1, -1, *([1] * (x.dim() - 2)))
+        view = self._shift_view.get(x.dim())
+        if view is None:
+            view = self._shift_view[x.dim()] = self.shift.view(1, -1, *([1] * (x.dim() - 2)))
         # x - K into a reused buffer: a fresh activation-sized temporary per call costs more
         # than the arithmetic (page faults on large tensors).
         out = scratch.like(x) if scratch is not None else None
-        xs = torch.sub(x, shift, out=out) if out is not None else x - shift
+        xs = torch.sub(x, view, out=out) if out is not None else x - view
         if x.dim() == 2:
             s1 = xs
             s2 = xs * xs

@@ -107,7 +107,7 @@ def _warm(sums: Callable[..., None], fold: Callable[..., None]) -> None:
         raise RuntimeError("fused fold self-check failed: a NaN row must score NaN")
 
 
-def job(x: np.ndarray, shift: np.ndarray, out: np.ndarray, first: bool = False) -> list[int]:
+def job(x: np.ndarray, shift: np.ndarray, out: np.ndarray) -> list[int]:
     """The job row (see :data:`JOB`) of C-contiguous NumPy arrays ``x`` (N, C, L) (or (N, C)),
     ``shift`` (C,) of x's dtype and ``out`` (3, C) float64.  They must outlive the call."""
     assert x.flags.c_contiguous and shift.flags.c_contiguous and out.flags.c_contiguous
@@ -116,7 +116,7 @@ def job(x: np.ndarray, shift: np.ndarray, out: np.ndarray, first: bool = False) 
     n, c = x.shape[:2]
     length = x.size // (n * c) if n * c else 0
     return [x.ctypes.data, out.ctypes.data, n, c, length, shift.ctypes.data,
-            int(x.dtype == np.float64), int(first)]  # fmt: skip
+            int(x.dtype == np.float64), 0]  # fmt: skip  # the shift as given
 
 
 def fold_job(

@@ -1,0 +1,250 @@
+"""Overhead in instructions, not seconds: the scan and the monitor under callgrind.
+
+    python benchmarks/bench_instructions.py                  # every cell
+    python benchmarks/bench_instructions.py --only monitor   # one
+
+On a shared 2-core machine a round of the time cells moves by 10-15% from one round to the
+next, more than the overheads they measure (a few percent).  Instructions retired do not
+depend on what else the machine runs: callgrind counts every instruction of the process, and
+the same command gives the same count to about 0.1%.  They are a proxy, not the target (a
+cache miss costs many instructions' time, a vectorised kernel few), so the issue's targets stay
+in the time cells (``bench_scan.py``, ``bench_monitor.py``); this bench decides which of two
+versions of a hot path does less work, and how the overhead splits.
+
+Each cell runs in a child process under ``valgrind --tool=callgrind --instr-atstart=no``:
+importing torch runs uninstrumented, and the child switches counting on (a callgrind client
+request through a ten-line C helper, compiled here with gcc against valgrind's header) only
+around the measured phases, dumping the count after each.  Phases, each after a warm-up:
+
+* ``monitor``: 200 training steps (SGD, cross-entropy) of ``DigitsCNN`` at batch size 1, plain
+  then inside ``normdoctor.monitor(every=50)`` then plain again.  Issue 18's target in time:
+  at most 1.05x.
+* ``tiny``: the tiny-batch sample model over its 360 test samples in batches of 1, both paths
+  (``scan(..., search=False)``), against one plain eval pass plus one plain train-mode pass.
+  Issue 16's target in time: at most 1.30x.
+* ``fixed``: one scan of one batch of 2 at 32x32 of the 20-layer ResNet against one plain
+  forward, eval path: the scan's fixed cost in instructions (issue 16's target in time: 5 ms).
+
+Needs valgrind, gcc and ``valgrind/callgrind.h`` (Debian: ``valgrind``); says so and exits 0
+where one is missing.  A cell takes one to five minutes (valgrind runs code 20-50 times slower).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CELLS = ("monitor", "tiny", "fixed")
+TARGETS = {"monitor": "1.05x in time", "tiny": "1.30x in time", "fixed": "5 ms in time"}
+#: What the cell's extra instructions are divided by.
+UNITS = {"monitor": (200, "step"), "tiny": (720, "forward"), "fixed": (1, "scan")}
+
+_HELPER = """
+#include <valgrind/callgrind.h>
+void nd_start(void) { CALLGRIND_START_INSTRUMENTATION; }
+void nd_zero(void) { CALLGRIND_ZERO_STATS; }
+void nd_dump(const char *label) { CALLGRIND_DUMP_STATS_AT(label); }
+"""
+
+
+def _missing() -> str | None:
+    for tool in ("valgrind", "gcc"):
+        if shutil.which(tool) is None:
+            return f"{tool} not found"
+    if not Path("/usr/include/valgrind/callgrind.h").exists():
+        return "valgrind/callgrind.h not found (Debian: apt-get install valgrind)"
+    return None
+
+
+def _build_helper(where: Path) -> Path:
+    src, lib = where / "nd_callgrind.c", where / "libnd_callgrind.so"
+    src.write_text(_HELPER)
+    subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
+    return lib
+
+
+# -- the child: phases under callgrind ---------------------------------------------------------
+class Counter:
+    """Count only inside :meth:`phase` blocks (the child runs under callgrind)."""
+
+    def __init__(self, lib: str) -> None:
+        self._lib = ctypes.CDLL(lib)
+        self._started = False
+
+    def phase(self, label: str, fn: Callable[[], object]) -> None:
+        if not self._started:
+            self._lib.nd_start()
+            self._started = True
+        self._lib.nd_zero()
+        fn()
+        self._lib.nd_dump(label.encode())
+
+
+def _monitor_cell(count: Counter) -> None:
+    import copy
+
+    import torch
+    from torch import nn
+
+    import normdoctor as nd
+    from sample_models.archs import DigitsCNN
+
+    def steps(model: nn.Module, opt: torch.optim.Optimizer, mon: object = None) -> None:
+        for x, y in batches:
+            out = model(x)
+            if mon is not None:
+                mon.observe(out, y)  # type: ignore[attr-defined]
+            loss = nn.functional.cross_entropy(out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    torch.manual_seed(0)
+    plain = DigitsCNN().train()
+    watched = copy.deepcopy(plain)
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(1, 1, 8, 8, generator=gen), torch.randint(0, 10, (1,), generator=gen))
+        for _ in range(200)
+    ]
+    opt_p = torch.optim.SGD(plain.parameters(), lr=1e-3, momentum=0.9)
+    opt_w = torch.optim.SGD(watched.parameters(), lr=1e-3, momentum=0.9)
+    with nd.monitor(watched, every=50, warn=False) as mon:
+        steps(plain, opt_p), steps(watched, opt_w, mon)  # warm-up: a full kernel flush or more
+        count.phase("plain", lambda: steps(plain, opt_p))
+        count.phase("tool", lambda: steps(watched, opt_w, mon))
+        count.phase("plain", lambda: steps(plain, opt_p))
+
+
+def _tiny_cell(count: Counter) -> None:
+    import numpy as np
+    import torch
+    from bench_scan import plain
+
+    import normdoctor as nd
+    from normdoctor.io import load_model
+
+    model = load_model(ROOT / "sample_models/tiny-batch.pt", arch="sample_models.archs:DigitsCNN")
+    data = np.load(ROOT / "sample_models/data/test.npz")
+    x = torch.from_numpy(data["inputs"]).float()
+    y = torch.from_numpy(data["labels"]).long()
+    singles = list(x.split(1))
+
+    def base() -> None:
+        plain(model, singles, "eval")
+        plain(model, singles, "train")
+
+    def run() -> None:
+        nd.scan(model, (x, y), paths=("train", "eval"), search=False, batch_size=1, shuffle=False)
+
+    run(), base()
+    count.phase("plain", base)
+    count.phase("tool", run)
+    count.phase("plain", base)
+
+
+def _fixed_cell(count: Counter) -> None:
+    import torch
+    from _resnet import resnet18
+    from bench_scan import plain
+
+    import normdoctor as nd
+
+    model = resnet18()
+    data = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))]
+
+    def run() -> None:
+        nd.scan(model, data, paths=("eval",), search=False)
+
+    run(), plain(model, data, "eval")
+    count.phase("plain", lambda: plain(model, data, "eval"))
+    count.phase("tool", run)
+    count.phase("plain", lambda: plain(model, data, "eval"))
+
+
+def _child(cell: str, lib: str) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one thread: the count does not depend on the split
+    sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+    {"monitor": _monitor_cell, "tiny": _tiny_cell, "fixed": _fixed_cell}[cell](Counter(lib))
+
+
+# -- the parent ---------------------------------------------------------------------------------
+def _counts(where: Path) -> list[tuple[str, int]]:
+    """(label, instructions) of each dump, in order."""
+    out = []
+    for path in sorted(where.glob("cg.out.*.*"), key=lambda p: int(p.suffix[1:])):
+        text = path.read_text(errors="replace")
+        label = re.search(r"^desc: Trigger: Client Request: (.*)$", text, re.M)
+        total = re.search(r"^summary: (\d+)", text, re.M)
+        if label and total:
+            out.append((label.group(1), int(total.group(1))))
+    return out
+
+
+def run_cell(cell: str, lib: Path, where: Path) -> tuple[float, float]:
+    """(plain instructions, the tool's) of ``cell``; plain is the mean of the two around."""
+    out = where / cell
+    out.mkdir()
+    cmd = [
+        "valgrind", "--tool=callgrind", "--instr-atstart=no",
+        f"--callgrind-out-file={out}/cg.out.%p",
+        sys.executable, __file__, "--child", cell, "--lib", str(lib),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{cell}: the child failed:\n{done.stderr[-2000:]}")
+    counts = _counts(out)
+    labels = [label for label, _ in counts]
+    if labels != ["plain", "tool", "plain"]:
+        raise SystemExit(f"{cell}: unexpected dumps {labels}")
+    (_, before), (_, tool), (_, after) = counts
+    return (before + after) / 2, float(tool)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default=",".join(CELLS), help=f"cells, of {','.join(CELLS)}")
+    ap.add_argument("--child", choices=CELLS, help=argparse.SUPPRESS)
+    ap.add_argument("--lib", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        _child(args.child, args.lib)
+        return
+    why = _missing()
+    if why:
+        print(f"bench_instructions: {why}; nothing measured")
+        return
+    cells = [c.strip() for c in args.only.split(",") if c.strip()]
+    unknown = sorted(set(cells) - set(CELLS))
+    if unknown:
+        raise SystemExit(f"unknown cell(s): {', '.join(unknown)} (cells: {', '.join(CELLS)})")
+    print("instructions counted by callgrind, one torch thread; plain: mean of the runs before")
+    print(
+        f"{'cell':<8} {'plain':>14} {'with the tool':>14} {'ratio':>8} {'extra':>18}"
+        "  (the target, in time)"
+    )
+    with tempfile.TemporaryDirectory(prefix="nd-instructions-") as tmp:
+        lib = _build_helper(Path(tmp))
+        for cell in cells:
+            plain, tool = run_cell(cell, lib, Path(tmp))
+            n, unit = UNITS[cell]
+            extra = f"{(tool - plain) / n:,.0f} per {unit}"
+            print(
+                f"{cell:<8} {plain:>14,.0f} {tool:>14,.0f} {tool / plain:>7.4f}x {extra:>18}"
+                f"  ({TARGETS[cell]})",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

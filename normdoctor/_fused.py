@@ -40,6 +40,9 @@ _channel: Any = None
 _job_channel: Any = None
 _fold_rows: Any = None
 _tried = False
+#: A call of ``batch_sums`` whose jobs hold more elements than this runs in parallel; up to
+#: this many, on the calling thread (see ``batch_sums``).
+PARALLEL_ABOVE = 1 << 17
 
 #: Columns of a job of ``batch_sums``: the input's address, the address of the output (3 x C
 #: float64, contiguous), N, C, L (the input's shape as (N, C, L), C-contiguous), the address of
@@ -235,7 +238,7 @@ def _define(cache: bool) -> Kernels:
             total += jobs[i, 3]
             ends[i] = total
             work += jobs[i, 2] * jobs[i, 3] * jobs[i, 4]
-        if work <= 131072:
+        if work <= PARALLEL_ABOVE:
             for t in range(total):
                 _job_channel(jobs, ends, t)
         else:

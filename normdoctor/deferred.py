@@ -16,12 +16,16 @@ import torch
 from . import _fused
 from .recording import Recorder, Scratch
 
-__all__ = ["Deferred"]
+__all__ = ["SERIAL_BUDGET", "Deferred"]
 
 # Inputs up to this many elements are held; at most this many elements at a time (64 MiB of
 # float32), past which the held calls are reduced mid-forward.
 _DEFER_FLOATS = 65536
 _DEFER_BUDGET = 1 << 24
+#: A budget whose flushes always run on the calling thread: it holds at most this plus one
+#: input of up to 65536 elements, which ``_fused.batch_sums`` reduces without waking numba's
+#: threads (a training loop's torch threads would then share the cores with them).
+SERIAL_BUDGET = _fused.PARALLEL_ABOVE - _DEFER_FLOATS
 
 
 #: ``Recorder.defer`` of a layer whose first call is held as a copy until the forward returns.

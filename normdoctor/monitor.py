@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_map
 from . import _fused
 from .assemble import EndToEndMeter, LossFn, assemble_report
 from .batching import first_tensor
-from .deferred import Deferred
+from .deferred import SERIAL_BUDGET, Deferred
 from .layers import NormLayer, find_norm_layers
 from .metrics import DEFAULT_NONIID_THRESHOLD, DEFAULT_THRESHOLD
 from .recording import Recorder, Scratch, finish_all, module_state
@@ -193,9 +193,10 @@ class Monitor:
         self._checking = False
         self._captured: tuple[tuple, dict] | None = None
         self._pending: tuple[Any, int, Any] | None = None
-        # Small layer inputs held across steps, up to 2^18 elements, and reduced together when
-        # that fills or a window closes (see _step_end)
-        self._deferred = Deferred(budget=1 << 18, stage=False)
+        # Small layer inputs held across steps and reduced together when a window closes or
+        # 2^16 elements are held: then on the training thread, not in parallel, whose threads
+        # would spin beside torch's own in the steps after (see _step_end)
+        self._deferred = Deferred(budget=SERIAL_BUDGET, stage=False)
         self._order: list[str] = []
         self._seen: set[str] = set()
         self._last: ScanReport | None = None

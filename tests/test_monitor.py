@@ -8,6 +8,7 @@ non-i.i.d. cause.  And the monitor leaves training itself unchanged, bit for bit
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import logging
@@ -23,7 +24,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import normdoctor
-from normdoctor import ScanReport, Verdict
+from normdoctor import ScanReport, Verdict, _fused
 from normdoctor.monitor import Flag, MonitorWarning
 from sample_models.archs import DigitsCNN
 
@@ -259,7 +260,7 @@ def test_arguments_are_checked():
 
 
 def test_inputs_held_across_steps_measure_what_recording_each_step_does():
-    # The monitor holds small layer inputs across training steps (up to 2^18 elements) and
+    # The monitor holds small layer inputs across training steps (up to 2^16 elements) and
     # reduces them together: over 300 steps at batch size 1 and 100 at batch size 8 (five
     # windows closing in between, buffers folding mid-flush), every layer figure of the last
     # window and of the history equals that of a monitor recording each call at once, to
@@ -286,6 +287,30 @@ def test_inputs_held_across_steps_measure_what_recording_each_step_does():
         for la, lb in zip(pa.layers, pb.layers, strict=True):
             assert la.name == lb.name and la.drift == pytest.approx(lb.drift, rel=1e-12)
             assert la.noise == pytest.approx(lb.noise, rel=1e-12)
+
+
+def test_held_inputs_are_reduced_on_the_training_thread(monkeypatch):
+    # A flush of more than _fused.PARALLEL_ABOVE elements wakes numba's threads, which then
+    # spin beside torch's in the next steps: the monitor's flushes stay under it, while still
+    # holding many steps each (DigitsCNN at batch size 1: 3584 elements a step).
+    deferred = importlib.import_module("normdoctor.deferred")
+    sizes = []
+    original = deferred._reduce_held
+
+    def spy(calls, lost, stage):
+        sizes.append(sum(x.numel() for _rec, x, _v in calls))
+        return original(calls, lost, stage)
+
+    monkeypatch.setattr(deferred, "_reduce_held", spy)
+    torch.manual_seed(0)
+    model = DigitsCNN()
+    if _fused.kernel() is None:
+        pytest.skip("numba not importable: nothing is held")
+    with normdoctor.monitor(model, every=25, window=10**4, warn=False) as mon:
+        _train(model, _batches(1, "shuffle", 200) + _batches(8, "shuffle", 20), 1e-3, mon)
+    assert len(sizes) >= 5
+    assert max(sizes) <= _fused.PARALLEL_ABOVE
+    assert max(sizes) >= 10 * 3584  # many steps per flush
 
 
 def test_a_loop_that_reuses_its_tensors_is_compared_as_it_ran():

@@ -125,18 +125,11 @@ def _monitor_cell(count: Counter) -> None:
 
 
 def _tiny_cell(count: Counter) -> None:
-    import numpy as np
-    import torch
-    from bench_scan import plain
+    from bench_scan import plain, tiny_case
 
     import normdoctor as nd
-    from normdoctor.io import load_model
 
-    model = load_model(ROOT / "sample_models/tiny-batch.pt", arch="sample_models.archs:DigitsCNN")
-    data = np.load(ROOT / "sample_models/data/test.npz")
-    x = torch.from_numpy(data["inputs"]).float()
-    y = torch.from_numpy(data["labels"]).long()
-    singles = list(x.split(1))
+    model, x, y, singles = tiny_case()
 
     def base() -> None:
         plain(model, singles, "eval")

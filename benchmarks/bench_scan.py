@@ -103,14 +103,19 @@ def verdict(ratio: float, target: float) -> str:
     return f"target {target:.2f}x: {'met' if ratio <= target else 'MISSED'}"
 
 
-def tiny_cell(rounds: int) -> None:
+def tiny_case() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The tiny-batch sample model, its test inputs and labels, and the inputs one by one."""
     from normdoctor.io import load_model
 
     model = load_model(ROOT / "sample_models/tiny-batch.pt", arch="sample_models.archs:DigitsCNN")
     data = np.load(ROOT / "sample_models/data/test.npz")
     x = torch.from_numpy(data["inputs"]).float()
     y = torch.from_numpy(data["labels"]).long()
-    singles = list(x.split(1))
+    return model, x, y, list(x.split(1))
+
+
+def tiny_cell(rounds: int) -> None:
+    model, x, y, singles = tiny_case()
     base, t, ratio = interleaved(
         rounds,
         lambda: plain(model, singles, "eval") + plain(model, singles, "train"),

@@ -6,7 +6,8 @@
 On a shared 2-core machine a round of the time cells moves by 10-15% from one round to the
 next, more than the overheads they measure (a few percent).  Instructions retired do not
 depend on what else the machine runs: callgrind counts every instruction of the process, and
-the same command gives the same count to about 0.1%.  They are a proxy, not the target (a
+with the hash seed fixed the same command gives the same count to a few instructions in a
+million.  They are a proxy, not the target (a
 cache miss costs many instructions' time, a vectorised kernel few), so the issue's targets stay
 in the time cells (``bench_scan.py``, ``bench_monitor.py``); this bench decides which of two
 versions of a hot path does less work, and how the overhead splits.
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import os
 import re
 import shutil
 import subprocess
@@ -193,7 +195,9 @@ def run_cell(cell: str, lib: Path, where: Path) -> tuple[float, float]:
         f"--callgrind-out-file={out}/cg.out.%p",
         sys.executable, __file__, "--child", cell, "--lib", str(lib),
     ]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    # A fixed hash seed: set and dict layouts, and so the interpreter's work, the same each run
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{cell}: the child failed:\n{done.stderr[-2000:]}")
     counts = _counts(out)

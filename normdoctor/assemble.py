@@ -23,7 +23,7 @@ from ._version import __version__
 from .batching import Gather
 from .checks import DEAD_GAMMA_RTOL
 from .errors import DataError
-from .layers import NormFamily, NormLayer
+from .layers import NormFamily, NormLayer, NormState
 from .metrics import (
     DEFAULT_NONIID_THRESHOLD,
     DEFAULT_THRESHOLD,
@@ -31,7 +31,7 @@ from .metrics import (
     mismatch_sq,
     recommend,
 )
-from .recording import LayerMeasurement, NormState
+from .recording import BLOCK, LayerMeasurement
 from .report import (
     Candidate,
     Composition,
@@ -277,6 +277,36 @@ def _floats(a: np.ndarray | torch.Tensor) -> tuple[float | None, ...]:
     return tuple(values) if np.isfinite(a).all() else floats(values)
 
 
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The indices of the ranges [starts[i], starts[i] + lengths[i]), one after another."""
+    return np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(lengths.sum())
+
+
+def _channel_rows(
+    measured: Sequence[LayerMeasurement], starts: np.ndarray, sizes: np.ndarray
+) -> np.ndarray:
+    """The fields :data:`~normdoctor.recording.BLOCK` of ``measured`` over their concatenated
+    channels (``starts``, ``sizes``: each one's columns), float64: one gather from each array
+    that ``finish_all`` shares between measurements, else joined from the tensors."""
+    rows = np.empty((len(BLOCK), int(sizes.sum())))
+    shared: dict[int, tuple[np.ndarray, list[int], list[int]]] = {}
+    for i, m in enumerate(measured):
+        if m.block is None:
+            a = starts[i]
+            for r, t in enumerate((m.weights, m.running_mean, m.running_var, m.pooled.mean,
+                                   m.pooled.var, m.channel_m2, m.noise_m2, m.fit_m2)):  # fmt: skip
+                rows[r, a : a + sizes[i]] = t.numpy()
+        else:
+            block, column, _end = m.block
+            group = shared.setdefault(id(block), (block, [], []))
+            group[1].append(i)
+            group[2].append(column)
+    for block, which, columns in shared.values():
+        n = sizes[which]
+        rows[:, _ranges(starts[which], n)] = block[: len(BLOCK), _ranges(np.array(columns), n)]
+    return rows
+
+
 def _path_reports(items: Sequence[tuple[LayerMeasurement, float]]) -> list[PathReport]:
     """One :class:`PathReport` per (measurement, eps), in one pass over every layer's channels.
 
@@ -289,16 +319,11 @@ def _path_reports(items: Sequence[tuple[LayerMeasurement, float]]) -> list[PathR
         return []
     sizes = [m.weights.numel() for m, _ in items]
     assert min(sizes) > 0  # a layer without channels records nothing (Recorder.observe)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.intp)
     ends = np.cumsum(sizes)
-
-    def joined(get: Callable[[LayerMeasurement], torch.Tensor]) -> np.ndarray:
-        return np.concatenate([get(m).numpy() for m, _ in items])
-
-    w = joined(lambda m: m.weights)
-    rm, rv = joined(lambda m: m.running_mean), joined(lambda m: m.running_var)
-    pm, pv = joined(lambda m: m.pooled.mean), joined(lambda m: m.pooled.var)
-    channel_m2 = joined(lambda m: m.channel_m2)
+    starts = (ends - sizes).astype(np.intp)
+    w, rm, rv, pm, pv, channel_m2, noise_m2, fit_m2 = _channel_rows(
+        [m for m, _ in items], starts, np.asarray(sizes)
+    )
     eps = np.repeat(np.array([e for _, e in items], dtype=np.float64), sizes)
     weighted = w > 0
     total = np.add.reduceat(w, starts)
@@ -312,8 +337,8 @@ def _path_reports(items: Sequence[tuple[LayerMeasurement, float]]) -> list[PathR
     with np.errstate(invalid="ignore", divide="ignore"):
         drift = scores(channel_m2)
         shift = scores(mismatch_sq(pm, pv, rm, rv, eps))
-        noise = scores(joined(lambda m: m.noise_m2))
-        fit = scores(joined(lambda m: m.fit_m2))
+        noise = scores(noise_m2)
+        fit = scores(fit_m2)
         vectors = {
             "pooled_mean": pm,
             "pooled_var": pv,

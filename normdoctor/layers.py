@@ -30,8 +30,11 @@ __all__ = [
     "RUNNING_STATS",
     "NormFamily",
     "NormLayer",
+    "NormState",
     "find_norm_layers",
     "is_batch_dependent",
+    "module_state",
+    "norm_layers",
     "select_layers",
 ]
 
@@ -105,6 +108,25 @@ class NormLayer:
         """True for the layers a scan measures: running statistics stand in for batch statistics
         at inference (see :data:`BATCH_DEPENDENT` for the batch-dependent families left out)."""
         return self.family in BATCH_DEPENDENT
+
+
+@dataclass(frozen=True, slots=True)
+class NormState:
+    """The tensors of a norm layer that the metrics need (any may be missing)."""
+
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    weight: torch.Tensor | None
+
+
+def module_state(module: nn.Module) -> NormState:
+    """What ``module`` stores: its running statistics and its weight (parameter or buffer)."""
+    weight: torch.Tensor | None = module._parameters.get("weight")
+    if weight is None:
+        weight = module._buffers.get("weight")
+    return NormState(
+        module._buffers.get("running_mean"), module._buffers.get("running_var"), weight
+    )
 
 
 def _has_running_buffers(module: nn.Module) -> bool:
@@ -256,9 +278,12 @@ def _signature(module: nn.Module) -> tuple:
 def _duck_family(module: nn.Module) -> NormFamily | None:
     """Family of a module that is no torch norm class, from what it holds and computes."""
     buffers = module._buffers
+    named = "Norm" in type(module).__name__
+    if not named and "running_var" not in buffers and "running_var" not in module._parameters:
+        return None  # what the checks below find too, for most modules of a model, at less cost
     has_var = _vector(module, "running_var") is not None
     has_mean = _vector(module, "running_mean") is not None
-    named_norm = "Norm" in type(module).__name__ and _vector(module, "weight") is not None
+    named_norm = named and _vector(module, "weight") is not None
     if "running_mean" in buffers and not has_mean:
         return None  # a running_mean that is not a per-channel vector: not BatchNorm-like
     if not (has_var or named_norm):
@@ -367,8 +392,14 @@ def find_norm_layers(model: nn.Module) -> list[NormLayer]:
     Returns:
         One :class:`NormLayer` per normalization module (shared modules listed once).
     """
+    return norm_layers(model.named_modules())
+
+
+def norm_layers(named: Iterable[tuple[str, nn.Module]]) -> list[NormLayer]:
+    """:func:`find_norm_layers` of the modules ``named`` (a model's ``named_modules()``, or a
+    dict of them the caller already has)."""
     found = []
-    for name, module in model.named_modules():
+    for name, module in named:
         family = norm_family(module)
         if family is not None:
             found.append(_describe(name, module, family))

@@ -39,9 +39,9 @@ from . import _fused
 from .assemble import EndToEndMeter, LossFn, assemble_report
 from .batching import first_tensor
 from .deferred import SERIAL_BUDGET, Deferred
-from .layers import NormLayer, find_norm_layers
+from .layers import NormLayer, module_state, norm_layers
 from .metrics import DEFAULT_NONIID_THRESHOLD, DEFAULT_THRESHOLD
-from .recording import Recorder, Scratch, finish_all, module_state
+from .recording import Recorder, Scratch, finish_all
 from .report import Composition, LayerReport, ScanReport, Verdict
 from .sources.torch import eval_mode, output_tensor
 from .taps import Tap, around, tap
@@ -179,8 +179,8 @@ class Monitor:
             self.judging["agreement_threshold"] = agreement_threshold
         if divergence_threshold is not None:
             self.judging["divergence_threshold"] = divergence_threshold
-        self.layers: list[NormLayer] = find_norm_layers(model)
         self._modules = dict(model.named_modules())
+        self.layers: list[NormLayer] = norm_layers(self._modules.items())
         self.measured = [l for l in self.layers if l.batch_dependent and l.materialized]
         self.history: deque[HistoryPoint] = deque(maxlen=history)
         self.flags: list[Flag] = []

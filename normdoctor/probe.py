@@ -3,7 +3,8 @@ accumulators in :mod:`normdoctor.recording`.  Kept so that existing imports go o
 
 from __future__ import annotations
 
-from .recording import PATHS, LayerMeasurement, NormState, PathName, Recorder, module_state
+from .layers import NormState, module_state
+from .recording import PATHS, LayerMeasurement, PathName, Recorder
 from .sources.torch import Probe
 
 Path = PathName  # the old name, which read like pathlib.Path

@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -29,11 +29,12 @@ import torch
 from torch import nn
 
 from . import _fused
-from .layers import NormFamily, NormLayer
+from .layers import NormFamily, NormLayer, NormState, module_state  # the last two: re-exported
 from .metrics import channel_weights, layer_score, mismatch_sq, noise_sq_from_sums
 from .stats import Moments
 
 __all__ = [
+    "BLOCK",
     "PATHS",
     "LayerMeasurement",
     "NormState",
@@ -88,6 +89,14 @@ class LayerMeasurement:
     nonfinite_units: int
     per_sample: bool  # every unit held exactly one sample
     spatial: bool  # the input had dims beyond (N, C)
+    # One float64 array (rows BLOCK, then others) shared by the measurements of one
+    # finish_all, and this layer's columns: assemble gathers every layer's channels at once.
+    block: tuple[np.ndarray, int, int] | None = field(default=None, compare=False, repr=False)
+
+
+#: The first rows of ``LayerMeasurement.block``: the channels of these fields, as float64.
+BLOCK = ("weights", "running_mean", "running_var", "pooled_mean", "pooled_var", "channel_m2",
+         "noise_m2", "fit_m2")  # fmt: skip
 
 
 class Scratch:
@@ -104,24 +113,6 @@ class Scratch:
         if flat is None or flat.numel() < x.numel():
             flat = self._flat[key] = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
         return flat[: x.numel()].view(x.shape)
-
-
-@dataclass(frozen=True, slots=True)
-class NormState:
-    """The tensors of a norm layer that the metrics need (any may be missing)."""
-
-    running_mean: torch.Tensor | None
-    running_var: torch.Tensor | None
-    weight: torch.Tensor | None
-
-
-def module_state(module: nn.Module) -> NormState:
-    weight: torch.Tensor | None = module._parameters.get("weight")
-    if weight is None:
-        weight = module._buffers.get("weight")
-    return NormState(
-        module._buffers.get("running_mean"), module._buffers.get("running_var"), weight
-    )
 
 
 class Recorder:
@@ -840,9 +831,10 @@ def finish_all(recorders: Sequence[Recorder]) -> list[LayerMeasurement | None]:
     p1, p2, sum_m2, r1, r2, rv, u1, u2, z1, z2, between = _host(
         torch.cat, [rec.sums for rec in recs], 1
     )
-    k, safe_mean, safe_var = (
-        _host(torch.cat, ts)
-        for ts in zip(*((rec.shift64, rec.safe_mean, rec.safe_var) for rec in recs), strict=True)
+    vectors = ((r.shift64, r.safe_mean, r.safe_var, r.weights, r.running_mean, r.running_var)
+               for r in recs)  # fmt: skip
+    k, safe_mean, safe_var, weights, running_mean, running_var = (
+        _host(torch.cat, ts) for ts in zip(*vectors, strict=True)
     )
     count, samples, units = (per_channel(totals[:, j]) for j in range(3))
     eps = per_channel([rec.eps for rec in recs])
@@ -852,6 +844,7 @@ def finish_all(recorders: Sequence[Recorder]) -> list[LayerMeasurement | None]:
         dev = np.where(seen, p1 / count, math.nan)
         mean = k + dev
         m2 = np.where(seen, np.clip(p2 - p1**2 / count, 0, None), math.nan)
+        pooled_var = m2 / count  # NaN where nothing was seen (Moments.var)
         mean_dev_sq = np.clip(u2 - 2 * dev * u1 + units * dev**2, 0, None)
         noise = noise_sq_from_sums(
             batches=units1,
@@ -859,7 +852,7 @@ def finish_all(recorders: Sequence[Recorder]) -> list[LayerMeasurement | None]:
             sum_r2=r2,
             sum_var=rv,
             mean_dev_sq=mean_dev_sq,
-            pooled_var=np.where(seen, m2 / count, m2),
+            pooled_var=pooled_var,
             eps=eps,  # per channel: each layer's own
         )
         per_unit = np.where(units > 0, count / units, math.nan)
@@ -868,8 +861,9 @@ def finish_all(recorders: Sequence[Recorder]) -> list[LayerMeasurement | None]:
         total = z2 - z1**2 / samples
         spread = between - z1**2 / samples
         ratio = np.where(total > 0, (spread / (units - 1)) / (total / (samples - 1)), math.nan)
-    # One array, sliced per layer below: rows mean, m2, channel m2, noise, fit, non-i.i.d.
-    per_layer = np.stack([mean, m2, sum_m2 / units1, noise, fit, ratio], dtype=np.float64)
+    # One array, sliced per layer below: rows BLOCK, then m2 and the non-i.i.d. ratio.
+    rows = (weights, running_mean, running_var, mean, pooled_var, sum_m2 / units1, noise, fit)
+    per_layer = np.stack([*rows, m2, ratio], dtype=np.float64)
     cpu = torch.device("cpu")
     host = torch.from_numpy
     empty = torch.empty(0, dtype=torch.float64)
@@ -884,17 +878,18 @@ def finish_all(recorders: Sequence[Recorder]) -> list[LayerMeasurement | None]:
         out[i] = LayerMeasurement(
             units=int(n_units),
             samples=int(n_samples),
-            pooled=Moments(n_count, host(per_layer[0, a:b]), host(per_layer[1, a:b])),
+            pooled=Moments(n_count, host(per_layer[3, a:b]), host(per_layer[8, a:b])),
             running_mean=rec.running_mean if on_cpu else rec.running_mean.to(cpu),
             running_var=rec.running_var if on_cpu else rec.running_var.to(cpu),
             weights=rec.weights if on_cpu else rec.weights.to(cpu),
-            channel_m2=host(per_layer[2, a:b]),
+            channel_m2=host(per_layer[5, a:b]),
             unit_scores=unit_scores,
-            noise_m2=host(per_layer[3, a:b]),
-            fit_m2=host(per_layer[4, a:b]),
-            noniid=host(per_layer[5, a:b]) if measurable else None,
+            noise_m2=host(per_layer[6, a:b]),
+            fit_m2=host(per_layer[7, a:b]),
+            noniid=host(per_layer[9, a:b]) if measurable else None,
             nonfinite_units=int(n_nonfinite),
             per_sample=n_samples == n_units if not rec.per_unit_sample else True,
             spatial=rec.spatial,
+            block=(per_layer, a, b),
         )
     return out

@@ -85,8 +85,7 @@ def _measurement(gen: torch.Generator, c: int, units: int) -> LayerMeasurement:
 def test_path_reports_equal_the_per_layer_formulas():
     # assemble_report scores every layer in one pass over the concatenated channels; each
     # layer's figures must be what metrics.layer_score gives on that layer alone.
-    from normdoctor.layers import find_norm_layers
-    from normdoctor.recording import module_state
+    from normdoctor.layers import find_norm_layers, module_state
 
     gen = torch.Generator().manual_seed(0)
     model = torch.nn.Sequential(*(torch.nn.BatchNorm2d(c) for c in (3, 8, 1, 5)))
@@ -175,7 +174,7 @@ def test_statics_of_every_layer_at_once_equal_one_layer_at_a_time():
     # _statics reads running statistics, dead and degenerate channels of all layers in one
     # NumPy pass; the reference reads one layer at a time in plain Python.
     from normdoctor.assemble import _statics
-    from normdoctor.recording import NormState
+    from normdoctor.layers import NormState
 
     gen = torch.Generator().manual_seed(4)
 
@@ -203,3 +202,73 @@ def test_statics_of_every_layer_at_once_equal_one_layer_at_a_time():
     got = _statics(states)
     assert got == [_statics_reference(s) for s in states]
     assert got[1][2:] == ((1, 2), (1, 2)) and got[4][2] == (0,)
+
+
+def test_reports_from_the_shared_block_equal_those_from_each_measurements_tensors():
+    # finish_all hands every measurement a view of one shared array (LayerMeasurement.block),
+    # which assemble_report gathers in one index per array; without it, it joins each
+    # measurement's tensors.  Both must give the same report to the bit, on both paths, with
+    # layers of several widths, an InstanceNorm with running statistics and a layer that ran
+    # twice per forward.
+    from normdoctor.layers import find_norm_layers, module_state
+    from normdoctor.recording import BLOCK
+    from normdoctor.sources.torch import Probe
+
+    torch.manual_seed(0)
+    shared = torch.nn.BatchNorm2d(4)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), shared, torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 1), shared,
+        torch.nn.Conv2d(4, 7, 1), torch.nn.InstanceNorm2d(7, track_running_stats=True),
+        torch.nn.Flatten(), torch.nn.Linear(7 * 36, 9), torch.nn.BatchNorm1d(9),
+    )  # fmt: skip
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "running_var") and m.running_var is not None:
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+    layers = find_norm_layers(model)
+    gen = torch.Generator().manual_seed(1)
+    with Probe(model, layers) as probe:
+        for _ in range(5):
+            x = torch.randn(6, 3, 8, 8, generator=gen) * 2 + 1
+            for path in ("train", "eval"):
+                with probe.path(path):
+                    model(x)
+        results = {p: probe.results(p) for p in ("train", "eval")}
+    for measured in results.values():
+        for m in measured.values():
+            assert m is not None and m.block is not None
+            block, a, b = m.block
+            pooled = {"pooled_mean": m.pooled.mean, "pooled_var": m.pooled.var}
+            for row, name in enumerate(BLOCK):
+                value = pooled[name] if name in pooled else getattr(m, name)
+                np.testing.assert_array_equal(block[row, a:b], value.double().numpy(), name)
+    loose = {
+        p: {n: dataclasses.replace(m, block=None) for n, m in ms.items()}
+        for p, ms in results.items()
+    }
+    reports = [
+        assemble_report(
+            model_name="m",
+            layers=layers,
+            states={layer.name: module_state(model.get_submodule(layer.name)) for layer in layers},
+            results=r,
+            order=[layer.name for layer in layers],
+            end_to_end=None,
+            composition=Composition(
+                source="tensor",
+                batch_size=6,
+                order="keep",
+                seed=None,
+                group_by=None,
+                num_batches=5,
+                num_samples=30,
+                min_batch=6,
+                max_batch=6,
+            ),
+            paths=("train", "eval"),
+        )
+        for r in (results, loose)
+    ]
+    assert reports[0].layer("1").train is not None  # measured
+    assert reports[0] == reports[1]

@@ -462,8 +462,8 @@ def test_recorders_made_together_equal_recorders_made_alone():
     # Recorder.many sets up every layer of a probe in one NumPy pass: it must give each layer
     # exactly what Recorder(...) gives it alone, including the corner cases of the weights
     # (no affine, every gamma 0, a non-finite gamma) and of degenerate running statistics.
-    from normdoctor.layers import find_norm_layers
-    from normdoctor.recording import Recorder, module_state
+    from normdoctor.layers import find_norm_layers, module_state
+    from normdoctor.recording import Recorder
 
     torch.manual_seed(3)
     model = nn.Sequential(

@@ -30,8 +30,8 @@ from torch import nn
 
 from ..batching import Batch
 from ..checks import Finding
-from ..layers import NormLayer
-from ..recording import LayerMeasurement, NormState, PathName, Recorder
+from ..layers import NormLayer, NormState
+from ..recording import LayerMeasurement, PathName, Recorder
 from ..report import ScanReport
 from .torch import TorchSource
 

@@ -30,17 +30,16 @@ from ..batching import Batch, first_tensor
 from ..checks import Finding, static_checks
 from ..deferred import Deferred
 from ..errors import ScanError
-from ..layers import BATCH_DEPENDENT, NormFamily, NormLayer, find_norm_layers, norm_family
-from ..recording import (
-    PATHS,
-    LayerMeasurement,
+from ..layers import (
+    BATCH_DEPENDENT,
+    NormFamily,
+    NormLayer,
     NormState,
-    PathName,
-    Recorder,
-    Scratch,
-    finish_all,
     module_state,
+    norm_family,
+    norm_layers,
 )
+from ..recording import PATHS, LayerMeasurement, PathName, Recorder, Scratch, finish_all
 from ..report import ScanReport
 from ..taps import Tap, tap
 
@@ -516,8 +515,8 @@ class TorchSource:
         self.model = model
         self.name = type(model).__name__
         self.forward: Forward = forward or default_forward
-        self.layers: list[NormLayer] = find_norm_layers(model)
         self.modules = dict(model.named_modules())
+        self.layers: list[NormLayer] = norm_layers(self.modules.items())
         self.home, self.dtype = model_device_dtype(model)
         self.target = torch.device(device) if device is not None else self.home
         self.measures = bool(self.layers)  # batch-independent layers' order is measured too

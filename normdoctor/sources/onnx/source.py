@@ -24,8 +24,8 @@ from onnx import ModelProto
 from ...batching import Batch
 from ...checks import Finding
 from ...errors import NormDoctorError, ScanError
-from ...layers import NormLayer
-from ...recording import LayerMeasurement, NormState, PathName, Recorder, finish_all
+from ...layers import NormLayer, NormState
+from ...recording import LayerMeasurement, PathName, Recorder, finish_all
 from ...report import LayerStatus, ScanReport
 from .graph import NormNode, Shapes
 from .rewrite import train_variant

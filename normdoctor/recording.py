@@ -166,10 +166,7 @@ class Recorder:
         every layer: the same values, without a few dozen small-array operations per layer (at
         500 layers that was a tenth of a second per scan, issue 16)."""
         if len(specs) < 2 or any(
-            t.device.type != "cpu" or t.dim() != 1
-            for spec in specs
-            for t in spec[1:]
-            if t is not None
+            not t.is_cpu or t.dim() != 1 for spec in specs for t in spec[1:] if t is not None
         ):
             return [cls(*spec) for spec in specs]
         sizes = [spec[1].numel() for spec in specs]
@@ -198,8 +195,10 @@ class Recorder:
             w = np.where(affine, np.square(gamma), 1.0) * ones  # metrics.channel_weights
         w = np.where(np.isfinite(w), w, 0.0)
         safe_mean, safe_var = np.where(valid, mean, 0.0), np.where(valid, var, 1.0)
+        scalars, vectors = len(cls.SCALARS), len(cls.VECTORS)
+        totals, sums = np.zeros((len(specs), scalars)), np.zeros(vectors * ends[-1])
         out = []
-        for spec, a, b in zip(specs, starts, ends, strict=True):
+        for i, (spec, a, b) in enumerate(zip(specs, starts, ends, strict=True)):
             layer = spec[0]
             w_l = w[a:b]
             if spec[3] is not None and float(w_l.sum()) == 0.0:
@@ -216,7 +215,8 @@ class Recorder:
             rec.safe_mean = torch.from_numpy(safe_mean[a:b])
             rec.safe_var = torch.from_numpy(safe_var[a:b])
             rec.capacity = _capacity(b - a)
-            rec._empty()
+            sums_l = sums[vectors * a : vectors * b].reshape(vectors, b - a)  # C-contiguous
+            rec._empty((torch.from_numpy(totals[i]), torch.from_numpy(sums_l)))
             out.append(rec)
         return out
 
@@ -278,8 +278,8 @@ class Recorder:
         twin._empty()
         return twin
 
-    def _empty(self) -> None:
-        """Nothing recorded yet."""
+    def _empty(self, accumulators: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Nothing recorded yet (``accumulators``: zeroed totals and sums to use)."""
         c, device = self.running_mean.numel(), self.device
         self.shift: torch.Tensor | None = None
         self._fused: tuple[Any, ...] | None = None  # set on the first call
@@ -307,8 +307,12 @@ class Recorder:
         self._fold_row: tuple[tuple[Any, ...], np.ndarray] | None = None  # see _fold_job
         # Sums over units (rows), names in SCALARS and VECTORS (DESIGN.md): one tensor each, so
         # that setting up, merging and reading them back costs one op, not fifteen.
-        self.totals = torch.zeros(len(self.SCALARS), dtype=torch.float64, device=device)
-        self.sums = torch.zeros(len(self.VECTORS), c, dtype=torch.float64, device=device)
+        if accumulators is None:
+            accumulators = (
+                torch.zeros(len(self.SCALARS), dtype=torch.float64, device=device),
+                torch.zeros(len(self.VECTORS), c, dtype=torch.float64, device=device),
+            )
+        self.totals, self.sums = accumulators
         self.unit_scores: list[torch.Tensor] = []
         self.rows_per_call: list[int] = []  # units each observe() added, to reorder across shards
         self.spatial = False

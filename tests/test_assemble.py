@@ -59,6 +59,21 @@ def test_a_deferred_comparison_equals_the_batch_by_batch_one(kind):
     assert "correct_t" not in sa and "loss_t" not in sa
 
 
+def _kept(batch_size: int, batches: int) -> Composition:
+    """A tensor's samples in order, in equal batches."""
+    return Composition(
+        source="tensor",
+        batch_size=batch_size,
+        order="keep",
+        seed=None,
+        group_by=None,
+        num_batches=batches,
+        num_samples=batch_size * batches,
+        min_batch=batch_size,
+        max_batch=batch_size,
+    )
+
+
 def _measurement(gen: torch.Generator, c: int, units: int) -> LayerMeasurement:
     def vec(lo: float = 0.1) -> torch.Tensor:
         return torch.rand(c, generator=gen, dtype=torch.float64) + lo
@@ -101,17 +116,7 @@ def test_path_reports_equal_the_per_layer_formulas():
         results={"train": ms},
         order=[layer.name for layer in layers],
         end_to_end=None,
-        composition=Composition(
-            source="tensor",
-            batch_size=4,
-            order="keep",
-            seed=None,
-            group_by=None,
-            num_batches=10,
-            num_samples=40,
-            min_batch=4,
-            max_batch=4,
-        ),
+        composition=_kept(batch_size=4, batches=10),
         paths=("train",),
     )
     for layer in layers:
@@ -255,17 +260,7 @@ def test_reports_from_the_shared_block_equal_those_from_each_measurements_tensor
             results=r,
             order=[layer.name for layer in layers],
             end_to_end=None,
-            composition=Composition(
-                source="tensor",
-                batch_size=6,
-                order="keep",
-                seed=None,
-                group_by=None,
-                num_batches=5,
-                num_samples=30,
-                min_batch=6,
-                max_batch=6,
-            ),
+            composition=_kept(batch_size=6, batches=5),
             paths=("train", "eval"),
         )
         for r in (results, loose)

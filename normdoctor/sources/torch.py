@@ -158,8 +158,10 @@ class Snapshot:
         self._loose: list[tuple[torch.Tensor, torch.Tensor]] = []
         with torch.no_grad():
             for t in tensors:
-                if t.dim() <= 1 and not t.is_meta:
-                    groups.setdefault((t.dtype, t.device, t.dim()), []).append(t)
+                dim = t.dim()
+                if dim <= 1 and not t.is_meta:  # Tensor.device builds an object: is_cpu first
+                    key = (t.dtype, None if t.is_cpu else t.device, dim)
+                    groups.setdefault(key, []).append(t)
                 else:
                     self._loose.append((t, t.detach().clone()))
             self._groups = [
@@ -256,8 +258,9 @@ class Probe:
         self._norm_state = []
         measured = {layer.name for layer in self.layers}
         values: list[torch.Tensor] = []
+        norm_base = nn.modules.batchnorm._NormBase
         for name, module in self._modules.items():
-            if isinstance(module, nn.modules.batchnorm._NormBase) or name in measured:
+            if isinstance(module, norm_base) or name in measured:
                 buffers = dict(module._buffers)
                 values += [v for v in buffers.values() if v is not None]
                 self._norm_state.append(

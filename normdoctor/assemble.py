@@ -10,6 +10,7 @@ layer, judges the model from the evidence (:mod:`normdoctor.verdict`) and builds
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -270,13 +271,6 @@ def _relative(diff: float, norm: float) -> float:
     return 0.0 if diff == 0 else math.inf
 
 
-def _floats(a: np.ndarray | torch.Tensor) -> tuple[float | None, ...]:
-    """A float64 vector as a tuple of floats, non-finite values as None (fast when all finite)."""
-    a = a.numpy() if isinstance(a, torch.Tensor) else a
-    values = a.tolist()
-    return tuple(values) if np.isfinite(a).all() else floats(values)
-
-
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """The indices of the ranges [starts[i], starts[i] + lengths[i]), one after another."""
     return np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(lengths.sum())
@@ -305,6 +299,30 @@ def _channel_rows(
         n = sizes[which]
         rows[:, _ranges(starts[which], n)] = block[: len(BLOCK), _ranges(np.array(columns), n)]
     return rows
+
+
+def _unit_figures(
+    units: Sequence[np.ndarray],
+) -> tuple[list[int | None], list[float | None], list[tuple[float | None, ...]]]:
+    """Per layer, from its per-unit scores: the index and score of the worst unit (the first of
+    the largest finite score; None where none is finite) and the scores as floats, by segment
+    reductions over every layer's scores at once."""
+    lengths = np.array([u.size for u in units], dtype=np.intp)
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    scores = np.concatenate(units) if units else np.empty(0)
+    index: list[int | None] = [None] * len(units)
+    worst: list[float | None] = [None] * len(units)
+    live = np.flatnonzero(lengths)  # reduceat needs segments that are not empty
+    if live.size:
+        masked = np.where(np.isfinite(scores), scores, -math.inf)
+        top = np.maximum.reduceat(masked, starts[live])
+        hits = np.flatnonzero(masked == np.repeat(top, lengths[live]))
+        first = hits[np.searchsorted(hits, starts[live])] - starts[live]
+        for k, i, t in zip(live.tolist(), first.tolist(), top.tolist(), strict=True):
+            if t > -math.inf:
+                index[k], worst[k] = i, t
+    return index, worst, _as_tuples(scores, starts, ends)
 
 
 def _path_reports(items: Sequence[tuple[LayerMeasurement, float]]) -> list[PathReport]:
@@ -347,22 +365,10 @@ def _path_reports(items: Sequence[tuple[LayerMeasurement, float]]) -> list[PathR
             "var_log_ratio": 0.5 * np.log((pv + eps) / (rv + eps)),
         }
     # One tolist per quantity, sliced per layer (floats() maps non-finite values to None).
-    as_tuples: dict[str, list[tuple[float | None, ...]]] = {}
-    for name, values in vectors.items():
-        listed = values.tolist()
-        finite = bool(np.isfinite(values).all())
-        as_tuples[name] = [
-            tuple(listed[a:b]) if finite else floats(listed[a:b])
-            for a, b in zip(starts.tolist(), ends.tolist(), strict=True)
-        ]
+    as_tuples = {name: _as_tuples(values, starts, ends) for name, values in vectors.items()}
+    worst_batch, worst_score, batch_drift = _unit_figures([m.unit_scores.numpy() for m, _ in items])
     reports = []
     for i, (m, _eps) in enumerate(items):
-        unit = m.unit_scores.numpy()
-        ok = np.isfinite(unit)
-        worst_idx, worst = None, None
-        if ok.any():
-            worst_idx = int(np.where(ok, unit, -math.inf).argmax())
-            worst = float(unit[worst_idx])
         noniid = None
         if m.noniid is not None:
             ratio = m.noniid.numpy()
@@ -376,8 +382,8 @@ def _path_reports(items: Sequence[tuple[LayerMeasurement, float]]) -> list[PathR
                 samples=m.samples,
                 nonfinite_batches=m.nonfinite_units,
                 drift=drift[i],
-                drift_worst=finite_or_none(worst),
-                worst_batch=worst_idx,
+                drift_worst=worst_score[i],
+                worst_batch=worst_batch[i],
                 shift=shift[i],
                 noise=noise[i],
                 noniid=noniid,
@@ -386,7 +392,7 @@ def _path_reports(items: Sequence[tuple[LayerMeasurement, float]]) -> list[PathR
                 channel_drift=as_tuples["channel_drift"][i],
                 mean_shift=as_tuples["mean_shift"][i],
                 var_log_ratio=as_tuples["var_log_ratio"][i],
-                batch_drift=_floats(unit),
+                batch_drift=batch_drift[i],
                 fit=fit[i],
             )
         )
@@ -405,7 +411,9 @@ Statics = tuple[
 def _joined64(tensors: Sequence[torch.Tensor]) -> np.ndarray:
     """The tensors flattened into one CPU float64 array (one cat where they share a device)."""
     try:
-        return torch.cat([t.detach().reshape(-1) for t in tensors]).to("cpu", torch.float64).numpy()
+        with torch.no_grad():  # cat without a detach per tensor (the weights are parameters)
+            flat = torch.cat([t if t.dim() == 1 else t.reshape(-1) for t in tensors])
+        return flat.to("cpu", torch.float64).numpy()
     except RuntimeError:  # on several devices
         return np.concatenate([_numpy64(t).reshape(-1) for t in tensors])
 
@@ -413,11 +421,11 @@ def _joined64(tensors: Sequence[torch.Tensor]) -> np.ndarray:
 def _segments(mask: np.ndarray, starts: np.ndarray) -> list[tuple[int, ...]]:
     """Per segment (``starts`` into ``mask``), the indices in it where ``mask`` holds."""
     idx = np.flatnonzero(mask)
-    cuts = np.searchsorted(idx, starts[1:]).tolist()
-    return [
-        tuple((part - start).tolist())
-        for part, start in zip(np.split(idx, cuts), starts.tolist(), strict=True)
-    ]
+    if not idx.size:  # the usual case: no dead or degenerate channel anywhere
+        return [()] * len(starts)
+    within = (idx - starts[np.searchsorted(starts, idx, side="right") - 1]).tolist()
+    cuts = [0, *np.searchsorted(idx, starts[1:]).tolist(), len(within)]
+    return [tuple(within[a:b]) for a, b in itertools.pairwise(cuts)]
 
 
 def _as_tuples(values: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> list[tuple]:

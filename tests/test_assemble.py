@@ -267,3 +267,31 @@ def test_reports_from_the_shared_block_equal_those_from_each_measurements_tensor
     ]
     assert reports[0].layer("1").train is not None  # measured
     assert reports[0] == reports[1]
+
+
+def test_unit_figures_of_every_layer_at_once_equal_one_layer_at_a_time():
+    # The worst unit of each layer (first of the largest finite score) and its scores as
+    # floats, by segment reductions over all layers: against argmax and a plain loop per layer,
+    # with ties, NaN and infinite scores, a layer with no finite score and one without units.
+    from normdoctor.assemble import _unit_figures
+
+    inf, nan = math.inf, math.nan
+    units = [
+        np.array([0.5, 2.0, 1.0]),
+        np.array([3.0, 3.0]),  # a tie: the first
+        np.array([nan, inf, 0.25, -inf]),
+        np.array([nan, inf]),  # nothing finite
+        np.array([]),  # no units
+        np.array([7.0]),
+        *(np.random.default_rng(0).random(n) for n in (1, 5, 64)),
+    ]
+    index, worst, listed = _unit_figures(units)
+    for u, i, w, values in zip(units, index, worst, listed, strict=True):
+        ok = np.isfinite(u)
+        if ok.any():
+            want = int(np.where(ok, u, -inf).argmax())
+            assert (i, w) == (want, float(u[want]))
+        else:
+            assert (i, w) == (None, None)
+        assert values == tuple(float(v) if math.isfinite(v) else None for v in u)
+    assert index[:3] == [1, 0, 2]

@@ -175,18 +175,18 @@ class Recorder:
             return [cls(*spec) for spec in specs]
         ends = np.cumsum(sizes).tolist()
         starts = [0, *ends[:-1]]
-        mean = torch.cat([spec[1].detach() for spec in specs]).to(torch.float64).numpy()
-        var = torch.cat([spec[2].detach() for spec in specs]).to(torch.float64).numpy()
-        gamma = (
-            torch.cat(
-                [
-                    spec[3].detach() if spec[3] is not None else spec[1].new_ones(c)
-                    for spec, c in zip(specs, sizes, strict=True)
-                ]
+        with torch.no_grad():  # one cat each, no detach per tensor (gamma is a parameter)
+            mean, var, gamma = (
+                torch.cat(ts).to(torch.float64).numpy()
+                for ts in (
+                    [spec[1] for spec in specs],
+                    [spec[2] for spec in specs],
+                    [
+                        s[3] if s[3] is not None else s[1].new_ones(c)
+                        for s, c in zip(specs, sizes, strict=True)
+                    ],
+                )
             )
-            .to(torch.float64)
-            .numpy()
-        )
         affine = np.repeat([spec[3] is not None for spec in specs], sizes)
         eps = np.repeat([float(spec[0].eps) for spec in specs], sizes)
         valid = np.isfinite(var + eps) & (var + eps > 0) & np.isfinite(mean)
@@ -195,19 +195,20 @@ class Recorder:
             w = np.where(affine, np.square(gamma), 1.0) * ones  # metrics.channel_weights
         w = np.where(np.isfinite(w), w, 0.0)
         safe_mean, safe_var = np.where(valid, mean, 0.0), np.where(valid, var, 1.0)
-        scalars, vectors = len(cls.SCALARS), len(cls.VECTORS)
+        scalars, vectors, cpu = len(cls.SCALARS), len(cls.VECTORS), torch.device("cpu")
         totals, sums = np.zeros((len(specs), scalars)), np.zeros(vectors * ends[-1])
         out = []
         for i, (spec, a, b) in enumerate(zip(specs, starts, ends, strict=True)):
             layer = spec[0]
             w_l = w[a:b]
-            if spec[3] is not None and float(w_l.sum()) == 0.0:
-                w_l = ones[a:b]  # every gamma 0: weigh channels alike
             total = float(w_l.sum())
+            if spec[3] is not None and total == 0.0:
+                w_l = ones[a:b]  # every gamma 0: weigh channels alike
+                total = float(w_l.sum())
             rec = cls.__new__(cls)
             rec.layer = layer
             rec.per_unit_sample = layer.family is NormFamily.INSTANCE_TRACKED
-            rec.device = spec[1].device
+            rec.device = cpu
             rec.running_mean = torch.from_numpy(mean[a:b])
             rec.running_var = torch.from_numpy(var[a:b])
             rec.eps = float(layer.eps)
@@ -254,6 +255,7 @@ class Recorder:
         # torch.from_numpy cost a third of a torch slice and view: 1000 each at 500 layers).
         block = torch.empty(sum(sizes), dtype=torch.float64).numpy()
         counts = np.empty((len(todo), 2, _FLUSH_ROWS))
+        counts_at = counts.ctypes.data
         scalars, vectors = len(Recorder.SCALARS), len(Recorder.VECTORS)
         totals = np.zeros((len(todo), scalars))
         sums = np.zeros(vectors * sum(channels))
@@ -265,6 +267,7 @@ class Recorder:
             rec.buf = torch.from_numpy(rec._buf_np)
             rec._buf_addr = rec.buf.data_ptr()
             rec.elems, rec.samples = counts[i]
+            rec._counts_at = counts_at + i * counts[i].nbytes  # (ndarray.ctypes costs 2 us)
             rec.totals = torch.from_numpy(totals[i])
             rec.sums = torch.from_numpy(sums[at : at + vectors * c].reshape(vectors, c))
             rec._views = None
@@ -303,8 +306,9 @@ class Recorder:
         # per buffered row: elements per channel and samples (host arrays, set with the buffer)
         self.elems = np.empty(0)
         self.samples = np.empty(0)
+        self._counts_at = 0  # the address of elems, followed by samples (see _buffer)
         self._views: tuple[np.ndarray, ...] | None = None  # see _arrays
-        self._fold_row: tuple[tuple[Any, ...], np.ndarray] | None = None  # see _fold_job
+        self._fold_row: tuple[tuple[Any, ...], list[int]] | None = None  # see _fold_job
         # Sums over units (rows), names in SCALARS and VECTORS (DESIGN.md): one tensor each, so
         # that setting up, merging and reading them back costs one op, not fifteen.
         if accumulators is None:
@@ -586,8 +590,8 @@ class Recorder:
             self.buf = torch.empty(self.capacity, 3, c, dtype=torch.float64, device=self.device)
             self._buf_np = self.buf.numpy() if self.device.type == "cpu" else None
             self._buf_addr = self.buf.data_ptr()
-            self.elems = np.empty(self.capacity)
-            self.samples = np.empty(self.capacity)
+            self.elems, self.samples = np.empty((2, self.capacity))
+            self._counts_at = self.elems.ctypes.data  # samples follow elems
         return self.buf
 
     # -- folding rows into the accumulators ------------------------------------------------
@@ -643,9 +647,9 @@ class Recorder:
                 xp, rows, n_elems, n_samples, totals, sums, shift, safe_mean, safe_var, weights
             )
 
-    def _fold_job(self) -> np.ndarray:
+    def _fold_job(self) -> list[int]:
         """This CPU recorder's row of the compiled fold (``_fused.FOLD_JOB``), kept while its
-        tensors stay the same; the caller sets R and the scores' offset."""
+        tensors stay the same; R and the scores' offset are the caller's (0 here)."""
         buf = self._buffer()
         key = (buf, self.shift64, self.totals, self.sums)
         cached = self._fold_row
@@ -655,9 +659,10 @@ class Recorder:
                        self.sums)  # fmt: skip
             assert all(t.dtype is torch.float64 and t.is_contiguous() for t in tensors)
             shift, mean, var, weights, totals, sums = (t.data_ptr() for t in tensors)
-            row = (buf.data_ptr(), self.elems.ctypes.data, self.samples.ctypes.data, shift,
+            counts, gap = self._counts_at, self.elems.nbytes
+            row = (buf.data_ptr(), counts, counts + gap, shift,
                    mean, var, weights, totals, sums, 0, self._row_bytes // 24, 0)  # fmt: skip
-            cached = self._fold_row = (key, np.array(row, dtype=np.int64))
+            cached = self._fold_row = (key, list(row))
         return cached[1]
 
     def _fold_arrays(
@@ -777,23 +782,17 @@ def _host(join: Callable[..., torch.Tensor], tensors: Sequence[Any], *dim: int) 
 def fold_all(recorders: Sequence[Recorder]) -> None:
     """Fold the buffered rows of CPU recorders in one call of the compiled fold (it must be
     on): the scores of all in one array, each recorder's a view of its part."""
-    jobs = np.empty((len(recorders), _fused.FOLD_COLUMNS), dtype=np.int64)
-    eps = np.empty(len(recorders))
-    total = 0
-    for j, rec in enumerate(recorders):
-        jobs[j] = rec._fold_job()
-        jobs[j, 9] = rec.nrows
-        jobs[j, 11] = total
-        eps[j] = rec.eps
-        total += rec.nrows
-    scores = np.empty(total)
+    jobs = np.array([rec._fold_job() for rec in recorders], dtype=np.int64)
+    counts = [rec.nrows for rec in recorders]
+    ends = np.cumsum(counts)
+    jobs[:, 9] = counts
+    jobs[:, 11] = ends - counts
+    scores = np.empty(int(ends[-1]))
     fold = _fused.fold()
     assert fold is not None
-    fold(jobs, eps, scores)
-    tensor = torch.from_numpy(scores)
-    for j, rec in enumerate(recorders):
-        start = int(jobs[j, 11])
-        rec.unit_scores.append(tensor[start : start + rec.nrows])
+    fold(jobs, np.array([rec.eps for rec in recorders]), scores)
+    for rec, end, n in zip(recorders, ends.tolist(), counts, strict=True):
+        rec.unit_scores.append(torch.from_numpy(scores[end - n : end]))
         rec.nrows = 0
 
 
@@ -871,14 +870,14 @@ def finish_all(recorders: Sequence[Recorder]) -> list[LayerMeasurement | None]:
     cpu = torch.device("cpu")
     host = torch.from_numpy
     empty = torch.empty(0, dtype=torch.float64)
-    for j, (i, rec, a, b) in enumerate(zip(live, recs, starts, ends, strict=True)):
-        n_count, n_samples, n_units, n_nonfinite = totals[j].tolist()
+    for i, rec, a, b, sums_l in zip(live, recs, starts, ends, totals.tolist(), strict=True):
+        n_count, n_samples, n_units, n_nonfinite = sums_l
         measurable = not rec.per_unit_sample and n_units >= 2 and n_samples > n_units
-        scores = rec.unit_scores
-        unit_scores = (
-            (scores[0] if len(scores) == 1 else torch.cat(scores)).to(cpu) if scores else empty
-        )
         on_cpu = rec.device.type == "cpu"
+        scores = rec.unit_scores
+        unit_scores = (scores[0] if len(scores) == 1 else torch.cat(scores)) if scores else empty
+        if not on_cpu:
+            unit_scores = unit_scores.to(cpu)
         out[i] = LayerMeasurement(
             units=int(n_units),
             samples=int(n_samples),

@@ -350,7 +350,8 @@ def _path_reports(items: Sequence[tuple[LayerMeasurement, float]]) -> list[PathR
         """Per layer: sqrt(sum_c w_c m2_c / sum_c w_c) (metrics.layer_score, segmented)."""
         num = np.add.reduceat(np.where(weighted, m2, 0.0) * w, starts)
         value = np.where(total == 0, math.nan, np.sqrt(np.clip(num / total, 0, None)))
-        return [finite_or_none(v) for v in value.tolist()]
+        listed = value.tolist()
+        return listed if np.isfinite(value).all() else [finite_or_none(v) for v in listed]
 
     with np.errstate(invalid="ignore", divide="ignore"):
         drift = scores(channel_m2)

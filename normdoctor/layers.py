@@ -346,6 +346,9 @@ def _as_float(value: object) -> float | None:
         return None
 
 
+_ABSENT = object()
+
+
 def _describe(name: str, module: nn.Module, family: NormFamily) -> NormLayer:
     lazy = isinstance(module, _LazyNormBase) and module.has_uninitialized_params()
     attrs = cast(Any, module)  # plain attributes, which nn.Module's stubs type as tensors
@@ -358,7 +361,10 @@ def _describe(name: str, module: nn.Module, family: NormFamily) -> NormLayer:
         num_features = 0
     else:
         num_features = int(getattr(module, "num_features", 0) or _channels(module) or 0)
-    eps = _as_float(getattr(module, "eps", getattr(module, "variance_epsilon", None)))
+    eps: Any = getattr(module, "eps", _ABSENT)
+    if eps is _ABSENT:  # looked up only then: a missing attribute raises inside nn.Module
+        eps = getattr(module, "variance_epsilon", None)
+    eps = _as_float(eps)
     affine = getattr(module, "affine", None)
     if affine is None:
         affine = getattr(module, "elementwise_affine", None)

@@ -454,7 +454,9 @@ class Recorder:
     def _shifted(self) -> None:
         """The shift was just set: its float64 copy, and the views made of the old one gone."""
         assert self.shift is not None
-        self.shift64 = self.shift.to(torch.float64)
+        shift = self.shift  # on CPU through NumPy: a third of Tensor.to's time, the same values
+        as64 = torch.from_numpy(shift.numpy().astype(np.float64)) if shift.is_cpu else None
+        self.shift64 = as64 if as64 is not None else shift.to(torch.float64)
         self._views = None
         self._shift_view = {}
 
@@ -542,7 +544,7 @@ class Recorder:
     def _fused_target(self, x: torch.Tensor) -> tuple[Any, ...] | tuple[()]:
         """(kernel,) where the fused kernel applies (the buffer allocated), else ()."""
         kernel = _fused.kernel()
-        if kernel is None or self.per_unit_sample or x.device.type != "cpu":
+        if kernel is None or self.per_unit_sample or not x.is_cpu:
             return ()
         self._buffer()
         return (kernel,)
@@ -773,9 +775,8 @@ class Recorder:
 def _host(join: Callable[..., torch.Tensor], tensors: Sequence[Any], *dim: int) -> np.ndarray:
     """``join(tensors, *dim)`` (``torch.cat`` or ``torch.stack``) as a float64 NumPy array:
     one op on one device, else the parts moved to the CPU first."""
-    device = tensors[0].device
-    if any(t.device != device for t in tensors):
-        tensors = [t.cpu() for t in tensors]
+    if not all(t.is_cpu for t in tensors) and len({t.device for t in tensors}) > 1:
+        tensors = [t.cpu() for t in tensors]  # (Tensor.device builds an object: is_cpu first)
     return join(tensors, *dim).detach().to("cpu", torch.float64).numpy()
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -31,7 +30,7 @@ from torch import nn
 from . import _fused
 from .layers import NormFamily, NormLayer, NormState, module_state  # the last two: re-exported
 from .metrics import channel_weights, layer_score, mismatch_sq, noise_sq_from_sums
-from .stats import Moments
+from .stats import BLOCK, LayerMeasurement, Moments  # the first two: re-exported
 
 __all__ = [
     "BLOCK",
@@ -63,40 +62,6 @@ _STAGE_SIZE = 65536
 def _capacity(channels: int) -> int:
     """Rows a recorder buffers before folding (64 for 128+ channels, up to 512 below)."""
     return max(_FLUSH_ROWS, min(_MAX_ROWS, _BUFFER_FLOATS // (3 * max(channels, 1))))
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class LayerMeasurement:
-    """What one path recorded for one layer, reduced to CPU float64 tensors.
-
-    ``units`` are batches, except for InstanceNorm with running statistics, whose train mode
-    normalizes each sample on its own: there the unit is the sample.
-    """
-
-    units: int
-    samples: int
-    pooled: Moments
-    running_mean: torch.Tensor
-    running_var: torch.Tensor
-    weights: torch.Tensor  # normalized gamma^2 over valid channels (sum 1), zeros if none
-    channel_m2: torch.Tensor  # per-channel m^2 averaged over units, against running stats
-    unit_scores: torch.Tensor  # per-unit layer mismatch D_b (NaN for non-finite units)
-    noise_m2: torch.Tensor  # per-channel m^2 of units against pooled stats, averaged
-    # per-channel m^2 of the average unit statistics (mean of unit means, mean of unbiased unit
-    # variances: what BatchNorm's running estimates average in training) against running stats
-    fit_m2: torch.Tensor
-    noniid: torch.Tensor | None  # per channel: between-unit spread over i.i.d. prediction
-    nonfinite_units: int
-    per_sample: bool  # every unit held exactly one sample
-    spatial: bool  # the input had dims beyond (N, C)
-    # One float64 array (rows BLOCK, then others) shared by the measurements of one
-    # finish_all, and this layer's columns: assemble gathers every layer's channels at once.
-    block: tuple[np.ndarray, int, int] | None = field(default=None, compare=False, repr=False)
-
-
-#: The first rows of ``LayerMeasurement.block``: the channels of these fields, as float64.
-BLOCK = ("weights", "running_mean", "running_var", "pooled_mean", "pooled_var", "channel_m2",
-         "noise_m2", "fit_m2")  # fmt: skip
 
 
 class Scratch:
@@ -268,8 +233,9 @@ class Recorder:
             rec._buf_addr = rec.buf.data_ptr()
             rec.elems, rec.samples = counts[i]
             rec._counts_at = counts_at + i * counts[i].nbytes  # (ndarray.ctypes costs 2 us)
-            rec.totals = torch.from_numpy(totals[i])
-            rec.sums = torch.from_numpy(sums[at : at + vectors * c].reshape(vectors, c))
+            if not rec._carved:  # (Recorder.many cuts them from a block too)
+                rec.totals = torch.from_numpy(totals[i])
+                rec.sums = torch.from_numpy(sums[at : at + vectors * c].reshape(vectors, c))
             rec._views = None
             start += size
             at += vectors * c
@@ -311,6 +277,7 @@ class Recorder:
         self._fold_row: tuple[tuple[Any, ...], list[int]] | None = None  # see _fold_job
         # Sums over units (rows), names in SCALARS and VECTORS (DESIGN.md): one tensor each, so
         # that setting up, merging and reading them back costs one op, not fifteen.
+        self._carved = accumulators is not None  # zeroed views of a block (Recorder.many)
         if accumulators is None:
             accumulators = (
                 torch.zeros(len(self.SCALARS), dtype=torch.float64, device=device),

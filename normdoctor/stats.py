@@ -4,16 +4,19 @@ A :class:`Moments` holds, per channel, the element count, the mean and M2 (the s
 deviations from the mean) in float64.  Two of them merge exactly with the pairwise update of
 Chan, Golub and LeVeque (1979), so statistics gathered over batches, shards or processes combine
 to exactly what one pass over the concatenated data would give, up to float64 rounding.
+A :class:`LayerMeasurement` is what the recording of one layer on one path reduces to
+(:func:`normdoctor.recording.finish_all`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-__all__ = ["Moments", "channel_moments"]
+__all__ = ["BLOCK", "LayerMeasurement", "Moments", "channel_moments"]
 
 
 def _reduce_dims(x: torch.Tensor, channel_dim: int = 1) -> tuple[int, ...]:
@@ -90,3 +93,37 @@ def channel_moments(x: torch.Tensor, channel_dim: int = 1) -> Moments:
     shape[channel_dim] = -1
     m2 = (x64 - mean.view(shape)).square().sum(dim=dims)
     return Moments(count, mean, m2)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LayerMeasurement:
+    """What one path recorded for one layer, reduced to CPU float64 tensors.
+
+    ``units`` are batches, except for InstanceNorm with running statistics, whose train mode
+    normalizes each sample on its own: there the unit is the sample.
+    """
+
+    units: int
+    samples: int
+    pooled: Moments
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    weights: torch.Tensor  # normalized gamma^2 over valid channels (sum 1), zeros if none
+    channel_m2: torch.Tensor  # per-channel m^2 averaged over units, against running stats
+    unit_scores: torch.Tensor  # per-unit layer mismatch D_b (NaN for non-finite units)
+    noise_m2: torch.Tensor  # per-channel m^2 of units against pooled stats, averaged
+    # per-channel m^2 of the average unit statistics (mean of unit means, mean of unbiased unit
+    # variances: what BatchNorm's running estimates average in training) against running stats
+    fit_m2: torch.Tensor
+    noniid: torch.Tensor | None  # per channel: between-unit spread over i.i.d. prediction
+    nonfinite_units: int
+    per_sample: bool  # every unit held exactly one sample
+    spatial: bool  # the input had dims beyond (N, C)
+    # One float64 array (rows BLOCK, then others) shared by the measurements of one
+    # finish_all, and this layer's columns: assemble gathers every layer's channels at once.
+    block: tuple[np.ndarray, int, int] | None = field(default=None, compare=False, repr=False)
+
+
+#: The first rows of ``LayerMeasurement.block``: the channels of these fields, as float64.
+BLOCK = ("weights", "running_mean", "running_var", "pooled_mean", "pooled_var", "channel_m2",
+         "noise_m2", "fit_m2")  # fmt: skip

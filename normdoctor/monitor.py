@@ -23,7 +23,6 @@ harmful verdict warns once per cause (:class:`MonitorWarning`, :mod:`logging`, `
 from __future__ import annotations
 
 import logging
-import random
 import warnings
 from collections import deque
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from . import _fused
+from ._globals import rng_state, set_rng_state
 from .assemble import EndToEndMeter, LossFn, assemble_report
 from .batching import first_tensor
 from .deferred import SERIAL_BUDGET, Deferred
@@ -103,24 +103,6 @@ class Flag:
     layers: tuple[str, ...]
     step: int
     report: ScanReport
-
-
-def _rng_state() -> tuple[Any, ...]:
-    cuda = (
-        torch.cuda.get_rng_state_all()
-        if torch.cuda.is_available() and torch.cuda.is_initialized()
-        else None
-    )
-    return torch.get_rng_state(), cuda, random.getstate(), np.random.get_state()
-
-
-def _set_rng_state(state: tuple[Any, ...]) -> None:
-    cpu, cuda, py, np_state = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
-    random.setstate(py)
-    np.random.set_state(np_state)
 
 
 def _clone_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -333,7 +315,7 @@ class Monitor:
             for b in objects.values()
             if b is not None
         }
-        rng = _rng_state()
+        rng = rng_state()
         self._checking = True
         try:
             with torch.no_grad():
@@ -343,7 +325,7 @@ class Monitor:
             self._checking = False
             for m, flag in flags:
                 object.__setattr__(m, "training", flag)  # a bool: skip nn.Module.__setattr__
-            _set_rng_state(rng)
+            set_rng_state(rng)
             for m, held in params:
                 m._parameters.clear()
                 m._parameters.update(held)

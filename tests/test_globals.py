@@ -14,7 +14,7 @@ import torch
 
 import normdoctor as nd
 from normdoctor import _fused
-from normdoctor._globals import preserved_globals
+from normdoctor._globals import preserved_globals, rng_state, set_rng_state
 from normdoctor.io import load_data, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,3 +162,74 @@ def test_the_cycle_collector_is_as_it_was_after_a_scan(digits, enabled):
     finally:
         tap.remove()
         (gc.enable if was else gc.disable)()
+
+
+def _numpy_state() -> tuple:
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    return name, key.tobytes(), pos, has_gauss, gauss
+
+
+@pytest.mark.parametrize(
+    "draw",
+    [
+        lambda: np.random.standard_normal(),  # consumes a cached normal: only has_gauss moves
+        lambda: np.random.standard_normal(7),
+        lambda: np.random.rand(700),  # past one 624-word block: the key regenerated
+        lambda: np.random.seed(99),
+        lambda: None,
+    ],
+    ids=["one-normal", "normals", "uniforms", "seed", "nothing"],
+)
+@pytest.mark.parametrize("cached", [False, True], ids=["no-cache", "cache"])
+def test_numpy_snapshot_is_byte_exact(draw, cached):
+    """The snapshot restores all of get_state: key, position and the cached second normal."""
+    np.random.seed(5)
+    if cached:
+        np.random.standard_normal()  # one of a pair: the other one cached
+    assert np.random.get_state()[3] == int(cached)
+    saved = rng_state()
+    assert isinstance(saved[2], tuple), "the fast snapshot is in use on this NumPy"
+    want = _numpy_state()
+    ahead = np.random.standard_normal(5)
+    set_rng_state(saved)
+    draw()
+    set_rng_state(saved)
+    assert _numpy_state() == want
+    assert np.array_equal(np.random.standard_normal(5), ahead)
+
+
+def test_numpy_snapshot_survives_a_swapped_bit_generator():
+    np.random.seed(6)
+    saved, want = rng_state(), _numpy_state()
+    np.random.set_bit_generator(np.random.PCG64(1))
+    np.random.rand(3)
+    set_rng_state(saved)
+    assert type(np.random.mtrand._rand._bit_generator) is np.random.MT19937
+    assert _numpy_state() == want
+
+
+def test_numpy_snapshot_outlives_a_nested_save_of_another_generator():
+    """A save in between that finds another generator does not change where the outer one
+    writes back."""
+    np.random.seed(7)
+    outer, want = rng_state(), _numpy_state()
+    np.random.set_bit_generator(np.random.PCG64(3))
+    inner = rng_state()
+    np.random.rand(2)
+    set_rng_state(inner)
+    set_rng_state(outer)
+    assert _numpy_state() == want
+
+
+def test_numpy_snapshot_falls_back_to_get_state_for_other_generators():
+    """Another bit generator as NumPy's global one: get_state and set_state, still exact."""
+    before = np.random.mtrand._rand._bit_generator
+    np.random.set_bit_generator(np.random.PCG64(2))
+    try:
+        saved = rng_state()
+        assert isinstance(saved[2], dict)
+        ahead = np.random.rand(4)
+        set_rng_state(saved)
+        assert np.array_equal(np.random.rand(4), ahead)
+    finally:
+        np.random.set_bit_generator(before)

@@ -462,6 +462,36 @@ class Recorder:
         self.nrows = row + 1
         return (x.data_ptr(), self._buf_addr + row * self._row_bytes, fast[6])
 
+    def book_calls(self, xs: Sequence[torch.Tensor], start: int) -> np.ndarray | None:
+        """:meth:`book` (without staging) of ``xs[start:]`` while they have the last fused
+        call's shape, dtype and layout and rows are free: their jobs, one row each, booked with
+        one slice per array instead of a call each (a held step's worth at batch size 1)."""
+        fast = self._fast_call
+        if fast is None:
+            return None
+        shape, dtype, addresses = fast[0], fast[1], []
+        for i in range(start, len(xs)):
+            x = xs[i]
+            if x.shape != shape or x.dtype is not dtype or not x.is_contiguous():
+                break
+            addresses.append(x.data_ptr())
+        if not addresses:
+            return None
+        if self._staged:
+            self._run_stage()  # rows stay in call order
+        row = self.nrows
+        k = min(len(addresses), self.capacity - row)
+        self.elems[row : row + k] = fast[3]
+        self.samples[row : row + k] = fast[4]
+        self.rows_per_call += [1] * k
+        self.nrows = row + k
+        self.last = (row + k - 1, fast[3])
+        jobs = np.empty((k, _fused.JOB_COLUMNS), dtype=np.int64)
+        jobs[:, 0] = addresses[:k]
+        jobs[:, 1] = np.arange(row, row + k) * self._row_bytes + self._buf_addr
+        jobs[:, 2:] = fast[6]
+        return jobs
+
     def _stage_for(
         self, x: torch.Tensor, job: np.ndarray, elems: int, samples: int
     ) -> tuple[Any, ...] | None:

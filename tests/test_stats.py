@@ -610,6 +610,65 @@ def test_held_calls_record_what_recording_each_call_at_once_does():
         torch.testing.assert_close(a.fit_m2, b.fit_m2, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("stage", [False, True], ids=["monitor", "staged"])
+def test_calls_held_over_many_forwards_are_booked_in_call_order(stage):
+    # The monitor holds steps until 2^16 elements are held (detach_held at the end of each): a
+    # layer's run of calls of one shape is then booked in one go (Recorder.book_calls), across full buffers (64 rows), a shape
+    # change and back, and a non-contiguous input.  Every measurement equals that of the same
+    # calls recorded one by one (1e-12: float64 sums in another order), scores in call order.
+    pytest.importorskip("numba")
+    from normdoctor import _fused, recording
+    from normdoctor.deferred import Deferred
+    from normdoctor.layers import find_norm_layers
+    from normdoctor.recording import Recorder, finish_all
+
+    if _fused.kernel() is None:
+        pytest.skip("the fused kernel is switched off")
+    model = nn.Sequential(nn.BatchNorm2d(5), nn.BatchNorm2d(3)).eval()
+    layers = find_norm_layers(model)
+    modules = dict(model.named_modules())
+    gen = torch.Generator().manual_seed(12)
+    forwards = []
+    for step in range(200):
+        shape = (1, 5, 4, 4) if step < 90 or step >= 120 else (2, 5, 3, 3)
+        a = torch.randn(*shape, generator=gen) * (1 + step % 5) + step % 3
+        b = torch.randn(1, 3, 6, 2, generator=gen) - 1
+        forwards.append([(0, a), (1, b.transpose(2, 3) if step == 150 else b)])
+    booked = []
+    book_calls = Recorder.book_calls
+
+    def counted(self, xs, start):
+        jobs = book_calls(self, xs, start)
+        booked.append(0 if jobs is None else len(jobs))
+        return jobs
+
+    got = []
+    for held in (True, False):
+        recs = Recorder.for_layers(layers, modules)
+        Recorder.preallocate(recs)
+        deferred = Deferred(stage=stage)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(recording.Recorder, "book_calls", counted)
+            for step, calls in enumerate(forwards):
+                for i, x in calls:
+                    if held:
+                        deferred.observe(recs[i], x)
+                    else:
+                        recs[i].observe(x)
+                if step in (0, 199) or step % 37 == 36:
+                    deferred.flush()
+                else:
+                    deferred.detach_held()  # held past the forward, as the monitor does
+        got.append(finish_all(recs))
+    assert max(booked) >= 30  # the path under test ran, in runs of many calls
+    for a, b in zip(*got, strict=True):
+        assert a.units == b.units == 200
+        torch.testing.assert_close(a.unit_scores, b.unit_scores, rtol=1e-12, atol=0)
+        torch.testing.assert_close(a.pooled.mean, b.pooled.mean, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(a.pooled.m2, b.pooled.m2, rtol=1e-12, atol=0)
+        torch.testing.assert_close(a.noise_m2, b.noise_m2, rtol=1e-12, atol=1e-15)
+
+
 def test_an_input_written_after_its_layer_read_it_is_never_mistaken():
     # Holding an input is only right while nothing writes to it.  A model that adds into a
     # norm layer's input in place after the layer ran (on every call) is recorded as it runs,

@@ -506,6 +506,14 @@ def test_recorders_made_together_equal_recorders_made_alone():
     assert float(together[3].weights[1]) == 0.0  # the infinite gamma weighs nothing
 
 
+def _assert_same_sums(a, b) -> None:
+    """Two measurements of the same calls: equal up to float64 sums in another order (1e-12)."""
+    torch.testing.assert_close(a.unit_scores, b.unit_scores, rtol=1e-12, atol=0)
+    torch.testing.assert_close(a.pooled.mean, b.pooled.mean, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(a.pooled.m2, b.pooled.m2, rtol=1e-12, atol=0)
+    torch.testing.assert_close(a.noise_m2, b.noise_m2, rtol=1e-12, atol=1e-15)
+
+
 def test_preallocated_row_buffers_record_what_lazy_ones_do():
     # Recorder.preallocate carves every recorder's rows from one block (64 rows each): over
     # several folds and layers of different widths, the measurements equal those of recorders
@@ -537,10 +545,7 @@ def test_preallocated_row_buffers_record_what_lazy_ones_do():
         got.append(finish_all(recs))
     for a, b in zip(*got, strict=True):
         assert a.units == b.units == 150
-        torch.testing.assert_close(a.unit_scores, b.unit_scores, rtol=1e-12, atol=0)
-        torch.testing.assert_close(a.pooled.mean, b.pooled.mean, rtol=1e-12, atol=1e-15)
-        torch.testing.assert_close(a.pooled.m2, b.pooled.m2, rtol=1e-12, atol=0)
-        torch.testing.assert_close(a.noise_m2, b.noise_m2, rtol=1e-12, atol=1e-15)
+        _assert_same_sums(a, b)
         torch.testing.assert_close(a.channel_m2, b.channel_m2, rtol=1e-12, atol=0)
 
 
@@ -603,10 +608,7 @@ def test_held_calls_record_what_recording_each_call_at_once_does():
         got.append(finish_all(recs))
     for a, b in zip(*got, strict=True):
         assert a.units == b.units and a.units in (150, 300)
-        torch.testing.assert_close(a.unit_scores, b.unit_scores, rtol=1e-12, atol=0)
-        torch.testing.assert_close(a.pooled.mean, b.pooled.mean, rtol=1e-12, atol=1e-15)
-        torch.testing.assert_close(a.pooled.m2, b.pooled.m2, rtol=1e-12, atol=0)
-        torch.testing.assert_close(a.noise_m2, b.noise_m2, rtol=1e-12, atol=1e-15)
+        _assert_same_sums(a, b)
         torch.testing.assert_close(a.fit_m2, b.fit_m2, rtol=1e-12, atol=1e-15)
 
 
@@ -663,10 +665,7 @@ def test_calls_held_over_many_forwards_are_booked_in_call_order(stage):
     assert max(booked) >= 30  # the path under test ran, in runs of many calls
     for a, b in zip(*got, strict=True):
         assert a.units == b.units == 200
-        torch.testing.assert_close(a.unit_scores, b.unit_scores, rtol=1e-12, atol=0)
-        torch.testing.assert_close(a.pooled.mean, b.pooled.mean, rtol=1e-12, atol=1e-15)
-        torch.testing.assert_close(a.pooled.m2, b.pooled.m2, rtol=1e-12, atol=0)
-        torch.testing.assert_close(a.noise_m2, b.noise_m2, rtol=1e-12, atol=1e-15)
+        _assert_same_sums(a, b)
 
 
 def test_an_input_written_after_its_layer_read_it_is_never_mistaken():

@@ -565,6 +565,7 @@ def _layer_report(
         degenerate=len(degenerate),
         threshold=threshold,
         noniid_threshold=noniid_threshold,
+        tracked_instance=layer.family is NormFamily.INSTANCE_TRACKED,
     )
     if layer.family is NormFamily.FROZEN and rec not in (
         Recommendation.OK,

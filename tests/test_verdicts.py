@@ -362,3 +362,41 @@ def test_a_model_without_batch_dependent_layers_says_so_plainly():
     report = nd.scan(model, torch.randn(8, 1, 6, 6))
     assert report.status is Verdict.OK
     assert report.reason == "no batch-dependent normalization layers: nothing can drift"
+
+
+@pytest.mark.parametrize(
+    ("shift", "noise", "per_sample", "spatial", "expected"),
+    [
+        # per-sample batches, noise over the threshold: recalibrating would leave it flagged
+        (0.1538, 0.1536, True, True, "instance"),
+        (0.30, 0.15, True, True, "instance"),
+        # the noise alone within the threshold: recalibration suffices and changes no layer
+        (0.20, 0.05, True, True, "recalibrate"),
+        # nothing to normalize per sample: InstanceNorm is not training's computation
+        (0.30, 0.15, True, False, "recalibrate"),
+        # batches of many samples: stale statistics dominate, as before
+        (0.30, 0.15, False, True, "recalibrate"),
+        (0.05, 0.20, True, True, "instance"),
+    ],
+)
+def test_per_sample_batches_recommend_the_fix_that_leaves_no_drift(
+    shift, noise, per_sample, spatial, expected
+):
+    from normdoctor.metrics import recommend
+
+    drift = float(np.hypot(shift, noise))  # drift^2 is about shift^2 + noise^2
+    fix, reason = recommend(
+        drift=drift, shift=shift, noise=noise, noniid=None, per_sample=per_sample, spatial=spatial
+    )
+    assert str(fix) == expected, reason
+    # A tracked InstanceNorm keeps recalibration, which patch applies to it (test_zoo).
+    tracked, _ = recommend(
+        drift=drift,
+        shift=0.3,
+        noise=0.15,
+        noniid=None,
+        per_sample=True,
+        spatial=True,
+        tracked_instance=True,
+    )
+    assert str(tracked) == "recalibrate"

@@ -6,7 +6,9 @@ Two identical copies of each model train on the same batches (SGD, cross-entropy
 one inside ``normdoctor.monitor(model, every=...)`` (entered once, as a training loop would).
 Per round the plain copy runs ``--steps`` steps, then the watched copy, then the plain one
 again; a round's ratio is the watched time over the mean of the two plain runs around it, and
-the table shows the medians.  Cases: the ResNet-18-shaped CNN of ``_resnet.py`` at batch size
+the table shows the medians.  With ``--block N`` the two copies alternate every N steps
+within a round instead (order alternating), which cancels the machine's drift over seconds; a
+round's ratio is then the watched time over the plain time of the same steps.  Cases: the ResNet-18-shaped CNN of ``_resnet.py`` at batch size
 32 (``--size`` square inputs, ImageNet stem) and the sample architecture ``DigitsCNN`` at batch
 size 1 (8x8 digits).  Issue 18's target: at most 1.05x.
 
@@ -57,6 +59,20 @@ def case(name: str, model: nn.Module, batches: list, args: argparse.Namespace) -
         steps(plain, opt_p, batches[:3]), steps(watched, opt_w, batches[:3], mon)  # warm up
         t_p, t_w, ratios = [], [], []
         for _ in range(args.rounds):
+            if args.block:
+                # Plain and watched alternate every --block steps, in alternating order: the
+                # machine's speed drifts over seconds, and both runs see the same drift.
+                a = b = 0.0
+                for k, i in enumerate(range(0, len(batches), args.block)):
+                    chunk = batches[i : i + args.block]
+                    if k % 2:
+                        b += steps(watched, opt_w, chunk, mon)
+                        a += steps(plain, opt_p, chunk)
+                    else:
+                        a += steps(plain, opt_p, chunk)
+                        b += steps(watched, opt_w, chunk, mon)
+                t_p.append(a), t_w.append(b), ratios.append(b / a)
+                continue
             a = steps(plain, opt_p, batches)
             b = steps(watched, opt_w, batches, mon)
             c = steps(plain, opt_p, batches)
@@ -82,11 +98,18 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="ResNet input size")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", choices=("resnet", "digits"), default=None)
+    parser.add_argument(
+        "--block",
+        type=int,
+        default=0,
+        help="alternate plain and watched every BLOCK steps within a round (0: whole runs)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads, "
         f"{args.steps} steps per run, {args.rounds} interleaved rounds, every={args.every}"
+        + (f", alternating every {args.block} steps" if args.block else "")
     )
     print(
         f"{'case':<28} {'plain ms':>9} {'watched ms':>10} {'ratio':>7} {'min':>7} {'max':>7}"

@@ -221,12 +221,9 @@ class Recorder:
         block = torch.empty(sum(sizes), dtype=torch.float64).numpy()
         counts = np.empty((len(todo), 2, _FLUSH_ROWS))
         counts_at = counts.ctypes.data
-        # Zeroed accumulators only for those that Recorder.many did not cut from its own block
-        # (a scan's recorders all come from it: 270 KiB of zeros at 20 layers, for nothing).
-        bare = [i for i, r in enumerate(todo) if not r._carved]
-        vectors = len(Recorder.VECTORS)
-        totals = np.zeros((len(bare), len(Recorder.SCALARS)))
-        sums = np.zeros(vectors * sum(channels[i] for i in bare))
+        scalars, vectors = len(Recorder.SCALARS), len(Recorder.VECTORS)
+        totals = np.zeros((len(todo), scalars))
+        sums = np.zeros(vectors * sum(channels))
         start = at = 0
         for i, (rec, c, size) in enumerate(zip(todo, channels, sizes, strict=True)):
             assert rec.nrows == 0 and not rec.unit_scores  # nothing recorded yet
@@ -236,12 +233,11 @@ class Recorder:
             rec._buf_addr = rec.buf.data_ptr()
             rec.elems, rec.samples = counts[i]
             rec._counts_at = counts_at + i * counts[i].nbytes  # (ndarray.ctypes costs 2 us)
-            start += size
+            if not rec._carved:  # (Recorder.many cuts them from a block too)
+                rec.totals = torch.from_numpy(totals[i])
+                rec.sums = torch.from_numpy(sums[at : at + vectors * c].reshape(vectors, c))
             rec._views = None
-        for j, i in enumerate(bare):
-            rec, c = todo[i], channels[i]
-            rec.totals = torch.from_numpy(totals[j])
-            rec.sums = torch.from_numpy(sums[at : at + vectors * c].reshape(vectors, c))
+            start += size
             at += vectors * c
 
     def like(self) -> Recorder:

@@ -8,9 +8,10 @@ Per round the plain copy runs ``--steps`` steps, then the watched copy, then the
 again; a round's ratio is the watched time over the mean of the two plain runs around it, and
 the table shows the medians.  With ``--block N`` the two copies alternate every N steps
 within a round instead (order alternating), which cancels the machine's drift over seconds; a
-round's ratio is then the watched time over the plain time of the same steps.  Cases: the ResNet-18-shaped CNN of ``_resnet.py`` at batch size
-32 (``--size`` square inputs, ImageNet stem) and the sample architecture ``DigitsCNN`` at batch
-size 1 (8x8 digits).  Issue 18's target: at most 1.05x.
+round's ratio is then the watched time over the plain time of the same steps.  Cases: the
+ResNet-18-shaped CNN of ``_resnet.py`` at batch size 32 (``--size`` square inputs, ImageNet
+stem) and the sample architecture ``DigitsCNN`` at batch size 1 (8x8 digits).  Issue 18's
+target: at most 1.05x.
 
 The verdict of a window (once per ``window`` steps, default 20 x every) is timed on its own and
 shown amortised per step.

@@ -38,13 +38,13 @@ from .report import (
     Composition,
     EndToEnd,
     Evidence,
+    Floats,
     LayerReport,
     LayerStatus,
     PathReport,
     ScanReport,
     Verdict,
     finite_or_none,
-    floats,
 )
 from .search import (
     Spec,
@@ -303,7 +303,7 @@ def _channel_rows(
 
 def _unit_figures(
     units: Sequence[np.ndarray],
-) -> tuple[list[int | None], list[float | None], list[tuple[float | None, ...]]]:
+) -> tuple[list[int | None], list[float | None], list[Floats]]:
     """Per layer, from its per-unit scores: the index and score of the worst unit (the first of
     the largest finite score; None where none is finite) and the scores as floats, by segment
     reductions over every layer's scores at once."""
@@ -322,7 +322,7 @@ def _unit_figures(
         for k, i, t in zip(live.tolist(), first.tolist(), top.tolist(), strict=True):
             if t > -math.inf:
                 index[k], worst[k] = i, t
-    return index, worst, _as_tuples(scores, starts, ends)
+    return index, worst, _as_floats(scores, starts, ends)
 
 
 def _path_reports(items: Sequence[tuple[LayerMeasurement, float]]) -> list[PathReport]:
@@ -365,8 +365,8 @@ def _path_reports(items: Sequence[tuple[LayerMeasurement, float]]) -> list[PathR
             "mean_shift": (pm - rm) / np.sqrt(rv + eps),
             "var_log_ratio": 0.5 * np.log((pv + eps) / (rv + eps)),
         }
-    # One tolist per quantity, sliced per layer (floats() maps non-finite values to None).
-    as_tuples = {name: _as_tuples(values, starts, ends) for name, values in vectors.items()}
+    # Per layer, a view of each quantity, made into floats when read (report.Floats).
+    as_floats = {name: _as_floats(values, starts, ends) for name, values in vectors.items()}
     worst_batch, worst_score, batch_drift = _unit_figures([m.unit_scores.numpy() for m, _ in items])
     reports = []
     for i, (m, _eps) in enumerate(items):
@@ -388,11 +388,11 @@ def _path_reports(items: Sequence[tuple[LayerMeasurement, float]]) -> list[PathR
                 shift=shift[i],
                 noise=noise[i],
                 noniid=noniid,
-                pooled_mean=as_tuples["pooled_mean"][i],
-                pooled_var=as_tuples["pooled_var"][i],
-                channel_drift=as_tuples["channel_drift"][i],
-                mean_shift=as_tuples["mean_shift"][i],
-                var_log_ratio=as_tuples["var_log_ratio"][i],
+                pooled_mean=as_floats["pooled_mean"][i],
+                pooled_var=as_floats["pooled_var"][i],
+                channel_drift=as_floats["channel_drift"][i],
+                mean_shift=as_floats["mean_shift"][i],
+                var_log_ratio=as_floats["var_log_ratio"][i],
                 batch_drift=batch_drift[i],
                 fit=fit[i],
             )
@@ -402,8 +402,8 @@ def _path_reports(items: Sequence[tuple[LayerMeasurement, float]]) -> list[PathR
 
 #: Per layer: (running mean, running var as float tuples or None, dead, degenerate channels).
 Statics = tuple[
-    tuple[float | None, ...] | None,
-    tuple[float | None, ...] | None,
+    Floats | None,
+    Floats | None,
     tuple[int, ...],
     tuple[int, ...],
 ]
@@ -429,14 +429,12 @@ def _segments(mask: np.ndarray, starts: np.ndarray) -> list[tuple[int, ...]]:
     return [tuple(within[a:b]) for a, b in itertools.pairwise(cuts)]
 
 
-def _as_tuples(values: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> list[tuple]:
-    """Per segment, its values as floats (non-finite ones as None): one tolist for all."""
-    listed = values.tolist()
-    finite = bool(np.isfinite(values).all())
-    return [
-        tuple(listed[a:b]) if finite else floats(listed[a:b])
-        for a, b in zip(starts.tolist(), ends.tolist(), strict=True)
-    ]
+def _as_floats(values: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> list[Floats]:
+    """Per segment, its values as :class:`~normdoctor.report.Floats` (made into floats, the
+    non-finite ones None, when read).  ``values`` must be an array of this scan's own that
+    nothing writes to later (it is made read-only here)."""
+    values.flags.writeable = False
+    return [Floats(values[a:b]) for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
 
 
 def _statics(states: Sequence[NormState]) -> list[Statics]:
@@ -478,15 +476,15 @@ def _statics(states: Sequence[NormState]) -> list[Statics]:
                 variances.append(var)
             else:  # malformed buffers (the layer itself would fail): no channel analysis
                 whole = [(np.array([0]), np.array([t.numel()])) for t in (mean, var)]
-                out[i][0] = _as_tuples(_numpy64(mean), *whole[0])[0]
-                out[i][1] = _as_tuples(_numpy64(var), *whole[1])[0]
+                out[i][0] = _as_floats(_numpy64(mean).copy(), *whole[0])[0]
+                out[i][1] = _as_floats(_numpy64(var).copy(), *whole[1])[0]
     if both:
         starts, ends = bounds(means)
         m, v = _joined64(means), _joined64(variances)
         with np.errstate(invalid="ignore"):
             bad = ~np.isfinite(m) | ~np.isfinite(v) | (v <= 0)
         for i, mean_t, var_t, channels in zip(
-            both, _as_tuples(m, starts, ends), _as_tuples(v, starts, ends),
+            both, _as_floats(m, starts, ends), _as_floats(v, starts, ends),
             _segments(bad, starts), strict=True,
         ):  # fmt: skip
             out[i][0], out[i][1], out[i][3] = mean_t, var_t, channels

@@ -12,14 +12,14 @@ import dataclasses
 import enum
 import html
 import json
-import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .metrics import Recommendation
 from .text import NUMBER, clip, merge_numbers, number_ranges, plural, significant
+from .values import Floats, finite_or_none, floats
 
 if TYPE_CHECKING:
     from .checks import Finding
@@ -32,6 +32,7 @@ __all__ = [
     "EndToEnd",
     "Evidence",
     "FindingGroup",
+    "Floats",
     "LayerListing",
     "LayerReport",
     "LayerStatus",
@@ -93,18 +94,6 @@ class Verdict(enum.StrEnum):
         return self in (Verdict.HARMFUL, Verdict.COMPOUNDING)
 
 
-def finite_or_none(x: float | None) -> float | None:
-    """``float(x)`` or ``None`` when missing or not finite (JSON has no NaN)."""
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-def floats(values: Iterable[float]) -> tuple[float | None, ...]:
-    return tuple(finite_or_none(v) for v in values)
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PathReport:
     """One layer measured on one path ("train" or "eval").
@@ -124,12 +113,12 @@ class PathReport:
     shift: float | None
     noise: float | None
     noniid: float | None
-    pooled_mean: tuple[float | None, ...]
-    pooled_var: tuple[float | None, ...]  # biased, as BatchNorm normalizes
-    channel_drift: tuple[float | None, ...]
-    mean_shift: tuple[float | None, ...]  # (mu_P - mu_R) / s_R
-    var_log_ratio: tuple[float | None, ...]  # log(s_P / s_R)
-    batch_drift: tuple[float | None, ...]  # D_b for every batch, in scan order
+    pooled_mean: Sequence[float | None]
+    pooled_var: Sequence[float | None]  # biased, as BatchNorm normalizes
+    channel_drift: Sequence[float | None]
+    mean_shift: Sequence[float | None]  # (mu_P - mu_R) / s_R
+    var_log_ratio: Sequence[float | None]  # log(s_P / s_R)
+    batch_drift: Sequence[float | None]  # D_b for every batch, in scan order
     # Running statistics against the average batch statistics (mean of batch means, mean of
     # unbiased batch variances: what BatchNorm's running estimates average in training).
     fit: float | None = None
@@ -156,8 +145,8 @@ class LayerReport:
     batch_dependent: bool
     executed: bool
     order: int | None  # position in execution order (None: never ran or not measured)
-    running_mean: tuple[float | None, ...] = ()
-    running_var: tuple[float | None, ...] = ()
+    running_mean: Sequence[float | None] = ()
+    running_var: Sequence[float | None] = ()
     dead_channels: tuple[int, ...] = ()  # |gamma| ~ 0
     degenerate_channels: tuple[int, ...] = ()  # running_var <= 0, NaN or Inf
     status: LayerStatus
@@ -207,11 +196,11 @@ class LayerReport:
         return self._get("batches") or 0
 
     @property
-    def pooled_mean(self) -> tuple[float | None, ...]:
+    def pooled_mean(self) -> Sequence[float | None]:
         return self._get("pooled_mean") or ()
 
     @property
-    def pooled_var(self) -> tuple[float | None, ...]:
+    def pooled_var(self) -> Sequence[float | None]:
         return self._get("pooled_var") or ()
 
     def to_dict(self) -> dict[str, Any]:
@@ -681,7 +670,7 @@ def _plain(value: Any) -> Any:
         return finite_or_none(value)
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple, Floats)):
         return [_plain(v) for v in value]
     return value
 

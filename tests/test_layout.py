@@ -147,6 +147,7 @@ def test_no_module_over_900_lines(module):
 FORBIDDEN = [
     ("normdoctor.report", ("normdoctor.render", "normdoctor.scan", "normdoctor.sources")),
     ("normdoctor.stats", ("normdoctor.",)),
+    ("normdoctor.values", ("normdoctor.",)),
     ("normdoctor.metrics", ("normdoctor.",)),
     ("normdoctor.verdict", ("normdoctor.scan", "normdoctor.sources", "normdoctor.render")),
     ("normdoctor.recording", ("normdoctor.sources", "normdoctor.scan", "normdoctor.io")),

@@ -32,8 +32,9 @@ from .errors import NormDoctorError
 
 _kernel: Callable[..., None] | None = None
 _fold: Callable[..., None] | None = None
-#: (batch_sums, fold)
-Kernels = tuple[Callable[..., None], Callable[..., None]]
+_close: Callable[..., None] | None = None
+#: (batch_sums, fold, close)
+Kernels = tuple[Callable[..., None], Callable[..., None], Callable[..., None]]
 _built: Kernels | None = None
 _address: Any = None  # see _define
 _channel: Any = None
@@ -86,7 +87,7 @@ def _compile() -> Kernels:
     return fns
 
 
-def _warm(sums: Callable[..., None], fold: Callable[..., None]) -> None:
+def _warm(sums: Callable[..., None], fold: Callable[..., None], close: Callable[..., None]) -> None:
     # One signature per kernel, whatever the input's dtype: loading each from numba's cache
     # costs a few tenths of a second per process.
     x32 = np.ones((2, 2, 3), dtype=np.float32)
@@ -108,6 +109,12 @@ def _warm(sums: Callable[..., None], fold: Callable[..., None]) -> None:
         raise RuntimeError(f"fused fold self-check failed: {totals.tolist()}, {acc.tolist()}")
     if not math.isnan(scores[1]):
         raise RuntimeError("fused fold self-check failed: a NaN row must score NaN")
+    # Closing that one batch: mean 2 and biased variance 1.
+    out = np.zeros((10, 1))
+    vectors = np.zeros((6, 1))
+    close(totals.reshape(1, 4), acc, vectors, np.zeros(1), np.ones(1, dtype=np.int64), out)
+    if not (out[3, 0] == 2.0 and out[4, 0] == 1.0 and out[5, 0] == 4.0):
+        raise RuntimeError(f"fused close self-check failed: {out[:, 0].tolist()}")
 
 
 def job(x: np.ndarray, shift: np.ndarray, out: np.ndarray) -> list[int]:
@@ -342,7 +349,62 @@ def _define(cache: bool) -> Kernels:
                 scores[at : at + r],
             )
 
-    return batch_sums, fold
+    @numba.njit(cache=cache, nogil=True, boundscheck=False, error_model="numpy")
+    def close(totals, sums, vectors, eps, sizes, out):  # pragma: no cover - compiled
+        """``recording.finish_all``'s closing arithmetic, channel by channel: the NumPy
+        expressions there, operation for operation in the same order (no fastmath), so the
+        results are the same bits (tests/test_stats.py compares them).  ``totals`` (L, 4),
+        ``sums`` (11, C) and ``vectors`` (6, C: shift, safe mean, safe var, weights, running
+        mean, running var) over the C channels of L layers (``sizes``, ``eps`` per layer) into
+        ``out`` (10, C), the rows of ``finish_all``'s block."""
+        nan = math.nan
+        a = 0
+        for layer in range(sizes.shape[0]):
+            count, samples, units = totals[layer, 0], totals[layer, 1], totals[layer, 2]
+            e = eps[layer]
+            units1 = units if units > 1.0 else 1.0
+            per_unit = count / units if units > 0 else nan
+            unbiased = per_unit / (per_unit - 1) if per_unit > 1 else nan
+            for c in range(a, a + sizes[layer]):
+                p1, p2, sum_m2 = sums[0, c], sums[1, c], sums[2, c]
+                r1, r2, rv, u1, u2 = sums[3, c], sums[4, c], sums[5, c], sums[6, c], sums[7, c]
+                z1, z2, between = sums[8, c], sums[9, c], sums[10, c]
+                k, safe_mean, safe_var = vectors[0, c], vectors[1, c], vectors[2, c]
+                seen = count > 0
+                dev = p1 / count if seen else nan
+                m2 = nan
+                if seen:
+                    m2 = p2 - p1 * p1 / count
+                    m2 = 0.0 if m2 < 0.0 else m2
+                pooled_var = m2 / count
+                mean_dev_sq = u2 - 2 * dev * u1 + units * (dev * dev)
+                mean_dev_sq = 0.0 if mean_dev_sq < 0.0 else mean_dev_sq
+                inv_p = 1.0 / np.sqrt(pooled_var + e)
+                noise = r1 - 2.0 * inv_p * r2 + (inv_p * inv_p) * (rv + mean_dev_sq)
+                noise = noise / units1
+                noise = 0.0 if noise < 0.0 else noise
+                batch_mean = k + u1 / units1
+                batch_var = rv / units1 * unbiased
+                inv_b = 1.0 / np.sqrt(batch_var + e)
+                inv_r = 1.0 / np.sqrt(safe_var + e)
+                d = batch_mean - safe_mean
+                fit = batch_var * ((inv_b - inv_r) * (inv_b - inv_r)) + (d * d) * (inv_r * inv_r)
+                total = z2 - z1 * z1 / samples
+                spread = between - z1 * z1 / samples
+                ratio = (spread / (units - 1)) / (total / (samples - 1)) if total > 0 else nan
+                out[0, c] = vectors[3, c]
+                out[1, c] = vectors[4, c]
+                out[2, c] = vectors[5, c]
+                out[3, c] = k + dev
+                out[4, c] = pooled_var
+                out[5, c] = sum_m2 / units1
+                out[6, c] = noise
+                out[7, c] = fit
+                out[8, c] = m2
+                out[9, c] = ratio
+            a += sizes[layer]
+
+    return batch_sums, fold, close
 
 
 CHOICES = ("auto", "numba", "torch")
@@ -353,16 +415,16 @@ def use(choice: str | None = None) -> bool:
 
     ``None`` reads ``NORMDOCTOR_KERNEL`` (default ``auto``).  Returns whether the kernel is on.
     """
-    global _kernel, _fold, _tried
+    global _kernel, _fold, _close, _tried
     if choice is None:
         choice = os.environ.get("NORMDOCTOR_KERNEL", "auto")
     choice = choice.strip().lower()
     if choice not in CHOICES:
         raise NormDoctorError(f"kernel {choice!r}: expected one of {', '.join(CHOICES)}")
-    _tried, _kernel, _fold = True, None, None
+    _tried, _kernel, _fold, _close = True, None, None, None
     if choice != "torch":
         try:
-            _kernel, _fold = _build()
+            _kernel, _fold, _close = _build()
         except ImportError as exc:
             if choice == "numba":
                 raise NormDoctorError(
@@ -396,6 +458,14 @@ def fold() -> Callable[..., None] | None:
     return _fold
 
 
+def close() -> Callable[..., None] | None:
+    """The compiled ``close(totals, sums, vectors, eps, sizes, out)`` of
+    ``recording.finish_all``, or ``None``."""
+    if not _tried:
+        use()
+    return _close
+
+
 def match_threads() -> int:
     """Run the kernel on as many threads as torch uses (call on the scanning thread).
 
@@ -423,6 +493,7 @@ __all__ = [
     "FOLD_JOB",
     "JOB",
     "JOB_COLUMNS",
+    "close",
     "fold",
     "fold_job",
     "job",

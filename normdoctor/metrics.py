@@ -30,6 +30,7 @@ __all__ = [
     "DEFAULT_THRESHOLD",
     "Recommendation",
     "channel_weights",
+    "close_rows",
     "layer_score",
     "mismatch_sq",
     "noise_sq_from_sums",
@@ -213,3 +214,46 @@ def recommend(
         Recommendation.BATCHSTATS,
         f"batch noise {noise:.3g} ≥ population shift {shift:.3g}: the layer depends on its batch",
     )
+
+
+def close_rows(
+    totals: np.ndarray,
+    sums: np.ndarray,
+    vectors: tuple[np.ndarray, ...],
+    eps: np.ndarray,
+    sizes: list[int],
+) -> np.ndarray:
+    """``recording.finish_all``'s closing arithmetic over every channel of every layer at once:
+    from a path's accumulators (``totals`` (layers, 4), ``sums`` (11, channels); names in
+    ``Recorder.SCALARS`` and ``VECTORS``) and ``vectors`` (shift, safe mean, safe var, weights,
+    running mean, running var), the rows ``stats.BLOCK``, then m2 and the non-i.i.d. ratio,
+    float64 (10, channels).  ``_fused.close`` compiles the same expressions."""
+    p1, p2, sum_m2, r1, r2, rv, u1, u2, z1, z2, between = sums
+    k, safe_mean, safe_var, weights, running_mean, running_var = vectors
+    count, samples, units = (np.repeat(totals[:, j], sizes) for j in range(3))
+    eps = np.repeat(eps, sizes)
+    units1 = np.maximum(units, 1.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        seen = count > 0
+        dev = np.where(seen, p1 / count, math.nan)
+        mean = k + dev
+        m2 = np.where(seen, np.clip(p2 - p1**2 / count, 0, None), math.nan)
+        pooled_var = m2 / count  # NaN where nothing was seen (Moments.var)
+        mean_dev_sq = np.clip(u2 - 2 * dev * u1 + units * dev**2, 0, None)
+        noise = noise_sq_from_sums(
+            batches=units1,
+            sum_r1=r1,
+            sum_r2=r2,
+            sum_var=rv,
+            mean_dev_sq=mean_dev_sq,
+            pooled_var=pooled_var,
+            eps=eps,  # per channel: each layer's own
+        )
+        per_unit = np.where(units > 0, count / units, math.nan)
+        unbiased = np.where(per_unit > 1, per_unit / (per_unit - 1), math.nan)
+        fit = mismatch_sq(k + u1 / units1, rv / units1 * unbiased, safe_mean, safe_var, eps)
+        total = z2 - z1**2 / samples
+        spread = between - z1**2 / samples
+        ratio = np.where(total > 0, (spread / (units - 1)) / (total / (samples - 1)), math.nan)
+    rows = (weights, running_mean, running_var, mean, pooled_var, sum_m2 / units1, noise, fit)
+    return np.stack([*rows, m2, ratio], dtype=np.float64)

@@ -29,7 +29,7 @@ from torch import nn
 
 from . import _fused
 from .layers import NormFamily, NormLayer, NormState, module_state  # the last two: re-exported
-from .metrics import channel_weights, layer_score, mismatch_sq, noise_sq_from_sums
+from .metrics import channel_weights, close_rows, layer_score, mismatch_sq
 from .stats import BLOCK, LayerMeasurement, Moments  # the first two: re-exported
 
 __all__ = [
@@ -822,49 +822,25 @@ def finish_all(recorders: Sequence[Recorder]) -> list[LayerMeasurement | None]:
     ends = np.cumsum(sizes).tolist()
     starts = [0, *ends[:-1]]
 
-    def per_channel(values: Sequence[float] | np.ndarray) -> np.ndarray:
-        return np.repeat(np.asarray(values, dtype=np.float64), sizes)
-
-    # One op per quantity over every recorder (one transfer from an accelerator), then NumPy
-    # over every channel of every layer at once.
+    # One op per quantity over every recorder (one transfer from an accelerator), then the
+    # closing arithmetic over every channel of every layer at once.
     assert all(rec.shift64 is not None for rec in recs)
     totals = _host(torch.stack, [rec.totals for rec in recs])  # (layers, 4)
-    p1, p2, sum_m2, r1, r2, rv, u1, u2, z1, z2, between = _host(
-        torch.cat, [rec.sums for rec in recs], 1
-    )
+    sums = _host(torch.cat, [rec.sums for rec in recs], 1)  # (11, channels)
     vectors = ((r.shift64, r.safe_mean, r.safe_var, r.weights, r.running_mean, r.running_var)
                for r in recs)  # fmt: skip
     k, safe_mean, safe_var, weights, running_mean, running_var = (
         _host(torch.cat, ts) for ts in zip(*vectors, strict=True)
     )
-    count, samples, units = (per_channel(totals[:, j]) for j in range(3))
-    eps = per_channel([rec.eps for rec in recs])
-    units1 = np.maximum(units, 1.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        seen = count > 0
-        dev = np.where(seen, p1 / count, math.nan)
-        mean = k + dev
-        m2 = np.where(seen, np.clip(p2 - p1**2 / count, 0, None), math.nan)
-        pooled_var = m2 / count  # NaN where nothing was seen (Moments.var)
-        mean_dev_sq = np.clip(u2 - 2 * dev * u1 + units * dev**2, 0, None)
-        noise = noise_sq_from_sums(
-            batches=units1,
-            sum_r1=r1,
-            sum_r2=r2,
-            sum_var=rv,
-            mean_dev_sq=mean_dev_sq,
-            pooled_var=pooled_var,
-            eps=eps,  # per channel: each layer's own
-        )
-        per_unit = np.where(units > 0, count / units, math.nan)
-        unbiased = np.where(per_unit > 1, per_unit / (per_unit - 1), math.nan)
-        fit = mismatch_sq(k + u1 / units1, rv / units1 * unbiased, safe_mean, safe_var, eps)
-        total = z2 - z1**2 / samples
-        spread = between - z1**2 / samples
-        ratio = np.where(total > 0, (spread / (units - 1)) / (total / (samples - 1)), math.nan)
-    # One array, sliced per layer below: rows BLOCK, then m2 and the non-i.i.d. ratio.
-    rows = (weights, running_mean, running_var, mean, pooled_var, sum_m2 / units1, noise, fit)
-    per_layer = np.stack([*rows, m2, ratio], dtype=np.float64)
+    eps = np.array([rec.eps for rec in recs])
+    closer = _fused.close()
+    if closer is not None:  # the same expressions compiled, one pass: the same bits
+        per_layer = np.empty((10, ends[-1]))
+        vectors64 = np.stack((k, safe_mean, safe_var, weights, running_mean, running_var))
+        closer(totals, sums, vectors64, eps, np.array(sizes, dtype=np.int64), per_layer)
+    else:
+        per_layer = close_rows(totals, sums, (k, safe_mean, safe_var, weights, running_mean,
+                                              running_var), eps, sizes)  # fmt: skip
     cpu = torch.device("cpu")
     host = torch.from_numpy
     empty = torch.empty(0, dtype=torch.float64)

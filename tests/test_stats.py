@@ -713,3 +713,41 @@ def test_an_input_written_after_its_layer_read_it_is_never_mistaken():
         assert m is not None and m.units == len(xs) - lost
         mean = seen.mean((0, 2, 3))
         torch.testing.assert_close(m.pooled.mean, mean, rtol=1e-10, atol=1e-12)
+
+
+def test_compiled_close_gives_the_bits_of_the_numpy_one():
+    # finish_all's closing arithmetic runs compiled where numba is on and in NumPy where it is
+    # off: the same expressions in the same order, so the same bits, on ordinary sums and on
+    # the edge cases (a layer that saw nothing, one unit, rounding that drives m2 below 0,
+    # NaN and Inf sums, zero variance).
+    pytest.importorskip("numba")
+    from normdoctor import _fused
+    from normdoctor.metrics import close_rows
+
+    _fused.use("numba")
+    close = _fused.close()
+    assert close is not None
+    rng = np.random.default_rng(0)
+    sizes = [5, 1, 7, 3, 4, 2]
+    c = sum(sizes)
+    totals = np.array([
+        [640.0, 10.0, 10.0, 0.0],  # ordinary
+        [0.0, 0.0, 0.0, 0.0],  # saw nothing
+        [64.0, 1.0, 1.0, 0.0],  # one unit
+        [20.0, 20.0, 20.0, 1.0],  # one sample per unit
+        [1e6, 100.0, 50.0, 0.0],
+        [9.0, 3.0, 3.0, 0.0],
+    ])  # fmt: skip
+    sums = rng.normal(size=(11, c)) * rng.choice([1e-3, 1.0, 1e3], size=(11, c))
+    sums[1] = np.abs(sums[1]) + sums[0] ** 2 / 640.0 * 0.999999  # m2 about 0, either sign
+    sums[1, c - 1] = math.nan
+    sums[5, c - 2] = math.inf
+    vectors = rng.normal(size=(6, c))
+    vectors[2] = np.abs(vectors[2])
+    vectors[2, 0] = 0.0
+    eps = np.array([1e-5, 1e-3, 0.0, 1e-5, 1e-1, 1e-5])
+    want = close_rows(totals, sums, tuple(vectors), eps, sizes)
+    got = np.empty((10, c))
+    close(totals, sums, vectors, eps, np.array(sizes, dtype=np.int64), got)
+    np.testing.assert_array_equal(got.view(np.int64), want.view(np.int64))
+    assert np.isnan(want).any() and np.isfinite(want).any()

@@ -297,7 +297,12 @@ def _channel_rows(
             group[2].append(column)
     for block, which, columns in shared.values():
         n = sizes[which]
-        rows[:, _ranges(starts[which], n)] = block[: len(BLOCK), _ranges(np.array(columns), n)]
+        a, c = int(starts[which[0]]), columns[0]
+        total = int(n.sum())
+        if (np.diff(starts[which]) == n[:-1]).all() and (np.diff(columns) == n[:-1]).all():
+            rows[:, a : a + total] = block[: len(BLOCK), c : c + total]  # one run: a slice
+        else:
+            rows[:, _ranges(starts[which], n)] = block[: len(BLOCK), _ranges(np.array(columns), n)]
     return rows
 
 
@@ -712,11 +717,9 @@ def assemble_report(
         harmful, why = judge(evidence, agreement_threshold, divergence_threshold, alpha)
     position = {n: i for i, n in enumerate(order)}
     keys, items = [], []
-    for layer in layers:
-        if not layer.batch_dependent:
-            continue
-        for p in paths:
-            m = results.get(p, {}).get(layer.name)
+    for p in paths:  # path by path: each path's measurements share one block, in layer order
+        for layer in layers:
+            m = results.get(p, {}).get(layer.name) if layer.batch_dependent else None
             if m is not None:
                 keys.append((layer.name, p))
                 items.append((m, layer.eps))

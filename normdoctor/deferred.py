@@ -30,6 +30,9 @@ SERIAL_BUDGET = _fused.PARALLEL_ABOVE - _DEFER_FLOATS
 
 #: ``Recorder.defer`` of a layer whose first call is held as a copy until the forward returns.
 COPY = "copy"
+#: Forwards through which each layer's first input is watched before calls are held across
+#: forwards (Deferred.end_forward): a scan's train and eval forwards of one batch.
+_TRIAL = 2
 
 
 class Deferred:
@@ -52,15 +55,24 @@ class Deferred:
     are reduced.
     """
 
-    __slots__ = ("budget", "calls", "detached", "enabled", "held", "lost", "stage", "watch")
+    __slots__ = ("across", "budget", "calls", "detached", "enabled", "held", "lost", "stage",
+                 "steady", "trial", "trial_left", "watch")  # fmt: skip
 
-    def __init__(self, *, budget: int = _DEFER_BUDGET, stage: bool = True) -> None:
+    def __init__(
+        self, *, budget: int = _DEFER_BUDGET, stage: bool = True, across: bool = False
+    ) -> None:
         """``budget``: elements held at most before the held calls are reduced.  ``stage``:
         inputs of up to 4096 elements go into their recorder's stage at :meth:`flush`, which
         pays where a flush holds few calls (one forward at batch size 1); without it every
-        held call is a job of the one kernel call (the monitor, which holds many steps)."""
+        held call is a job of the one kernel call (the monitor, which holds many steps).
+        ``across``: :meth:`end_forward` may keep small forwards' calls held (see there)."""
         self.budget = budget
         self.stage = stage
+        self.across = across
+        # Each layer's first input, watched through the next _TRIAL forwards (see end_forward)
+        self.trial: list[tuple[torch.Tensor, int]] = []
+        self.trial_left = 0
+        self.steady = False  # every first input so far outlived its trial unchanged
         self.detached = 0  # calls[:detached] hold no autograd graph (see detach_held)
         self.calls: list[tuple[Recorder, torch.Tensor, int]] = []
         self.held = 0  # elements held
@@ -131,7 +143,46 @@ class Deferred:
         if self.watch:
             for rec, x, version in self.watch:
                 rec.defer = x._version == version and rec.fast
+                if self.across and rec.defer:
+                    self.trial.append((x, version))
+            if self.across:  # a layer's first call: it is watched through the next forwards
+                self.steady = False
+                self.trial_left = _TRIAL
             self.watch.clear()
+
+    def end_forward(self) -> None:
+        """The forward has returned: :meth:`flush`, or (``across``) keep holding its calls.
+
+        At batch size 1 a forward holds a few small calls, and a flush per forward cost a third
+        of what a scan adds to it (issue 16).  Calls may stay held past their forward once each
+        layer's first input has outlived the next two forwards unchanged (a train and an eval
+        forward): a model that writes, in every forward, into a tensor it feeds to a norm layer
+        (a persistent buffer, a data loader that fills one tensor in place) fails that trial,
+        and its calls are reduced forward by forward as before, where the version check finds
+        none written.  Held calls are reduced once 2^16 elements are held (on the calling
+        thread, see :data:`SERIAL_BUDGET`) and whenever results are read.
+        """
+        if self.trial:
+            if any(x._version != version for x, version in self.trial):
+                self.across = False  # an input written by a later forward: flush per forward
+                self.trial.clear()
+            else:
+                self.trial_left -= 1
+                if self.trial_left <= 0:
+                    self.trial.clear()
+                    self.steady = True
+        if self.across and self.steady and not self.watch and self.held <= SERIAL_BUDGET:
+            calls, start = self.calls, self.detached
+            for i in range(start, len(calls)):
+                rec, x, version = calls[i]
+                if x._version != version:
+                    break  # written after its layer read it: lost, and found now, as by a flush
+                if x.requires_grad:  # (a no_grad forward holds no autograd graph)
+                    calls[i] = (rec, x.detach(), version)
+            else:
+                self.detached = len(calls)  # held past their forward
+                return
+        self.flush()
 
 
 #: Held calls of one recorder from which they are booked together (Recorder.book_calls).

@@ -751,3 +751,88 @@ def test_compiled_close_gives_the_bits_of_the_numpy_one():
     close(totals, sums, vectors, eps, np.array(sizes, dtype=np.int64), got)
     np.testing.assert_array_equal(got.view(np.int64), want.view(np.int64))
     assert np.isnan(want).any() and np.isfinite(want).any()
+
+
+def _per_forward(monkeypatch):
+    """Reduce held calls when each forward returns, as before calls were held across them."""
+    from normdoctor.deferred import Deferred
+
+    monkeypatch.setattr(Deferred, "end_forward", Deferred.flush)
+
+
+def test_calls_held_across_forwards_give_the_same_report(monkeypatch):
+    # At batch size 1 a scan holds small calls past their forward (Deferred.end_forward):
+    # the same rows in the same order per layer, folded in other groups of rows (a float64
+    # merge of moments), so the same report to rounding: 1e-15 relative measured, 1e-12 here.
+    from pathlib import Path
+
+    from normdoctor.io import load_model
+
+    root = Path(__file__).resolve().parents[1] / "sample_models"
+    model = load_model(root / "tiny-batch.pt", arch="sample_models.archs:DigitsCNN")
+    data = np.load(root / "data" / "test.npz")
+    x = torch.from_numpy(data["inputs"]).float()[:200]
+    y = torch.from_numpy(data["labels"]).long()[:200]
+    from normdoctor.deferred import Deferred
+
+    flushes = []
+    flush = Deferred.flush
+    with monkeypatch.context() as m:
+        m.setattr(Deferred, "flush", lambda self: (flushes.append(len(self.calls)), flush(self)))
+        held = nd.scan(model, (x, y), batch_size=1, shuffle=False, search=False)
+    assert 0 < len([n for n in flushes if n]) < 400 / 10  # 400 forwards: held across them
+    with monkeypatch.context() as m:
+        _per_forward(m)
+        flushed = nd.scan(model, (x, y), batch_size=1, shuffle=False, search=False)
+    assert held.end_to_end == flushed.end_to_end and held.notes == flushed.notes
+    for a, b in zip(held.layers, flushed.layers, strict=True):
+        assert (a.status, a.recommendation, a.reason.split(":")[0]) == (
+            b.status,
+            b.recommendation,
+            b.reason.split(":")[0],
+        )
+        for pa, pb in ((a.train, b.train), (a.eval, b.eval)):
+            assert pa is not None and pb is not None and pa.batches == pb.batches == 200
+            for field in ("drift", "shift", "noise", "fit", "drift_worst"):
+                assert getattr(pa, field) == pytest.approx(getattr(pb, field), rel=1e-12)
+            for field in ("pooled_mean", "pooled_var", "channel_drift", "batch_drift"):
+                assert list(getattr(pa, field)) == pytest.approx(
+                    list(getattr(pb, field)), rel=1e-12
+                )
+            assert pa.worst_batch == pb.worst_batch
+
+
+def test_a_tensor_written_by_every_forward_is_not_held_across_them():
+    # A model that copies each input into a persistent buffer and normalizes that, and a data
+    # source that fills one tensor in place for every batch: a later forward writes the
+    # tensor a held call would read, so their calls are reduced forward by forward.  Nothing
+    # is lost and the statistics are those of every batch (float64 reference over all of
+    # them; float32 inputs: 1e-6).
+    class Buffered(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("state", torch.zeros(1, 3, 4, 4))
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.state.copy_(x * 2)
+            return self.bn(self.state)
+
+    gen = torch.Generator().manual_seed(4)
+    xs = [torch.randn(1, 3, 4, 4, generator=gen) for _ in range(40)]
+
+    def refilled():
+        one = torch.empty(1, 3, 4, 4)
+        for x in xs:
+            one.copy_(x)  # the same tensor, written before every batch
+            yield one
+
+    want = torch.cat(xs).double()
+    for model, data, scale in ((Buffered().eval(), xs, 2.0), (nn.BatchNorm2d(3).eval(), None, 1.0)):
+        report = nd.scan(model, data if data is not None else refilled(), search=False)
+        layer = report.layers[0]
+        assert not any("not recorded" in n for n in report.notes), report.notes
+        for path in (layer.train, layer.eval):
+            assert path is not None and path.batches == 40
+            ref = (scale * want).mean((0, 2, 3)).tolist()
+            assert path.pooled_mean == pytest.approx(ref, rel=1e-6, abs=1e-6)

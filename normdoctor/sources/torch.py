@@ -228,9 +228,12 @@ class Probe:
         paths: Sequence[PathName] = PATHS,
         *,
         modules: dict[str, nn.Module] | None = None,
+        hold_across: bool = False,
     ):
         """``modules``: ``dict(model.named_modules())`` where the caller has it (a traversal
-        of a 2000-module model costs several milliseconds)."""
+        of a 2000-module model costs several milliseconds).  ``hold_across``: small calls may
+        stay held past their forward until results are read (``Deferred.end_forward``); for
+        callers that read the recorders only through :meth:`results` and :meth:`recorders`."""
         self.model = model
         self.layers = [layer for layer in layers if layer.batch_dependent and layer.materialized]
         self._order_only = [layer for layer in layers if not layer.batch_dependent]
@@ -247,7 +250,9 @@ class Probe:
         self.single_value: dict[str, int] = {}
         self._held: list[nn.Module] = []
         self._scratch = Scratch()
-        self._deferred = Deferred()  # small inputs, reduced when each forward returns
+        # Small inputs, see exit_path.  Held across forwards, a flush holds many calls: each a
+        # job of one kernel call, booked a recorder's run at a time, beats a copy into a stage.
+        self._deferred = Deferred(across=hold_across, stage=not hold_across)
         self.order: list[str] = []
         self._seen: set[str] = set()
         self.last_layer: str | None = None
@@ -410,7 +415,7 @@ class Probe:
 
     def exit_path(self) -> None:
         """Back to the state between paths (every switched layer in eval mode)."""
-        self._deferred.flush()  # the forward has returned: reduce what it held
+        self._deferred.end_forward()  # the forward has returned: reduce what it held, or hold
         train = self._train_active
         self._active = None
         self._train_active = False
@@ -427,8 +432,14 @@ class Probe:
     @property
     def lost(self) -> dict[str, int]:
         """Per layer, calls not recorded: the model wrote to the layer's input after the layer
-        had read it, before the forward returned (see :class:`~normdoctor.recording.Deferred`)."""
+        had read it, before the held call was reduced (see :class:`~normdoctor.deferred.Deferred`)."""
+        self._deferred.flush()
         return self._deferred.lost
+
+    def lost_note(self) -> str | None:
+        """What :attr:`lost` means for a report (``None``: nothing lost)."""
+        self._deferred.flush()
+        return self._deferred.note()
 
     @paused_gc()
     def results(self, path: PathName) -> dict[str, LayerMeasurement | None]:
@@ -440,11 +451,13 @@ class Probe:
     def recorders(self, path: PathName | None = None) -> list[Recorder]:
         """The recorders of ``path`` (default: of every path, path by path) in layer order:
         what the exact merge over ranks combines."""
+        self._deferred.flush()
         paths = self.paths if path is None else (path,)
         return [r for p in paths for r in self._recorders[p].values()]
 
     def recorder(self, path: PathName, name: str) -> Recorder:
         """The recorder of layer ``name`` on ``path``."""
+        self._deferred.flush()
         return self._recorders[path][name]
 
 
@@ -453,14 +466,16 @@ class TorchSession:
 
     def __init__(self, source: TorchSource, paths: Sequence[PathName]) -> None:
         self.source = source
-        self.probe = Probe(source.model, source.layers, paths, modules=source.modules)
+        self.probe = Probe(
+            source.model, source.layers, paths, modules=source.modules, hold_across=True
+        )
         self.order: list[str] = self.probe.order
         self.single_value: dict[str, int] = self.probe.single_value
         self._notes: list[str] = []
 
     @property
     def notes(self) -> list[str]:
-        lost = self.probe._deferred.note()
+        lost = self.probe.lost_note()
         return [*self._notes, lost] if lost else self._notes
 
     def __enter__(self) -> TorchSession:

@@ -143,7 +143,8 @@ class EndToEndMeter:
             return
         self.batches += 1
         self.samples += size
-        t, e = t.detach(), e.detach()
+        if t.requires_grad or e.requires_grad:  # (a scan's no_grad forwards: neither does)
+            t, e = t.detach(), e.detach()
         if (
             self._defer
             and t.dim() >= 1

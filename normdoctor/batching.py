@@ -89,7 +89,11 @@ class Gather:
         self._count = 0
 
     def add(self, *tensors: torch.Tensor | None) -> None:
-        key = tuple(None if t is None else (t.shape[1:], t.dtype, t.device) for t in tensors)
+        # (Tensor.device builds an object: is_cpu first)
+        key = tuple(
+            None if t is None else (t.shape[1:], t.dtype, None if t.is_cpu else t.device)
+            for t in tensors
+        )
         first = tensors[0]
         size = first.numel() if first is not None else 0
         if key != self._key or self._count + size > self.elements:

@@ -52,7 +52,9 @@ class Deferred:
 
     A layer whose first input is not held records at once from then on.  At most ``budget``
     elements are held (by default ``1 << 24``, 64 MiB of float32); past that the held calls
-    are reduced.
+    are reduced.  With ``across`` (a scan), small forwards' calls may stay held past their
+    forward (:meth:`end_forward`); the monitor holds a training step's calls past it the same
+    way (:meth:`detach_held`).
     """
 
     __slots__ = ("across", "budget", "calls", "detached", "enabled", "held", "lost", "stage",

@@ -204,8 +204,10 @@ def test_model_is_restored_after_a_failing_forward():
     model = Mixed()
     model.bn.train()
     before = _snapshot(model)
-    model.fail_at = 4  # batch 1, train path (2 forwards per batch)
-    with pytest.raises(nd.ScanError, match=r"batch 1 \(eval path\).*boom"):
+    # The 4th forward: batch 0 runs both paths, then a chunk of batches (1-4) runs the train
+    # path before the eval path (scan._chunk_batches): batch 2, train path.
+    model.fail_at = 4
+    with pytest.raises(nd.ScanError, match=r"batch 2 \(train path\).*boom"):
         nd.scan(model, torch.randn(40, 3, 6, 6), batch_size=8)
     _assert_unchanged(model, before)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -760,29 +762,35 @@ def _per_forward(monkeypatch):
     monkeypatch.setattr(Deferred, "end_forward", Deferred.flush)
 
 
-def test_calls_held_across_forwards_give_the_same_report(monkeypatch):
-    # At batch size 1 a scan holds small calls past their forward (Deferred.end_forward):
-    # the same rows in the same order per layer, folded in other groups of rows (a float64
-    # merge of moments), so the same report to rounding: 1e-15 relative measured, 1e-12 here.
+def test_chunks_and_calls_held_across_forwards_give_the_same_report(monkeypatch):
+    # At batch size 1 a scan runs chunks of batches path after path (scan._chunk_batches) and
+    # holds small calls past their forward (Deferred.end_forward): the same rows in the same
+    # order per layer and path, folded in other groups of rows (a float64 merge of moments),
+    # so the report of batch-by-batch scanning with a flush per forward, to rounding (1e-15
+    # relative measured, 1e-12 here); the outputs, and so the end-to-end figures, are the same.
     from pathlib import Path
 
+    from normdoctor.deferred import Deferred
     from normdoctor.io import load_model
+    from normdoctor.sources.torch import Probe
 
     root = Path(__file__).resolve().parents[1] / "sample_models"
     model = load_model(root / "tiny-batch.pt", arch="sample_models.archs:DigitsCNN")
     data = np.load(root / "data" / "test.npz")
     x = torch.from_numpy(data["inputs"]).float()[:200]
     y = torch.from_numpy(data["labels"]).long()[:200]
-    from normdoctor.deferred import Deferred
-
-    flushes = []
-    flush = Deferred.flush
+    flushes, paths = [], []
+    flush, enter = Deferred.flush, Probe.enter_path
     with monkeypatch.context() as m:
         m.setattr(Deferred, "flush", lambda self: (flushes.append(len(self.calls)), flush(self)))
+        m.setattr(Probe, "enter_path", lambda self, p: (paths.append(p), enter(self, p)))
         held = nd.scan(model, (x, y), batch_size=1, shuffle=False, search=False)
     assert 0 < len([n for n in flushes if n]) < 400 / 10  # 400 forwards: held across them
+    switches = sum(a != b for a, b in itertools.pairwise(paths))
+    assert len(paths) == 400 and switches < 400 / 10  # path after path, a chunk at a time
     with monkeypatch.context() as m:
         _per_forward(m)
+        m.setattr(sys.modules["normdoctor.scan"], "_chunk_batches", lambda *a: 1)
         flushed = nd.scan(model, (x, y), batch_size=1, shuffle=False, search=False)
     assert held.end_to_end == flushed.end_to_end and held.notes == flushed.notes
     for a, b in zip(held.layers, flushed.layers, strict=True):

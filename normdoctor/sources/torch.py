@@ -243,6 +243,7 @@ class Probe:
         self._recorders: dict[PathName, dict[str, Recorder]] = {}
         self._active: dict[str, Recorder] | None = None
         self._train_active = False
+        self._last_path: PathName | None = None
         # Layers the train path switches (module -> family), and per layer the calls whose input
         # held one value per channel (N x spatial = 1): BatchNorm cannot normalize that in train
         # mode, so the layer runs in eval mode for that call and records nothing.
@@ -399,6 +400,9 @@ class Probe:
         active = self._recorders.get(path)
         if active is None:
             raise ValueError(f"path {path!r} not recorded by this probe (paths: {self.paths})")
+        if path != self._last_path:  # calls stay held across forwards of one path only
+            self._deferred.flush()
+            self._last_path = path
         train = path == "train"
         # object.__setattr__: nn.Module.__setattr__ checks its parameter, buffer and submodule
         # dicts on every call, which at batch size 1 costs more than the layer itself.

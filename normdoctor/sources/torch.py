@@ -244,6 +244,8 @@ class Probe:
         self._active: dict[str, Recorder] | None = None
         self._train_active = False
         self._last_path: PathName | None = None
+        self._lazy = hold_across  # see exit_path
+        self._train_mode = False  # the switched layers are in the train path's mode
         # Layers the train path switches (module -> family), and per layer the calls whose input
         # held one value per channel (N x spatial = 1): BatchNorm cannot normalize that in train
         # mode, so the layer runs in eval mode for that call and records nothing.
@@ -331,6 +333,7 @@ class Probe:
         self._active = None
         self._scratch = Scratch()  # let the buffer go
         self._restore()
+        self._train_mode = False
 
     def _hook_for(self, name: str) -> Callable[[nn.Module, tuple], bool]:
         seen = self._seen
@@ -404,34 +407,39 @@ class Probe:
             self._deferred.flush()
             self._last_path = path
         train = path == "train"
-        # object.__setattr__: nn.Module.__setattr__ checks its parameter, buffer and submodule
-        # dicts on every call, which at batch size 1 costs more than the layer itself.
-        if train:
-            for module, family, _track, _buffers in self._switch:
-                _set(module, "training", True)
-                _set(module, "track_running_stats", False)
-                if family is NormFamily.INSTANCE_TRACKED:
-                    # InstanceNorm updates running stats whenever it is handed them.
-                    module._buffers["running_mean"] = None
-                    module._buffers["running_var"] = None
+        if train != self._train_mode:
+            self._switch_train(train)
         self._active = active
         self._train_active = train
 
     def exit_path(self) -> None:
-        """Back to the state between paths (every switched layer in eval mode)."""
+        """Back to the state between paths (every switched layer in eval mode; with
+        ``hold_across``, from the next eval path or the probe's exit on, so that a run of
+        train-path forwards switches once)."""
         self._deferred.end_forward()  # the forward has returned: reduce what it held, or hold
         train = self._train_active
         self._active = None
         self._train_active = False
         if self._held:
+            if self._lazy:  # layers run in eval mode for one call (one value per channel)
+                for module in self._held:
+                    _set(module, "training", True)
             self._held.clear()
-        if train:
-            for module, family, track, buffers in self._switch:
-                _set(module, "training", False)
-                _set(module, "track_running_stats", track)
-                if family is NormFamily.INSTANCE_TRACKED:
-                    module._buffers["running_mean"] = buffers["running_mean"]
-                    module._buffers["running_var"] = buffers["running_var"]
+        if train and not self._lazy:
+            self._switch_train(False)
+
+    def _switch_train(self, on: bool) -> None:
+        """The switched layers to the train path's mode (batch statistics, nothing updated)
+        or back.  object.__setattr__: nn.Module.__setattr__ checks its parameter, buffer and
+        submodule dicts on every call, which at batch size 1 costs more than the layer."""
+        for module, family, track, buffers in self._switch:
+            _set(module, "training", on)
+            _set(module, "track_running_stats", False if on else track)
+            if family is NormFamily.INSTANCE_TRACKED:
+                # InstanceNorm updates running stats whenever it is handed them.
+                module._buffers["running_mean"] = None if on else buffers["running_mean"]
+                module._buffers["running_var"] = None if on else buffers["running_var"]
+        self._train_mode = on
 
     @property
     def lost(self) -> dict[str, int]:

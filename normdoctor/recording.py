@@ -360,7 +360,8 @@ class Recorder:
             first = shift is None
             if shift is None:  # the kernel sets it (see below, and _fused.JOB)
                 shift = self.shift = torch.empty(c, dtype=x.dtype)
-            head = (n, c, length, shift.data_ptr(), int(x.dtype is torch.float64), 0)
+            f64 = int(x.dtype is torch.float64)
+            head = (n, c, length, shift.data_ptr(), f64, 0, _fused.blocks())
             row = self._buf_addr + self.nrows * self._row_bytes
             job = np.array([(x.data_ptr(), row, *head)], dtype=np.int64)
             if first:

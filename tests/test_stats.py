@@ -264,6 +264,39 @@ def test_one_kernel_call_reduces_many_jobs_as_each_alone():
         assert ((out - want).abs() <= 1e-12 * scale).all(), (x.shape, out, want)
 
 
+def test_kernel_split_into_channel_blocks_changes_no_bit():
+    # A large job runs in parallel in its `blocks` of channels (the threads); each channel's
+    # sums are taken sample by sample in the same order whatever the split, so every split
+    # gives the same bits, and every channel is written (the outputs start as NaN).
+    pytest.importorskip("numba")
+    from normdoctor import _fused
+
+    _fused.use("numba")
+    try:
+        kernel = _fused.kernel()
+        gen = torch.Generator().manual_seed(5)
+        x = (3 + 2 * torch.randn(6, 13, 3000, generator=gen)).numpy()  # 234000 elements
+        assert x.size > _fused.SPLIT_ABOVE and x.size > _fused.PARALLEL_ABOVE
+        got = []
+        for blocks in (1, 2, 5, 13, 40):
+            shift, out = np.zeros(13, dtype=np.float32), np.full((3, 13), np.nan)
+            job = np.array([_fused.job(x, shift, out)])
+            job[0, _fused.JOB.index("first")] = 1
+            job[0, _fused.JOB.index("blocks")] = blocks
+            kernel(job)
+            got.append((shift, out))
+    finally:
+        _fused.use()
+    for shift, out in got[1:]:
+        assert np.array_equal(shift, got[0][0]) and np.array_equal(out, got[0][1])
+    shift, out = got[0]
+    assert np.array_equal(shift, x[0].astype(np.float64).mean(-1).astype(np.float32))
+    d = x.astype(np.float64) - shift.astype(np.float64)[None, :, None]
+    s1 = d.sum(-1)
+    want = np.stack([s1.sum(0), (d * d).sum((0, 2)), (s1 * s1).sum(0)])
+    assert (np.abs(out - want) <= 1e-12 * np.abs(want).max(1, keepdims=True)).all()
+
+
 @pytest.mark.parametrize("eps", [1e-5, 0.0])
 def test_fused_fold_equals_the_array_fold(monkeypatch, eps):
     # Recorder.flush folds buffered rows with a compiled loop on CPU and with array code

@@ -27,7 +27,9 @@ same mode (train-mode BatchNorm without running-statistics updates for the train
 the eval path) and ``scan`` of that path (``search=False``: the composition is the one given).
 Each scan sits between two plain runs and its ratio is to their mean; the table shows the median
 ratio over rounds and median times.  The machine's speed drifts between rounds (shared cores),
-which a ratio of medians over the whole run would fold in.
+which a ratio of medians over the whole run would fold in.  Beside each verdict: the lowest and
+highest ratio of a round, and the fastest scan over the fastest plain run (as ``timeit`` reads
+a benchmark: interference only ever adds time); the verdict stays on the median.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -83,10 +86,22 @@ def scanned(model: torch.nn.Module, data: object, paths: Sequence[str], **kwargs
     return time.perf_counter() - start
 
 
-def interleaved(
-    rounds: int, base: Callable[[], float], run: Callable[[], float]
-) -> tuple[float, float, float]:
-    """(median base s, median run s, median per-round ratio of run to the bases around it)."""
+class Timed(NamedTuple):
+    """Medians of an interleaved run, and how far its rounds spread."""
+
+    base: float  # median s of the plain runs
+    run: float  # median s of the runs measured
+    ratio: float  # median per-round ratio of run to the bases around it (the verdict's)
+    low: float  # lowest and highest per-round ratio
+    high: float
+    floor: float  # fastest run over fastest base: timeit's reading, noise only adds time
+
+    def spread(self) -> str:
+        return f"rounds {self.low:.3f}-{self.high:.3f}x, fastest/fastest {self.floor:.3f}x"
+
+
+def interleaved(rounds: int, base: Callable[[], float], run: Callable[[], float]) -> Timed:
+    """Each run between two bases, ``rounds`` times (after a warm-up of each)."""
     base(), run()  # warm-up (and the kernel's one-time compile or cache load)
     bases, runs, ratios = [], [], []
     for _ in range(rounds):
@@ -96,7 +111,11 @@ def interleaved(
         bases += [before, after]
         runs.append(t)
         ratios.append(2 * t / (before + after))
-    return statistics.median(bases), statistics.median(runs), statistics.median(ratios)
+    median = statistics.median
+    return Timed(
+        median(bases), median(runs), median(ratios), min(ratios), max(ratios),
+        min(runs) / min(bases),
+    )  # fmt: skip
 
 
 def verdict(ratio: float, target: float) -> str:
@@ -116,14 +135,15 @@ def tiny_case() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, list[torch
 
 def tiny_cell(rounds: int) -> None:
     model, x, y, singles = tiny_case()
-    base, t, ratio = interleaved(
+    m = interleaved(
         rounds,
         lambda: plain(model, singles, "eval") + plain(model, singles, "train"),
         lambda: scanned(model, (x, y), ("train", "eval"), batch_size=1, shuffle=False),
     )
     print(
         f"tiny-batch sample model, {len(singles)} batches of 1, both paths: plain eval + train "
-        f"{base * 1e3:.0f} ms, scan {t * 1e3:.0f} ms: {ratio:.2f}x ({verdict(ratio, TARGETS['tiny'])})",
+        f"{m.base * 1e3:.0f} ms, scan {m.run * 1e3:.0f} ms: {m.ratio:.2f}x "
+        f"({verdict(m.ratio, TARGETS['tiny'])}; {m.spread()})",
         flush=True,
     )
 
@@ -139,6 +159,7 @@ def resnet_table(
     head = "".join(f" {k + ' ms':>9} {'ratio':>7} {'1 batch ms':>10}" for k in kernels)
     print(f"{'batch':>5} {'input':>7}  {'path':5} {'plain ms':>9}{head}")
     worst = 0.0
+    spreads = []
     for size in sizes:
         for bs in batch_sizes:
             gen = torch.Generator().manual_seed(0)
@@ -148,11 +169,12 @@ def resnet_table(
                 p = 0.0
                 for k in kernels:
                     _fused.use(k)
-                    p, t, r = interleaved(
+                    m = interleaved(
                         rounds,
                         lambda d=data, q=path: plain(model, d, q),
                         lambda d=data, q=path: scanned(model, d, (q,)),
                     )
+                    p, t, r = m.base, m.run, m.ratio
                     one = [
                         scanned(model, data[:1], (path,)) - plain(model, data[:1], path)
                         for _ in range(rounds)
@@ -160,9 +182,12 @@ def resnet_table(
                     f = statistics.median(one)
                     if k == kernels[0]:
                         worst = max(worst, r)
+                        spreads.append(f"{bs} {size}x{size} {path}: {m.spread()}")
                     cells += f" {t * 1e3:9.1f} {r:6.3f}x {f * 1e3:10.1f}"
                 print(f"{bs:5d} {size:3d}x{size:<3d}  {path:5} {p * 1e3:9.1f}{cells}", flush=True)
     _fused.use()
+    for line in spreads:
+        print(f"  {kernels[0]}, {line}")
     print(f"  worst ratio {worst:.3f}x ({verdict(worst, target)})")
 
 
@@ -191,12 +216,13 @@ def deep_cell(rounds: int, batches: int, size: int) -> None:
     gen = torch.Generator().manual_seed(0)
     data = [torch.randn(32, 3, size, size, generator=gen) for _ in range(batches)]
     for path in ("train", "eval"):
-        p, t, r = interleaved(
+        m = interleaved(
             rounds, lambda q=path: plain(model, data, q), lambda q=path: scanned(model, data, (q,))
         )
         print(
             f"500 BatchNorm2d, {batches} batches of 32 at {size}x{size}, {path} path: plain "
-            f"{p:.2f} s, scan {t:.2f} s: {r:.3f}x ({verdict(r, TARGETS['deep'])})",
+            f"{m.base:.2f} s, scan {m.run:.2f} s: {m.ratio:.3f}x "
+            f"({verdict(m.ratio, TARGETS['deep'])}; {m.spread()})",
             flush=True,
         )
 

@@ -25,6 +25,14 @@ around the measured phases, dumping the count after each.  Phases, each after a 
   Issue 16's target in time: at most 1.30x.
 * ``fixed``: five scans of one batch of 2 at 32x32 of the 20-layer ResNet against five plain
   forwards, eval path: the scan's fixed cost in instructions (issue 16's target in time: 5 ms).
+* ``deep``: a scan of the 500-layer stack (``_resnet.DeepBN``) over 4 batches of 32 at 8x8,
+  eval path, against plain forwards over them (issue 16's target in time: 1.10x, 16 batches).
+
+``--cache-sim`` also simulates the caches (callgrind's ``--cache-sim=yes``, about twice as
+slow) and prints first-level and last-level misses and an estimate of cycles, kcachegrind's
+``Ir + 10 x L1 misses + 100 x LL misses``: holding inputs until later, or reading them cold,
+costs misses that instructions alone do not show.  Still a simulation of this machine's cache
+sizes, not its time.
 
 Needs valgrind, gcc and ``valgrind/callgrind.h`` (Debian: ``valgrind``); says so and exits 0
 where one is missing.  A cell takes one to five minutes (valgrind runs code 20-50 times slower).
@@ -44,8 +52,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CELLS = ("monitor", "tiny", "fixed")
-TARGETS = {"monitor": "1.05x in time", "tiny": "1.30x in time", "fixed": "5 ms in time"}
+CELLS = ("monitor", "tiny", "fixed", "deep")
+TARGETS = {"monitor": "1.05x in time", "tiny": "1.30x in time", "fixed": "5 ms in time",
+           "deep": "1.10x in time"}  # fmt: skip
+DEEP_BATCHES = 4
 STEPS = 200  # training steps of the monitor cell's phases
 SCANS = 5  # scans of the fixed cell's phase: one alone moved by +-1M instructions between runs
 
@@ -58,6 +68,8 @@ def _units(cell: str) -> tuple[int, str]:
         import numpy as np
 
         return 2 * len(np.load(ROOT / "sample_models/data/test.npz")["labels"]), "forward"
+    if cell == "deep":
+        return DEEP_BATCHES * 500, "layer call"
     return SCANS, "scan"
 
 
@@ -182,33 +194,70 @@ def _fixed_cell(count: Counter) -> None:
     count.phase("plain", base)
 
 
+def _deep_cell(count: Counter) -> None:
+    import torch
+    from _resnet import deep_bn
+    from bench_scan import plain
+
+    import normdoctor as nd
+
+    model = deep_bn(500)
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(32, 3, 8, 8, generator=gen) for _ in range(DEEP_BATCHES)]
+
+    def run() -> None:
+        nd.scan(model, data, paths=("eval",), search=False)
+
+    def base() -> None:
+        plain(model, data, "eval")
+
+    run(), base()
+    count.phase("plain", base)
+    count.phase("tool", run)
+    count.phase("plain", base)
+
+
 def _child(cell: str, lib: str) -> None:
     import torch
 
     torch.set_num_threads(1)  # one thread: the count does not depend on the split
     sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
-    {"monitor": _monitor_cell, "tiny": _tiny_cell, "fixed": _fixed_cell}[cell](Counter(lib))
+    cells = {"monitor": _monitor_cell, "tiny": _tiny_cell, "fixed": _fixed_cell,
+             "deep": _deep_cell}  # fmt: skip
+    cells[cell](Counter(lib))
 
 
 # -- the parent ---------------------------------------------------------------------------------
-def _counts(where: Path) -> list[tuple[str, int]]:
-    """(label, instructions) of each dump, in order."""
+def _counts(where: Path) -> list[tuple[str, dict[str, int]]]:
+    """(label, {event: count}) of each dump, in order (Ir: instructions)."""
     out = []
     for path in sorted(where.glob("cg.out.*.*"), key=lambda p: int(p.suffix[1:])):
         text = path.read_text(errors="replace")
         label = re.search(r"^desc: Trigger: Client Request: (.*)$", text, re.M)
-        total = re.search(r"^summary: (\d+)", text, re.M)
-        if label and total:
-            out.append((label.group(1), int(total.group(1))))
+        events = re.search(r"^events: (.*)$", text, re.M)
+        total = re.search(r"^summary: ([\d ]+)$", text, re.M)
+        if label and events and total:
+            names, values = events.group(1).split(), [int(v) for v in total.group(1).split()]
+            out.append((label.group(1), dict(zip(names, values, strict=False))))
     return out
 
 
-def run_cell(cell: str, lib: Path, where: Path) -> tuple[float, float]:
-    """(plain instructions, the tool's) of ``cell``; plain is the mean of the two around."""
+def estimate(events: dict[str, int]) -> float:
+    """kcachegrind's cycle estimate from callgrind's cache events (0 where none simulated)."""
+    l1 = sum(events.get(k, 0) for k in ("I1mr", "D1mr", "D1mw"))
+    ll = sum(events.get(k, 0) for k in ("ILmr", "DLmr", "DLmw"))
+    return events["Ir"] + 10 * l1 + 100 * ll
+
+
+def run_cell(
+    cell: str, lib: Path, where: Path, cache: bool = False
+) -> tuple[dict[str, float], dict[str, float]]:
+    """(plain events, the tool's) of ``cell``; plain is the mean of the two runs around."""
     out = where / cell
     out.mkdir()
     cmd = [
         "valgrind", "--tool=callgrind", "--instr-atstart=no",
+        f"--cache-sim={'yes' if cache else 'no'}",
         f"--callgrind-out-file={out}/cg.out.%p",
         sys.executable, __file__, "--child", cell, "--lib", str(lib),
     ]  # fmt: skip
@@ -222,7 +271,8 @@ def run_cell(cell: str, lib: Path, where: Path) -> tuple[float, float]:
     if labels != ["plain", "tool", "plain"]:
         raise SystemExit(f"{cell}: unexpected dumps {labels}")
     (_, before), (_, tool), (_, after) = counts
-    return (before + after) / 2, float(tool)
+    plain = {k: (before[k] + after[k]) / 2 for k in before}
+    return plain, {k: float(v) for k, v in tool.items()}
 
 
 def main() -> None:
@@ -230,6 +280,7 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(CELLS), help=f"cells, of {','.join(CELLS)}")
     ap.add_argument("--child", choices=CELLS, help=argparse.SUPPRESS)
     ap.add_argument("--lib", help=argparse.SUPPRESS)
+    ap.add_argument("--cache-sim", action="store_true", help="simulate the caches too")
     args = ap.parse_args()
     if args.child:
         _child(args.child, args.lib)
@@ -250,14 +301,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="nd-instructions-") as tmp:
         lib = _build_helper(Path(tmp))
         for cell in cells:
-            plain, tool = run_cell(cell, lib, Path(tmp))
+            plain, tool = run_cell(cell, lib, Path(tmp), cache=args.cache_sim)
             n, unit = _units(cell)
-            extra = f"{(tool - plain) / n:,.0f} per {unit}"
+            extra = f"{(tool['Ir'] - plain['Ir']) / n:,.0f} per {unit}"
             print(
-                f"{cell:<8} {plain:>14,.0f} {tool:>14,.0f} {tool / plain:>7.4f}x {extra:>18}"
-                f"  ({TARGETS[cell]})",
+                f"{cell:<8} {plain['Ir']:>14,.0f} {tool['Ir']:>14,.0f} "
+                f"{tool['Ir'] / plain['Ir']:>7.4f}x {extra:>18}  ({TARGETS[cell]})",
                 flush=True,
             )
+            if args.cache_sim:
+                for what, keys in (("L1 misses", ("I1mr", "D1mr", "D1mw")),
+                                   ("LL misses", ("ILmr", "DLmr", "DLmw"))):  # fmt: skip
+                    a, b = (sum(d.get(k, 0) for k in keys) for d in (plain, tool))
+                    print(f"  {what:<14} {a:>14,.0f} {b:>14,.0f} {b / max(a, 1):>7.4f}x")
+                a, b = estimate(plain), estimate(tool)
+                print(f"  {'cycles (est.)':<14} {a:>14,.0f} {b:>14,.0f} {b / a:>7.4f}x")
 
 
 if __name__ == "__main__":

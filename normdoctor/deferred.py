@@ -26,6 +26,12 @@ _DEFER_BUDGET = 1 << 24
 #: input of up to 65536 elements, which ``_fused.batch_sums`` reduces without waking numba's
 #: threads (a training loop's torch threads would then share the cores with them).
 SERIAL_BUDGET = _fused.PARALLEL_ABOVE - _DEFER_FLOATS
+#: What the monitor holds across training steps (4 MiB of float32), reduced on the calling
+#: thread in kernel calls of at most 2^17 elements (``Deferred(serial=True)``).  A flush's
+#: cost is mostly per recorder, not per input (booking a run of calls, a fold, after the
+#: model's work has evicted their code): at batch size 1 a flush of 2^16 elements took 360 us
+#: inside the training loop, every 18 steps; with 2^20, 2.2 ms every 290.
+MONITOR_BUDGET = 1 << 20
 
 
 #: ``Recorder.defer`` of a layer whose first call is held as a copy until the forward returns.
@@ -57,18 +63,25 @@ class Deferred:
     way (:meth:`detach_held`).
     """
 
-    __slots__ = ("across", "budget", "calls", "detached", "enabled", "held", "lost", "stage",
-                 "steady", "trial", "trial_left", "watch")  # fmt: skip
+    __slots__ = ("across", "budget", "calls", "detached", "enabled", "held", "lost", "serial",
+                 "stage", "steady", "trial", "trial_left", "watch")  # fmt: skip
 
     def __init__(
-        self, *, budget: int = _DEFER_BUDGET, stage: bool = True, across: bool = False
+        self,
+        *,
+        budget: int = _DEFER_BUDGET,
+        stage: bool = True,
+        across: bool = False,
+        serial: bool = False,
     ) -> None:
         """``budget``: elements held at most before the held calls are reduced.  ``stage``:
         inputs of up to 4096 elements go into their recorder's stage at :meth:`flush`, which
         pays where a flush holds few calls (one forward at batch size 1); without it every
         held call is a job of the one kernel call (the monitor, which holds many steps).
-        ``across``: :meth:`end_forward` may keep small forwards' calls held (see there)."""
+        ``across``: :meth:`end_forward` may keep small forwards' calls held (see there).
+        ``serial``: flushes reduce on the calling thread, however many elements they hold."""
         self.budget = budget
+        self.serial = serial
         self.stage = stage
         self.across = across
         # Each layer's first input, watched through the next _TRIAL forwards (see end_forward)
@@ -141,7 +154,7 @@ class Deferred:
             self.calls = []
             self.held = 0
             self.detached = 0
-            _reduce_held(calls, self.lost, self.stage, across)
+            _reduce_held(calls, self.lost, self.stage, across, self.serial)
         if self.watch:
             for rec, x, version in self.watch:
                 rec.defer = x._version == version and rec.fast
@@ -192,18 +205,24 @@ _BULK = 4
 
 
 def _reduce_held(
-    calls: list[tuple[Recorder, torch.Tensor, int]], lost: dict[str, int], stage: bool, runs: bool
+    calls: list[tuple[Recorder, torch.Tensor, int]],
+    lost: dict[str, int],
+    stage: bool,
+    runs: bool,
+    serial: bool = False,
 ) -> None:
     """:meth:`Deferred.flush`: one job per held call, one kernel call (or a few, where a
     recorder's buffer fills or a call needs the general path).  With ``runs`` (calls held over
     several forwards, as the monitor holds steps) they are taken recorder by recorder, each
     one's in call order, and a recorder's run of calls of one shape is booked in one go: at
-    batch size 1 booking each call was a fifth of the monitor's cost per step."""
+    batch size 1 booking each call was a fifth of the monitor's cost per step.  With ``serial``
+    the kernel runs on the calling thread (:func:`_serially`)."""
     if not runs:
         _reduce_in_order(calls, lost, stage)
         return
-    kernel = _fused.kernel()
-    assert kernel is not None  # calls are held only where it is on
+    compiled = _fused.kernel()
+    assert compiled is not None  # calls are held only where it is on
+    kernel = _serially if serial else compiled
     parts: list[np.ndarray] = []  # booked jobs not run yet
     singles: list[list[int]] = []
 
@@ -253,6 +272,29 @@ def _reduce_held(
                 run()
                 rec.flush()
     run()
+
+
+def _serially(jobs: np.ndarray) -> None:
+    """``batch_sums(jobs)`` on the calling thread: in consecutive calls of at most 2^17
+    elements (``_fused.PARALLEL_ABOVE``), each of which the kernel runs without its threads."""
+    kernel = _fused.kernel()
+    assert kernel is not None
+    sizes = jobs[:, 2] * jobs[:, 3] * jobs[:, 4]
+    work = np.cumsum(sizes)
+    total = int(work[-1]) if len(work) else 0
+    if total <= _fused.PARALLEL_ABOVE:
+        kernel(jobs)
+        return
+    # Jobs ending in the same stretch of ``unit`` elements go together: such a run starts at
+    # most one job (at most ``most`` elements) before its stretch, so it holds at most
+    # unit + most = PARALLEL_ABOVE elements.  A job above that runs alone (in parallel).
+    unit = max(_fused.PARALLEL_ABOVE - int(sizes.max()), 1)
+    cuts = np.searchsorted(work, np.arange(unit, total, unit), side="right")
+    start = 0
+    for end in [*np.unique(cuts).tolist(), len(jobs)]:
+        if end > start:
+            kernel(jobs[start:end])
+            start = end
 
 
 def _reduce_in_order(

@@ -38,7 +38,7 @@ from . import _fused
 from ._globals import rng_state, set_rng_state
 from .assemble import EndToEndMeter, LossFn, assemble_report
 from .batching import first_tensor
-from .deferred import SERIAL_BUDGET, Deferred
+from .deferred import MONITOR_BUDGET, Deferred
 from .layers import NormLayer, module_state, norm_layers
 from .metrics import DEFAULT_NONIID_THRESHOLD, DEFAULT_THRESHOLD
 from .recording import Recorder, Scratch, finish_all
@@ -176,9 +176,9 @@ class Monitor:
         self._captured: tuple[tuple, dict] | None = None
         self._pending: tuple[Any, int, Any] | None = None
         # Small layer inputs held across steps and reduced together when a window closes or
-        # 2^16 elements are held: then on the training thread, not in parallel, whose threads
+        # 2^20 elements are held: then on the training thread, not in parallel, whose threads
         # would spin beside torch's own in the steps after (see _step_end)
-        self._deferred = Deferred(budget=SERIAL_BUDGET, stage=False)
+        self._deferred = Deferred(budget=MONITOR_BUDGET, stage=False, serial=True)
         self._order: list[str] = []
         self._seen: set[str] = set()
         self._last: ScanReport | None = None
@@ -188,7 +188,7 @@ class Monitor:
     def _new_window(self) -> None:
         self._scratch = Scratch()
         made = Recorder.for_layers(self.measured, self._modules)
-        Recorder.preallocate(made)
+        Recorder.preallocate(made, full=True)
         self._recorders = {layer.name: rec for layer, rec in zip(self.measured, made, strict=True)}
         self._meter = EndToEndMeter(self.loss, defer=True)  # see _compare
         self._first = self.step + 1

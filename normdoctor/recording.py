@@ -202,9 +202,12 @@ class Recorder:
         )
 
     @staticmethod
-    def preallocate(recorders: Sequence[Recorder]) -> None:
+    def preallocate(recorders: Sequence[Recorder], *, full: bool = False) -> None:
         """Give the CPU recorders among ``recorders`` their row buffers now, carved from one
-        block, 64 rows each (the compiled fold's cost per fold is a few microseconds).
+        block, 64 rows each (the compiled fold's cost per fold is a few microseconds), or with
+        ``full`` as many as an own buffer holds (up to 512 for narrow layers: the monitor, whose
+        folds over a training run are many and, after the model's own work, cost about 75 us
+        each at batch size 1).
 
         Allocated one by one on each layer's first call, in between the model's own activations,
         the buffers (up to 196 KiB each) fragment the heap, and every later large allocation of
@@ -215,30 +218,35 @@ class Recorder:
         if not todo or _fused.fold() is None:
             return
         channels = [r.running_mean.numel() for r in todo]
-        sizes = [3 * _FLUSH_ROWS * c for c in channels]
+        rows = [_capacity(c) if full else _FLUSH_ROWS for c in channels]
+        sizes = [3 * r * c for r, c in zip(rows, channels, strict=True)]
         # One block of rows and one of zeroed accumulators, cut with NumPy (a NumPy view and
         # torch.from_numpy cost a third of a torch slice and view: 1000 each at 500 layers).
         block = torch.empty(sum(sizes), dtype=torch.float64).numpy()
-        counts = np.empty((len(todo), 2, _FLUSH_ROWS))
+        # elems then samples of each recorder, one after the other (see _buffer)
+        counts = np.empty(2 * sum(rows)) if full else np.empty((len(todo), 2, _FLUSH_ROWS))
         counts_at = counts.ctypes.data
         scalars, vectors = len(Recorder.SCALARS), len(Recorder.VECTORS)
         totals = np.zeros((len(todo), scalars))
         sums = np.zeros(vectors * sum(channels))
-        start = at = 0
-        for i, (rec, c, size) in enumerate(zip(todo, channels, sizes, strict=True)):
+        start = at = held = 0
+        for i, (rec, c, size, r) in enumerate(zip(todo, channels, sizes, rows, strict=True)):
             assert rec.nrows == 0 and not rec.unit_scores  # nothing recorded yet
-            rec.capacity = _FLUSH_ROWS
-            rec._buf_np = block[start : start + size].reshape(_FLUSH_ROWS, 3, c)
+            rec.capacity = r
+            rec._buf_np = block[start : start + size].reshape(r, 3, c)
             rec.buf = torch.from_numpy(rec._buf_np)
             rec._buf_addr = rec.buf.data_ptr()
-            rec.elems, rec.samples = counts[i]
-            rec._counts_at = counts_at + i * counts[i].nbytes  # (ndarray.ctypes costs 2 us)
+            rec.elems, rec.samples = (
+                counts[held : held + 2 * r].reshape(2, r) if full else counts[i]
+            )
+            rec._counts_at = counts_at + held * 8  # (ndarray.ctypes costs 2 us)
             if not rec._carved:  # (Recorder.many cuts them from a block too)
                 rec.totals = torch.from_numpy(totals[i])
                 rec.sums = torch.from_numpy(sums[at : at + vectors * c].reshape(vectors, c))
             rec._views = None
             start += size
             at += vectors * c
+            held += 2 * r
 
     def like(self) -> Recorder:
         """An empty recorder of the same layer and stored statistics (those shared, read-only):

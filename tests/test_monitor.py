@@ -290,27 +290,72 @@ def test_inputs_held_across_steps_measure_what_recording_each_step_does():
 
 
 def test_held_inputs_are_reduced_on_the_training_thread(monkeypatch):
-    # A flush of more than _fused.PARALLEL_ABOVE elements wakes numba's threads, which then
-    # spin beside torch's in the next steps: the monitor's flushes stay under it, while still
-    # holding many steps each (DigitsCNN at batch size 1: 3584 elements a step).
+    # A kernel call of more than _fused.PARALLEL_ABOVE elements wakes numba's threads, which
+    # then spin beside torch's in the next steps: the monitor holds up to MONITOR_BUDGET
+    # elements (hundreds of steps of DigitsCNN at batch size 1: 3584 elements a step) and
+    # reduces them in kernel calls under it.
     deferred = importlib.import_module("normdoctor.deferred")
-    sizes = []
-    original = deferred._reduce_held
-
-    def spy(calls, *rest):
-        sizes.append(sum(x.numel() for _rec, x, _v in calls))
-        return original(calls, *rest)
-
-    monkeypatch.setattr(deferred, "_reduce_held", spy)
-    torch.manual_seed(0)
-    model = DigitsCNN()
     if _fused.kernel() is None:
         pytest.skip("numba not importable: nothing is held")
+    flushes, calls = [], []
+    original, compiled = deferred._reduce_held, _fused.kernel()
+
+    def spy(held, *rest):
+        flushes.append(sum(x.numel() for _rec, x, _v in held))
+        return original(held, *rest)
+
+    def kernel(jobs):
+        calls.append(int((jobs[:, 2] * jobs[:, 3] * jobs[:, 4]).sum()))
+        return compiled(jobs)
+
+    monkeypatch.setattr(deferred, "_reduce_held", spy)
+    monkeypatch.setattr(_fused, "_kernel", kernel)
+    torch.manual_seed(0)
+    model = DigitsCNN()
     with normdoctor.monitor(model, every=25, window=10**4, warn=False) as mon:
-        _train(model, _batches(1, "shuffle", 200) + _batches(8, "shuffle", 20), 1e-3, mon)
-    assert len(sizes) >= 5
-    assert max(sizes) <= _fused.PARALLEL_ABOVE
-    assert max(sizes) >= 10 * 3584  # many steps per flush
+        _train(model, _batches(1, "shuffle", 200) + _batches(8, "shuffle", 60), 1e-3, mon)
+    assert len(flushes) >= 2
+    assert max(flushes) > 4 * _fused.PARALLEL_ABOVE  # many steps per flush
+    assert sum(flushes) == sum(calls)  # every held element reduced once, in no call above it
+    assert max(calls) <= _fused.PARALLEL_ABOVE
+
+
+def test_serial_kernel_calls_cover_every_job_once_with_the_same_bits(monkeypatch):
+    # deferred._serially runs one kernel call's jobs in consecutive calls of at most 2^17
+    # elements: the same jobs, in order, each once, so the outputs are those of one call.
+    deferred = importlib.import_module("normdoctor.deferred")
+    if _fused.kernel() is None:
+        pytest.skip("numba not importable")
+    gen = np.random.default_rng(3)
+    xs = [gen.normal(2.0, 3.0, size=(1, c, l)).astype(np.float32)
+          for c, l in gen.integers((1, 1), (48, 1400), size=(400, 2))]  # fmt: skip
+    assert max(x.size for x in xs) <= 65536 < _fused.PARALLEL_ABOVE < sum(x.size for x in xs)
+    outs, seen, compiled = {}, [], _fused.kernel()
+
+    def spy(j):
+        seen.append(j.copy())
+        compiled(j)
+
+    for how in ("once", "serially"):
+        shifts = [np.zeros(x.shape[1], dtype=np.float32) for x in xs]
+        out = [np.full((3, x.shape[1]), np.nan) for x in xs]
+        jobs = np.array([_fused.job(x, s, o) for x, s, o in zip(xs, shifts, out, strict=True)])
+        jobs[:, _fused.JOB.index("first")] = 1
+        if how == "once":
+            compiled(jobs)
+        else:
+            monkeypatch.setattr(_fused, "_kernel", spy)
+            deferred._serially(jobs)
+            monkeypatch.undo()
+            assert len(seen) > 1 and np.array_equal(np.concatenate(seen), jobs)
+            assert max(int((j[:, 2] * j[:, 3] * j[:, 4]).sum()) for j in seen) <= (
+                _fused.PARALLEL_ABOVE
+            )
+        outs[how] = (shifts, out)
+    for a, b in zip(outs["once"][1], outs["serially"][1], strict=True):
+        assert np.array_equal(a, b) and not np.isnan(a).any()
+    for a, b in zip(outs["once"][0], outs["serially"][0], strict=True):
+        assert np.array_equal(a, b)
 
 
 def test_a_loop_that_reuses_its_tensors_is_compared_as_it_ran():

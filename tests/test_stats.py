@@ -549,10 +549,12 @@ def _assert_same_sums(a, b) -> None:
     torch.testing.assert_close(a.noise_m2, b.noise_m2, rtol=1e-12, atol=1e-15)
 
 
-def test_preallocated_row_buffers_record_what_lazy_ones_do():
-    # Recorder.preallocate carves every recorder's rows from one block (64 rows each): over
-    # several folds and layers of different widths, the measurements equal those of recorders
-    # that allocate their own buffers on first use (whose narrow layers hold up to 512 rows).
+@pytest.mark.parametrize("full", [False, True])
+def test_preallocated_row_buffers_record_what_lazy_ones_do(full):
+    # Recorder.preallocate carves every recorder's rows from one block (64 rows each, or with
+    # `full` as many as a lazy buffer: the monitor's): over several folds and layers of
+    # different widths, the measurements equal those of recorders that allocate their own
+    # buffers on first use (whose narrow layers hold up to 512 rows).
     pytest.importorskip("numba")
     from normdoctor import _fused
     from normdoctor.layers import find_norm_layers
@@ -567,19 +569,21 @@ def test_preallocated_row_buffers_record_what_lazy_ones_do():
     modules = dict(model.named_modules())
     gen = torch.Generator().manual_seed(9)
     shapes = [(2, 3, 5, 5), (4, 7), (3, 130, 2, 2), (2, 2, 40, 40)]  # staged, and not
-    calls = [[torch.randn(*s, generator=gen) * 3 + 1 for _ in range(150)] for s in shapes]
+    calls = [[torch.randn(*s, generator=gen) * 3 + 1 for _ in range(600)] for s in shapes]
     got = []
     for pre in (True, False):
         recs = Recorder.for_layers(layers, modules)
         if pre:
-            Recorder.preallocate(recs)
-            assert all(r.capacity == 64 and r.buf is not None for r in recs)
+            Recorder.preallocate(recs, full=full)
+            rows = [512, 512, 64, 512] if full else [64] * 4
+            assert [r.capacity for r in recs] == rows and all(r.buf is not None for r in recs)
+            assert all(r.elems.base is not None and r.samples.base is r.elems.base for r in recs)
         for rec, xs in zip(recs, calls, strict=True):
             for x in xs:
                 rec.observe(x)
         got.append(finish_all(recs))
     for a, b in zip(*got, strict=True):
-        assert a.units == b.units == 150
+        assert a.units == b.units == 600  # more than 512 rows: folds
         _assert_same_sums(a, b)
         torch.testing.assert_close(a.channel_m2, b.channel_m2, rtol=1e-12, atol=0)
 

@@ -59,12 +59,11 @@ class Deferred:
     A layer whose first input is not held records at once from then on.  At most ``budget``
     elements are held (by default ``1 << 24``, 64 MiB of float32); past that the held calls
     are reduced.  With ``across`` (a scan), small forwards' calls may stay held past their
-    forward (:meth:`end_forward`); the monitor holds a training step's calls past it the same
-    way (:meth:`detach_held`).
+    forward (:meth:`end_forward`); the monitor holds training steps' calls, detached.
     """
 
-    __slots__ = ("across", "budget", "calls", "detached", "enabled", "held", "lost", "serial",
-                 "stage", "steady", "trial", "trial_left", "watch")  # fmt: skip
+    __slots__ = ("across", "budget", "calls", "detach", "detached", "enabled", "held", "lost",
+                 "serial", "stage", "steady", "trial", "trial_left", "watch")  # fmt: skip
 
     def __init__(
         self,
@@ -73,15 +72,20 @@ class Deferred:
         stage: bool = True,
         across: bool = False,
         serial: bool = False,
+        detach: bool = False,
     ) -> None:
         """``budget``: elements held at most before the held calls are reduced.  ``stage``:
         inputs of up to 4096 elements go into their recorder's stage at :meth:`flush`, which
         pays where a flush holds few calls (one forward at batch size 1); without it every
         held call is a job of the one kernel call (the monitor, which holds many steps).
         ``across``: :meth:`end_forward` may keep small forwards' calls held (see there).
-        ``serial``: flushes reduce on the calling thread, however many elements they hold."""
+        ``serial``: flushes reduce on the calling thread, however many elements they hold.
+        ``detach``: each input is held detached (the same storage and version counter, without
+        the autograd graph), to be held past its forward: the monitor's, whose steps' graphs
+        and saved tensors must not stay alive through it."""
         self.budget = budget
         self.serial = serial
+        self.detach = detach
         self.stage = stage
         self.across = across
         # Each layer's first input, watched through the next _TRIAL forwards (see end_forward)
@@ -106,7 +110,7 @@ class Deferred:
                 n = _DEFER_FLOATS + 1
             if n <= _DEFER_FLOATS and x.is_cpu:
                 if defer is True:
-                    self.calls.append((rec, x, version))
+                    self.calls.append((rec, x.detach() if self.detach else x, version))
                 else:  # the first forward: a copy, and the input watched (see above)
                     copy = (x.detach() if x.requires_grad else x).clone()
                     self.calls.append((rec, copy, copy._version))
@@ -125,17 +129,6 @@ class Deferred:
                 self.flush()  # the held calls first: rows stay in call order
         rec.observe(x, scratch)
 
-    def detach_held(self) -> None:
-        """Hold the inputs held since the last call detached (the same storage and version
-        counter, without the autograd graph): for holding them past their forward, which must
-        not keep the forward's graph and its saved tensors alive."""
-        calls, start = self.calls, self.detached
-        for i in range(start, len(calls)):
-            rec, x, version = calls[i]
-            if x.requires_grad:
-                calls[i] = (rec, x.detach(), version)
-        self.detached = len(calls)
-
     def note(self) -> str | None:
         """What :attr:`lost` means for a report (``None``: nothing lost)."""
         if not self.lost:
@@ -150,7 +143,7 @@ class Deferred:
         """Reduce every held call into its recorder's rows (call it when the forward returns)."""
         calls = self.calls
         if calls:
-            across = self.detached > 0  # held past their forward (see detach_held)
+            across = self.detach or self.detached > 0  # held past their forward
             self.calls = []
             self.held = 0
             self.detached = 0

@@ -178,7 +178,7 @@ class Monitor:
         # Small layer inputs held across steps and reduced together when a window closes or
         # 2^20 elements are held: then on the training thread, not in parallel, whose threads
         # would spin beside torch's own in the steps after (see _step_end)
-        self._deferred = Deferred(budget=MONITOR_BUDGET, stage=False, serial=True)
+        self._deferred = Deferred(budget=MONITOR_BUDGET, stage=False, serial=True, detach=True)
         self._order: list[str] = []
         self._seen: set[str] = set()
         self._last: ScanReport | None = None
@@ -280,11 +280,8 @@ class Monitor:
     def _step_end(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         if self._checking:
             return
-        deferred = self._deferred
-        if deferred.watch:  # the first step: whether each layer's input outlives it
-            deferred.flush()
-        elif len(deferred.calls) > deferred.detached:
-            deferred.detach_held()  # held past this forward: without its autograd graph
+        if self._deferred.watch:  # the first step: whether each layer's input outlives it
+            self._deferred.flush()
         if self._captured is None:
             return
         captured, self._captured = self._captured, None

@@ -653,9 +653,9 @@ def test_held_calls_record_what_recording_each_call_at_once_does():
 
 @pytest.mark.parametrize("stage", [False, True], ids=["monitor", "staged"])
 def test_calls_held_over_many_forwards_are_booked_in_call_order(stage):
-    # The monitor holds steps until 2^16 elements are held (detach_held at the end of each): a
-    # layer's run of calls of one shape is then booked in one go (Recorder.book_calls), across full buffers (64 rows), a shape
-    # change and back, and a non-contiguous input.  Every measurement equals that of the same
+    # The monitor holds steps, detached, until 2^20 elements are held: a layer's run of calls
+    # of one shape is then booked in one go (Recorder.book_calls), across full buffers (64
+    # rows), a shape change and back, and a non-contiguous input.  Every measurement equals that of the same
     # calls recorded one by one (1e-12: float64 sums in another order), scores in call order.
     pytest.importorskip("numba")
     from normdoctor import _fused, recording
@@ -687,7 +687,7 @@ def test_calls_held_over_many_forwards_are_booked_in_call_order(stage):
     for held in (True, False):
         recs = Recorder.for_layers(layers, modules)
         Recorder.preallocate(recs)
-        deferred = Deferred(stage=stage)
+        deferred = Deferred(stage=stage, detach=True)  # held past forwards, as the monitor
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(recording.Recorder, "book_calls", counted)
             for step, calls in enumerate(forwards):
@@ -698,8 +698,6 @@ def test_calls_held_over_many_forwards_are_booked_in_call_order(stage):
                         recs[i].observe(x)
                 if step in (0, 199) or step % 37 == 36:
                     deferred.flush()
-                else:
-                    deferred.detach_held()  # held past the forward, as the monitor does
         got.append(finish_all(recs))
     assert max(booked) >= 30  # the path under test ran, in runs of many calls
     for a, b in zip(*got, strict=True):

@@ -151,7 +151,11 @@ class Deferred:
             _reduce_held(calls, self.lost, self.stage, across, self.serial)
         if self.watch:
             for rec, x, version in self.watch:
-                rec.defer = x._version == version and rec.fast
+                # Holding a view keeps its whole storage alive: a layer whose input is part of
+                # a larger tensor (a slice of channels, say) records at once, so that what is
+                # held stays within the budget in bytes, not only in elements.
+                owns = x.untyped_storage().nbytes() <= x.numel() * x.element_size()
+                rec.defer = x._version == version and rec.fast and owns
                 if self.across and rec.defer:
                     self.trial.append((x, version))
             if self.across:  # a layer's first call: it is watched through the next forwards

@@ -320,6 +320,52 @@ def test_held_inputs_are_reduced_on_the_training_thread(monkeypatch):
     assert max(calls) <= _fused.PARALLEL_ABOVE
 
 
+def test_a_layer_fed_part_of_a_larger_tensor_is_not_held():
+    # Holding a view keeps its whole storage alive: the monitor holds up to 2^20 elements,
+    # and a norm layer fed a slice of a wider activation would keep every step's full
+    # activation.  Such a layer records at once; the others hold their inputs, each of which
+    # owns its storage, and the figures are those of recording every call at once.
+    if _fused.kernel() is None:
+        pytest.skip("numba not importable: nothing is held")
+
+    class Sliced(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 32, 3, padding=1)
+            self.part = nn.BatchNorm2d(16)  # the first half of conv's channels: a view
+            self.whole = nn.BatchNorm2d(32)
+            self.fc = nn.Linear(48, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            a = self.part(y[:, :16]).mean((2, 3))
+            return self.fc(torch.cat([a, self.whole(y).mean((2, 3))], 1))
+
+    figures = []
+    for held in (True, False):
+        torch.manual_seed(0)
+        model = Sliced()
+        with normdoctor.monitor(model, every=10, window=40, warn=False) as mon:
+            mon._deferred.enabled = held
+            _train(model, _batches(2, "shuffle", 80), 1e-3, mon)
+            defer = {name: rec.defer for name, rec in mon._recorders.items()}
+            owned = [
+                x.untyped_storage().nbytes() == x.numel() * x.element_size()
+                for _rec, x, _v in mon._deferred.calls
+            ]
+        if held:
+            assert defer == {"part": False, "whole": True}
+            assert owned and all(owned)
+        figures.append([(r.drift, r.noise) for r in mon.report().layers])
+    # "whole" agrees to 1e-12 (float64 sums in another order).  For "part", each window's first
+    # call is held as a contiguous copy in one run (the kernel's shift: the first sample's
+    # means in float64, rounded) and is a view in the other (torch's float32 mean): the shifts
+    # differ in their last bits, so the float32 differences x - shift round differently (1e-7).
+    (part_a, whole_a), (part_b, whole_b) = figures
+    assert whole_a == pytest.approx(whole_b, rel=1e-12)
+    assert part_a == pytest.approx(part_b, rel=1e-6)
+
+
 def test_serial_kernel_calls_cover_every_job_once_with_the_same_bits(monkeypatch):
     # deferred._serially runs one kernel call's jobs in consecutive calls of at most 2^17
     # elements: the same jobs, in order, each once, so the outputs are those of one call.

@@ -38,7 +38,7 @@ def _numba_threads() -> int | None:
 def rng_state() -> tuple[Any, ...]:
     """The global random generators' states (torch CPU and CUDA, NumPy's, Python's), for
     :func:`set_rng_state`."""
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    cuda = torch.cuda.is_initialized() and torch.cuda.is_available()  # the cheap test first
     return (
         torch.random.get_rng_state(),
         torch.cuda.get_rng_state_all() if cuda else None,

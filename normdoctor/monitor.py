@@ -303,21 +303,18 @@ class Monitor:
     def _eval_forward(self, args: tuple, kwargs: dict) -> Any:
         """The batch once in eval mode, everything it could touch restored bit for bit."""
         modules = list(self.model.modules())
-        flags = [(m, m.training) for m in modules]
-        params = [(m, dict(m._parameters)) for m in modules]
+        # Per module its flag and what its dicts hold; per parameter and buffer its version
+        # (and a buffer's value): one pass each, for the restore below to undo any of it.
+        saved = [(m, m.training, dict(m._parameters), dict(m._buffers)) for m in modules]
         versions = [
-            (m, k, p, p._version) for m, ps in params for k, p in ps.items() if p is not None
+            (m, k, p, p._version) for m, _f, ps, _b in saved for k, p in ps.items() if p is not None
         ]
-        buffers = [
-            (m, dict(m._buffers), {k: b.clone() for k, b in m._buffers.items() if b is not None})
-            for m in modules
-        ]
-        buffer_versions = {
-            id(b): b._version
-            for _m, objects, _c in buffers
-            for b in objects.values()
+        copies = [
+            (b, b._version, b.clone())
+            for _m, _f, _p, bs in saved
+            for b in bs.values()
             if b is not None
-        }
+        ]
         rng = rng_state()
         self._checking = True
         try:
@@ -326,21 +323,19 @@ class Monitor:
                 return self.model(*args, **kwargs)
         finally:
             self._checking = False
-            for m, flag in flags:
+            for m, flag, params, buffers in saved:
                 object.__setattr__(m, "training", flag)  # a bool: skip nn.Module.__setattr__
-            set_rng_state(rng)
-            for m, held in params:
                 m._parameters.clear()
-                m._parameters.update(held)
-            for m, objects, copies in buffers:
+                m._parameters.update(params)
                 m._buffers.clear()
-                m._buffers.update(objects)
-                for key, b in objects.items():
-                    # Only where the forward wrote: copying bumps the version counter, and a
-                    # buffer saved for the backward pass must keep its own.
-                    if b is not None and b._version != buffer_versions[id(b)]:
-                        with torch.no_grad():
-                            b.copy_(copies[key])
+                m._buffers.update(buffers)
+            set_rng_state(rng)
+            for b, version, copy in copies:
+                # Only where the forward wrote: copying bumps the version counter, and a
+                # buffer saved for the backward pass must keep its own.
+                if b._version != version:
+                    with torch.no_grad():
+                        b.copy_(copy)
             changed = [f"{_name(self.model, m)}.{k}" for m, k, p, v in versions if p._version != v]
             if changed:
                 self.stopped = (

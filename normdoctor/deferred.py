@@ -93,7 +93,7 @@ class Deferred:
         self.trial: list[tuple[torch.Tensor, int]] = []
         self.trial_left = 0
         self.steady = False  # every first input so far outlived its trial unchanged
-        self.detached = 0  # calls[:detached] hold no autograd graph (see detach_held)
+        self.detached = 0  # calls[:detached] hold no autograd graph (see end_forward)
         self.calls: list[tuple[Recorder, torch.Tensor, int]] = []
         self.held = 0  # elements held
         self.watch: list[tuple[Recorder, torch.Tensor, int]] = []  # first calls, see above

@@ -260,9 +260,10 @@ def test_arguments_are_checked():
 
 
 def test_inputs_held_across_steps_measure_what_recording_each_step_does():
-    # The monitor holds small layer inputs across training steps (up to 2^16 elements) and
+    # The monitor holds small layer inputs across training steps (up to 2^20 elements) and
     # reduces them together: over 300 steps at batch size 1 and 100 at batch size 8 (five
-    # windows closing in between, buffers folding mid-flush), every layer figure of the last
+    # windows closing in between; full row buffers fold within a flush in
+    # test_preallocated_row_buffers_record_what_lazy_ones_do), every layer figure of the last
     # window and of the history equals that of a monitor recording each call at once, to
     # float64 rounding of sums taken in another order (1e-12).
     reports = []

@@ -262,8 +262,8 @@ def test_arguments_are_checked():
 def test_inputs_held_across_steps_measure_what_recording_each_step_does():
     # The monitor holds small layer inputs across training steps (up to 2^20 elements) and
     # reduces them together: over 300 steps at batch size 1 and 100 at batch size 8 (five
-    # windows closing in between; full row buffers fold within a flush in
-    # test_preallocated_row_buffers_record_what_lazy_ones_do), every layer figure of the last
+    # windows closing in between; buffers folding within a flush are checked in test_stats's
+    # test_calls_held_over_many_forwards_are_booked_in_call_order), every layer figure of the last
     # window and of the history equals that of a monitor recording each call at once, to
     # float64 rounding of sums taken in another order (1e-12).
     reports = []

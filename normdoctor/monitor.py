@@ -4,13 +4,14 @@ A scan after the fact has to guess how the model was trained; while it trains, t
 *are* training's batches.  :class:`Monitor` hooks the live training forward, without switching
 anything:
 
-* one forward pre-hook per batch-dependent norm layer hands the layer's input, when the layer is
-  in train mode, to the same :class:`~normdoctor.recording.Recorder` the scan uses (exact,
-  streaming, no host synchronisation per batch);
-* a pre-hook and a hook on the model count the training forwards (steps) and, every ``every``
-  steps, run that same batch once more in eval mode under ``no_grad``, with every module's
+* a tap (:mod:`normdoctor.taps`: a wrapper in the instance's ``forward``, cheaper than a hook)
+  on each batch-dependent norm layer hands the layer's input, when the layer is in train mode,
+  to the same :class:`~normdoctor.recording.Recorder` the scan uses (exact, streaming, no host
+  synchronisation per batch);
+* a tap on the model counts the training forwards (steps) and, every ``every`` steps, runs
+  that same batch once more in eval mode under ``no_grad``, with every module's
   ``training`` flag, every buffer and the RNG states (torch CPU and CUDA, Python ``random``,
-  NumPy) restored bit for bit, and compare the outputs with the training-mode ones
+  NumPy) restored bit for bit, and compares the outputs with the training-mode ones
   (:class:`~normdoctor.assemble.EndToEndMeter`; labels or targets through :meth:`observe`).
 
 Steps are grouped into windows of ``window`` steps.  At the end of each window the recorders
@@ -44,7 +45,7 @@ from .metrics import DEFAULT_NONIID_THRESHOLD, DEFAULT_THRESHOLD
 from .recording import Recorder, Scratch, finish_all
 from .report import Composition, LayerReport, ScanReport, Verdict
 from .sources.torch import eval_mode, output_tensor
-from .taps import Tap, around
+from .taps import Tap
 from .verdict import ALPHA
 
 __all__ = [
@@ -177,7 +178,7 @@ class Monitor:
         self._pending: tuple[Any, int, Any] | None = None
         # Small layer inputs held across steps and reduced together when a window closes or
         # 2^20 elements are held: then on the training thread, not in parallel, whose threads
-        # would spin beside torch's own in the steps after (see _step_end)
+        # would spin beside torch's own in the steps after (see _model_tap)
         self._deferred = Deferred(budget=MONITOR_BUDGET, stage=False, serial=True, detach=True)
         self._order: list[str] = []
         self._seen: set[str] = set()
@@ -228,7 +229,7 @@ class Monitor:
         try:
             for layer in self.layers:  # taps, not hooks: a fraction of a hook's cost per call
                 self._taps.append(self._norm_tap(layer))
-            self._taps.append(around(self.model, self._step_start, self._step_end))
+            self._taps.append(self._model_tap())
         except BaseException:
             self._remove()
             raise
@@ -271,25 +272,43 @@ class Monitor:
 
         return Tap(module, make)
 
-    def _step_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._checking or not module.training:
-            return
-        self._flush_pending()
-        if len(self._sizes) >= self.window:
-            self._close_window()
-        self.step += 1
-        t = args[0] if args and type(args[0]) is torch.Tensor else first_tensor((args, kwargs))
-        self._sizes.append(int(t.shape[0]) if t is not None and t.dim() else 1)
-        if self.step % self.every == 0 and self.stopped is None:
-            self._captured = _clone_inputs(args, kwargs)
+    def _model_tap(self) -> Tap:
+        """A tap around the model's forward that counts training steps and runs the checks:
+        one Python frame per step, where a pre-hook and a hook (and the tap's ``around``) took
+        four; each costs several times inside a training step what it costs alone (issue 18)."""
+        model = self.model
 
-    def _step_end(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-        if self._checking:
-            return
-        if self._deferred.watch:  # the first step: whether each layer's input outlives it
-            self._deferred.flush()
-        if self._captured is None:
-            return
+        def make(inner: Callable[..., Any], live: list[bool]) -> Callable[..., Any]:
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                if not live[0] or self._checking:
+                    return inner(*args, **kwargs)
+                if model.training:  # a training step (a validation pass in eval mode is not)
+                    if self._pending is not None:
+                        self._flush_pending()
+                    if len(self._sizes) >= self.window:
+                        self._close_window()
+                    self.step += 1
+                    t = args[0] if args and type(args[0]) is torch.Tensor else None
+                    if t is None:
+                        t = first_tensor((args, kwargs))
+                    self._sizes.append(int(t.shape[0]) if t is not None and t.dim() else 1)
+                    if self.step % self.every == 0 and self.stopped is None:
+                        self._captured = _clone_inputs(args, kwargs)
+                out = inner(*args, **kwargs)
+                if self._deferred.watch:  # the first step: whether each layer's input outlives it
+                    self._deferred.flush()
+                if self._captured is not None:
+                    self._check(out)
+                return out
+
+            return forward
+
+        return Tap(model, make)
+
+    def _check(self, out: Any) -> None:
+        """The captured batch once in eval mode, its outputs held beside the training step's
+        (compared at the next step or :meth:`observe`)."""
+        assert self._captured is not None
         captured, self._captured = self._captured, None
         out_eval = self._eval_forward(*captured)
         if out_eval is None:

@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["Tap", "around", "tap"]
+__all__ = ["Tap", "tap"]
 
 #: ``before(module, args)``: called with the positional arguments of each call; a true result
 #: means "call ``release(module)`` once this call's forward has returned (or raised)".
@@ -91,25 +91,3 @@ def tap(module: nn.Module, before: Before, release: Release | None = None) -> Ta
 
     return Tap(module, make)
 
-
-def around(
-    module: nn.Module,
-    enter: Callable[[nn.Module, tuple, dict], None],
-    leave: Callable[[nn.Module, tuple, dict, Any], None],
-) -> Tap:
-    """``enter(module, args, kwargs)`` before and ``leave(module, args, kwargs, output)`` after
-    every call of ``module``'s forward that returns: a forward pre-hook and hook pair (with
-    keyword arguments) without their cost per call."""
-
-    def make(inner: Callable[..., Any], live: list[bool]) -> Callable[..., Any]:
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            if not live[0]:
-                return inner(*args, **kwargs)
-            enter(module, args, kwargs)
-            out = inner(*args, **kwargs)
-            leave(module, args, kwargs, out)
-            return out
-
-        return forward
-
-    return Tap(module, make)

@@ -90,4 +90,3 @@ def tap(module: nn.Module, before: Before, release: Release | None = None) -> Ta
         return held
 
     return Tap(module, make)
-

@@ -74,4 +74,3 @@ def test_release_follows_the_call_even_when_it_raises():
         bn(torch.randn(2, 5))  # wrong channel count: BatchNorm raises
     assert log == ["before", "release"]
     t.remove()
-

@@ -178,7 +178,7 @@ class Monitor:
         self._pending: tuple[Any, int, Any] | None = None
         # Small layer inputs held across steps and reduced together when a window closes or
         # 2^20 elements are held: then on the training thread, not in parallel, whose threads
-        # would spin beside torch's own in the steps after (see _model_tap)
+        # would spin beside torch's own in the steps after
         self._deferred = Deferred(budget=MONITOR_BUDGET, stage=False, serial=True, detach=True)
         self._order: list[str] = []
         self._seen: set[str] = set()
@@ -274,8 +274,8 @@ class Monitor:
 
     def _model_tap(self) -> Tap:
         """A tap around the model's forward that counts training steps and runs the checks:
-        one Python frame per step, where a pre-hook and a hook (and the tap's ``around``) took
-        four; each costs several times inside a training step what it costs alone (issue 18)."""
+        one Python frame per step where a hook pair through a generic wrapper took four
+        (measured at batch size 1: 0.4 k instructions a step fewer, equal in time)."""
         model = self.model
 
         def make(inner: Callable[..., Any], live: list[bool]) -> Callable[..., Any]:
